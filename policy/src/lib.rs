@@ -1,0 +1,13 @@
+//! lever-policy: the pure core of Lever.
+//!
+//! What it holds: the `lever.yaml` model (raw types, validation, the
+//! validated [`config::Config`], its JSON Schema) and the backend matrix
+//! as data; in later work the capability model and Biscuit token logic.
+//!
+//! What it must never do: open a socket, start a runtime, write a file, or
+//! read a secret's contents. It decides; the broker and the CLI act.
+
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod config;
