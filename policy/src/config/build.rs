@@ -1106,16 +1106,13 @@ fn build_broker(
             cx.error(path, format!("jail_port and admin_port are both {j}"));
         }
         for t in tools {
-            if let ToolTransport::Http { backend, .. } = &t.transport {
-                if backend.port() == j
-                    || backend.port() == a && backend.port() == j
-                    || backend.port() == a
-                {
-                    cx.error(
-                        "broker.tools",
-                        format!("tool `{}` backend {backend} uses a broker port", t.name),
-                    );
-                }
+            if let ToolTransport::Http { backend, .. } = &t.transport
+                && (backend.port() == j || backend.port() == a)
+            {
+                cx.error(
+                    "broker.tools",
+                    format!("tool `{}` backend {backend} uses a broker port", t.name),
+                );
             }
         }
     }
@@ -1336,16 +1333,16 @@ fn check_allow_ports(
                 );
             }
             for t in tools {
-                if let ToolTransport::Http { backend, .. } = &t.transport {
-                    if backend.port() == port && backend.port() == port {
-                        cx.warning(
-                            &path,
-                            format!(
-                                "{port} is the backend of tool `{}`: agents can reach it directly, bypassing the broker's capability checks",
-                                t.name
-                            ),
-                        );
-                    }
+                if let ToolTransport::Http { backend, .. } = &t.transport
+                    && backend.port() == port
+                {
+                    cx.warning(
+                        &path,
+                        format!(
+                            "{port} is the backend of tool `{}`: agents can reach it directly, bypassing the broker's capability checks",
+                            t.name
+                        ),
+                    );
                 }
             }
         }
