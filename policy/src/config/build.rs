@@ -785,7 +785,9 @@ fn build_tools(cx: &mut Sink<'_>, raw: Vec<RawTool>) -> (Vec<Tool>, Vec<Declared
 
         let backend_path = child_key(&base, "backend");
         let transport = t.transport.unwrap_or(Transport::Http);
+        let transport_broken = cx.is_broken(&child_key(&base, "transport"));
         let backend = match (transport, t.backend.as_deref()) {
+            _ if transport_broken => None,
             (Transport::Http, None) => {
                 cx.missing(
                     &backend_path,

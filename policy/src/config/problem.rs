@@ -148,6 +148,13 @@ impl<'a> Sink<'a> {
         self.push_at(Severity::Warning, pos, path, message.into());
     }
 
+    /// Whether `path` (or something below it) failed to deserialize.
+    pub(crate) fn is_broken(&self, path: &str) -> bool {
+        self.broken.iter().any(|b| {
+            b == path || b.strip_prefix(path).is_some_and(|r| r.starts_with(['.', '[']))
+        })
+    }
+
     /// A required key that is absent (unless it is present but already
     /// reported as malformed).
     pub(crate) fn missing(&mut self, path: &str, what: &str) {

@@ -82,7 +82,7 @@ pub(crate) fn parse_tree(src: &str) -> Result<Node, ParseFailure> {
     budget.max_aliases = MAX_ALIASES;
     budget.max_anchors = MAX_ALIASES;
     budget.max_documents = 1;
-    budget.max_total_scalar_bytes = src.len() + 1;
+    budget.max_total_scalar_bytes = 4 * 1024 * 1024;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
     match serde_saphyr::from_str_with_options::<Spanned<ValueSeed>>(src, options) {
@@ -113,13 +113,13 @@ fn tidy_parse_message(m: &str) -> String {
         let key = rest.split(", set ").next().unwrap_or(rest);
         return format!("duplicate key `{key}` (a key may appear only once per mapping)");
     }
+    if m.starts_with("multiple YAML documents") || m.contains("Documents {") {
+        return "lever.yaml must hold exactly one YAML document".to_owned();
+    }
     if m.starts_with("budget breached") {
         return format!(
             "YAML too large or too deeply aliased ({m}); lever.yaml allows {MAX_ALIASES} aliases, {MAX_NODES} nodes, depth {MAX_DEPTH}"
         );
-    }
-    if m.starts_with("multiple YAML documents") {
-        return "lever.yaml must hold exactly one YAML document".to_owned();
     }
     m.lines().next().unwrap_or(m).to_owned()
 }

@@ -1,0 +1,39 @@
+//! The CLI's own contract: help, usage errors (exit 2), no subcommand.
+//!
+//! Besides testing that, this file makes `cargo test --workspace` build the
+//! `lever` binary before any test runs, which the end-to-end tests in
+//! `tests/` drive.
+
+use std::process::Command;
+
+fn lever(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lever"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [&["frobnicate"][..], &["validate", "--bogus"], &["validate", "-c"], &[]] {
+        let out = lever(args);
+        assert_eq!(out.status.code(), Some(2), "lever {args:?}: {out:?}");
+    }
+}
+
+#[test]
+fn every_command_has_help_that_teaches() {
+    let out = lever(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["validate", "schema", "backends", "never from a parent"] {
+        assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
+    }
+    for cmd in ["validate", "schema", "backends"] {
+        let out = lever(&[cmd, "--help"]);
+        assert_eq!(out.status.code(), Some(0), "{cmd} --help");
+        assert!(!out.stdout.is_empty());
+    }
+    let v = String::from_utf8_lossy(&lever(&["validate", "--help"]).stdout).into_owned();
+    assert!(v.contains("FILE:LINE:COL") || v.contains("lever.yaml:12:9"), "{v}");
+}
