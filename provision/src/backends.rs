@@ -49,7 +49,7 @@ pub(crate) fn run(json: bool) -> ExitCode {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::from(v));
+        crate::out::println(&serde_json::Value::from(v).to_string());
         return ExitCode::SUCCESS;
     }
     let mut widths = HEADERS.map(str::len);
@@ -64,7 +64,7 @@ pub(crate) fn run(json: bool) -> ExitCode {
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        crate::out::println(line.join("  ").trim_end());
     };
     print(&HEADERS.map(str::to_owned));
     print(&widths.map(|w| "-".repeat(w)));

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod backends;
+mod out;
 mod validate;
 
 const AFTER_HELP: &str = "\
@@ -45,7 +46,7 @@ enum Command {
         /// The config file (default: ./lever.yaml; parent directories are never searched)
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Print the result as JSON (problems, or the summary)
+        /// Print the result as one JSON object: validity and every problem
         #[arg(long)]
         json: bool,
     },
@@ -68,7 +69,7 @@ fn main() -> ExitCode {
             let schema = lever_policy::config::json_schema();
             match serde_json::to_string_pretty(&schema) {
                 Ok(s) => {
-                    println!("{s}");
+                    out::println(&s);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -27,7 +27,7 @@ pub(crate) fn run(config: Option<PathBuf>, json: bool) -> ExitCode {
                 for w in loaded.report.warnings() {
                     eprintln!("{}", loaded.report.line(w));
                 }
-                print!("{}", summary(&loaded.config, &loaded.report.file));
+                crate::out::print(&summary(&loaded.config, &loaded.report.file));
             }
             ExitCode::SUCCESS
         }
@@ -63,7 +63,7 @@ fn print_json(report: &Report, config: Option<&Config>) {
         "problems": problems,
         "instance": config.map(|c| c.name.to_string()),
     });
-    println!("{out}");
+    crate::out::println(&out.to_string());
 }
 
 fn summary(c: &Config, file: &str) -> String {

@@ -15,7 +15,12 @@ fn lever(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn usage_errors_exit_2() {
-    for args in [&["frobnicate"][..], &["validate", "--bogus"], &["validate", "-c"], &[]] {
+    for args in [
+        &["frobnicate"][..],
+        &["validate", "--bogus"],
+        &["validate", "-c"],
+        &[],
+    ] {
         let out = lever(args);
         assert_eq!(out.status.code(), Some(2), "lever {args:?}: {out:?}");
     }
@@ -35,5 +40,8 @@ fn every_command_has_help_that_teaches() {
         assert!(!out.stdout.is_empty());
     }
     let v = String::from_utf8_lossy(&lever(&["validate", "--help"]).stdout).into_owned();
-    assert!(v.contains("FILE:LINE:COL") || v.contains("lever.yaml:12:9"), "{v}");
+    assert!(
+        v.contains("FILE:LINE:COL") || v.contains("lever.yaml:12:9"),
+        "{v}"
+    );
 }

@@ -113,7 +113,10 @@ pub struct Output {
 /// Runs `lever ARGS` in `cwd` with `HOME` set to `home` (so `~/` in a
 /// config never reaches the real home). Bounded: killed after 60 s.
 pub fn lever(args: &[&str], cwd: &Path, home: &Path) -> Output {
-    run(Command::new(lever_bin()).args(args).current_dir(cwd).env("HOME", home))
+    run(Command::new(lever_bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("HOME", home))
 }
 
 /// Runs a command to completion with a 60 s bound.

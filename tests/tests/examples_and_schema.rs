@@ -25,8 +25,16 @@ fn the_three_examples_validate() {
         let root = dir.join(&format!("examples/{ex}"));
         let out = lever(&["validate"], &root, &dir.join("home"));
         assert_eq!(out.code, 0, "{ex}: {}", out.stderr);
-        assert!(out.stdout.starts_with("lever.yaml: valid"), "{ex}: {}", out.stdout);
-        assert!(errors(&out.stderr, "lever.yaml").is_empty(), "{ex}: {}", out.stderr);
+        assert!(
+            out.stdout.starts_with("lever.yaml: valid"),
+            "{ex}: {}",
+            out.stdout
+        );
+        assert!(
+            errors(&out.stderr, "lever.yaml").is_empty(),
+            "{ex}: {}",
+            out.stderr
+        );
     }
 }
 
@@ -69,8 +77,15 @@ manager:
 ";
     let full = std::fs::read_to_string(workspace_root().join("examples/full/lever.yaml"))
         .unwrap()
-        .replace("api_key_file: secrets/anthropic-key", "api_key_file: ~/.secrets/anthropic-key");
-    for (name, text) in [("minimal", minimal), ("subscription", subscription), ("full", &full)] {
+        .replace(
+            "api_key_file: secrets/anthropic-key",
+            "api_key_file: ~/.secrets/anthropic-key",
+        );
+    for (name, text) in [
+        ("minimal", minimal),
+        ("subscription", subscription),
+        ("full", &full),
+    ] {
         let dir = TempDir::new("seed");
         dir.write(".home/.secrets/anthropic-key", "sk-ant-placeholder", 0o600);
         dir.write(".home/.scion/oauth-token", "sk-ant-oat-placeholder", 0o600);
@@ -91,9 +106,19 @@ fn no_walk_up_a_parent_lever_yaml_is_never_read() {
     assert_eq!(out.code, 1, "{}", out.stdout);
     let errs = errors(&out.stderr, "lever.yaml");
     assert_eq!(errs.len(), 1, "{}", out.stderr);
-    assert!(errs[0].message.contains("never looks in parent directories"), "{}", out.stderr);
+    assert!(
+        errs[0]
+            .message
+            .contains("never looks in parent directories"),
+        "{}",
+        out.stderr
+    );
     // An explicit path is fine.
-    let out = lever(&["validate", "-c", "../lever.yaml"], &root.join("workspace"), &dir.join("home"));
+    let out = lever(
+        &["validate", "-c", "../lever.yaml"],
+        &root.join("workspace"),
+        &dir.join("home"),
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
 }
 
@@ -109,19 +134,39 @@ fn the_schema_accepts_every_example_by_an_independent_validator() {
         .iter()
         .map(|e| dir.join(&format!("examples/{e}/lever.yaml")))
         .collect();
-    let res = run(Command::new("python3").arg(&checker).arg(&schema_path).args(&files));
+    let res = run(Command::new("python3")
+        .arg(&checker)
+        .arg(&schema_path)
+        .args(&files));
     assert_eq!(
         res.code, 0,
         "the schema rejects an example (needs python3 with jsonschema and pyyaml; .ci/run installs them):\n{}{}",
         res.stdout, res.stderr
     );
-    assert_eq!(res.stdout.lines().filter(|l| l.starts_with("ok ")).count(), 3, "{}", res.stdout);
+    assert_eq!(
+        res.stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        3,
+        "{}",
+        res.stdout
+    );
 
     // And it is a real constraint: a config with an unknown key or a wrong
     // type is rejected by the same validator.
-    let bad = dir.write("bad.yaml", "name: t\nbackend: lima\ntree: ws\nmanager: {image: x}\ncolour: red\n", 0o644);
-    let bad2 = dir.write("bad2.yaml", "name: t\nbackend: vbox\ntree: ws\nmanager: {image: x, allow_ports: [x]}\n", 0o644);
-    let res = run(Command::new("python3").arg(&checker).arg(&schema_path).arg(&bad).arg(&bad2));
+    let bad = dir.write(
+        "bad.yaml",
+        "name: t\nbackend: lima\ntree: ws\nmanager: {image: x}\ncolour: red\n",
+        0o644,
+    );
+    let bad2 = dir.write(
+        "bad2.yaml",
+        "name: t\nbackend: vbox\ntree: ws\nmanager: {image: x, allow_ports: [x]}\n",
+        0o644,
+    );
+    let res = run(Command::new("python3")
+        .arg(&checker)
+        .arg(&schema_path)
+        .arg(&bad)
+        .arg(&bad2));
     assert_eq!(res.code, 1, "{}{}", res.stdout, res.stderr);
     assert!(res.stdout.contains("colour"), "{}", res.stdout);
     assert!(res.stdout.contains("vbox"), "{}", res.stdout);
@@ -131,7 +176,8 @@ fn the_schema_accepts_every_example_by_an_independent_validator() {
 fn the_committed_schema_matches_the_code() {
     let out = lever(&["schema"], Path::new("/"), Path::new("/"));
     assert_eq!(out.code, 0);
-    let committed = std::fs::read_to_string(workspace_root().join("schema/lever.schema.json")).unwrap();
+    let committed =
+        std::fs::read_to_string(workspace_root().join("schema/lever.schema.json")).unwrap();
     assert_eq!(
         out.stdout, committed,
         "schema/lever.schema.json is stale: regenerate it with `lever schema > schema/lever.schema.json`"
@@ -143,13 +189,26 @@ fn backends_lists_exactly_the_implemented_ones() {
     let out = lever(&["backends"], Path::new("/"), Path::new("/"));
     assert_eq!(out.code, 0);
     let lines: Vec<&str> = out.stdout.lines().collect();
-    for col in ["Backend", "Kernel", "FS bounded by", "Egress enforced at", "Version-fragile"] {
+    for col in [
+        "Backend",
+        "Kernel",
+        "FS bounded by",
+        "Egress enforced at",
+        "Version-fragile",
+    ] {
         assert!(lines[0].contains(col), "header lacks {col}: {}", lines[0]);
     }
-    let names: Vec<&str> = lines[2..].iter().map(|l| l.split_whitespace().next().unwrap()).collect();
+    let names: Vec<&str> = lines[2..]
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
     assert_eq!(names, ["orbstack", "lima", "qemu"]);
     for rejected in ["docker", "linux-docker", "apple-container"] {
-        assert!(!out.stdout.contains(rejected), "{rejected} listed:\n{}", out.stdout);
+        assert!(
+            !out.stdout.contains(rejected),
+            "{rejected} listed:\n{}",
+            out.stdout
+        );
     }
     let json = lever(&["backends", "--json"], Path::new("/"), Path::new("/"));
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
@@ -165,6 +224,49 @@ fn validate_json_output_carries_every_problem() {
     assert_eq!(out.code, 1);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(v["valid"], false);
-    let paths: Vec<&str> = v["problems"].as_array().unwrap().iter().map(|p| p["path"].as_str().unwrap()).collect();
-    assert!(paths.contains(&"name") && paths.contains(&"backend") && paths.contains(&"tree"), "{paths:?}");
+    let paths: Vec<&str> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths.contains(&"name") && paths.contains(&"backend") && paths.contains(&"tree"),
+        "{paths:?}"
+    );
+}
+
+/// Valid variations that a too-eager rule would reject.
+#[test]
+fn valid_variations_are_accepted() {
+    let cases = [
+        // Every agent opts into subscription on its own: uniform, so valid.
+        "name: t\nbackend: lima\ntree: ws\nmanager: {image: img/x:1, llm_auth: subscription, credential_file: cred}\ngroves: [{name: g, dir: g, llm_auth: subscription}]\n",
+        // YAML 1.2 booleans: `y`, `n` and `on` are strings.
+        "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools: [{name: db, command: [lever-tool-db], backend: '127.0.0.1:3201', operations: [{name: read}], allowed_values: {table: [y, n, on]}}]\n",
+        // Anchors and aliases within budget; IPv6 loopback admin bind; a stdio tool.
+        "name: t\nbackend: qemu\ntree: ws\nmanager: {image: &img img/x:1}\ngroves: [{name: g, dir: g, image: *img}]\nbroker:\n  api_key_file: key\n  admin_bind: '::1'\n  tools: [{name: fs, transport: stdio, command: [npx, server], operations: [{name: read, args: [path]}], allowed_values: {path: [/lever]}}]\n",
+        // Delegation between groves, of something the delegator obtains.
+        "name: t\nbackend: orbstack\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: a, dir: a, delegate: [{tool: llm, op: generate, to: [b, manager]}]}\n  - {name: b, dir: b}\n",
+        // Digest pinning and a registry allow-list with a port.
+        "name: t\nbackend: lima\ntree: ws\nmanager: {image: 'reg.example:5000/team/x@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef'}\nbroker: {api_key_file: key, upstream: 'http://127.0.0.1:9999', grant_ttl: 90s}\nsecurity: {allowed_image_registries: ['reg.example:5000/team'], require_image_digest: true}\n",
+    ];
+    for (i, yaml) in cases.iter().enumerate() {
+        let dir = TempDir::new("valid");
+        dir.write("key", "k", 0o600);
+        dir.write("cred", "c", 0o400);
+        dir.mkdir("ws");
+        dir.write("lever.yaml", yaml, 0o644);
+        let out = lever(&["validate"], dir.path(), dir.path());
+        assert_eq!(out.code, 0, "case {i}:\n{yaml}\n{}", out.stderr);
+    }
+}
+
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    let out = run(Command::new("sh").arg("-c").arg(format!(
+        "{} schema | head -c 1 >/dev/null; echo status=${{PIPESTATUS:-0}}",
+        lever_tests::lever_bin().display()
+    )));
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
 }

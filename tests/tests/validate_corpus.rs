@@ -38,132 +38,997 @@ fn prepare(dir: &TempDir) {
 
 const CASES: &[Case] = &[
     // --- types and shape -------------------------------------------------
-    Case { name: "name of the wrong type", yaml: "name: [a]\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 1, path: "name", message: "expected a string, found a list" },
-    Case { name: "name breaks the regex", yaml: "name: My_App\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 1, path: "name", message: "must match ^[a-z0-9][a-z0-9-]{0,62}$" },
-    Case { name: "name longer than 63", yaml: "name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 1, path: "name", message: "must match" },
-    Case { name: "name starting with a dash", yaml: "name: -x\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 1, path: "name", message: "must match" },
-    Case { name: "name missing", yaml: "backend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 1, path: "name", message: "missing required key" },
-    Case { name: "unknown top-level key", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ncolour: red\n", setup: none, line: 6, path: "colour", message: "unknown key `colour`" },
-    Case { name: "unknown key in manager", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, imagee: y}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.imagee", message: "unknown key `imagee`" },
-    Case { name: "unknown key in a tool", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      timeout: 5\n", setup: none, line: 12, path: "broker.tools[0].timeout", message: "unknown key `timeout`" },
-    Case { name: "unknown key in rate_limits", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  rate_limits: {llm: {per_second: 5}}\n", setup: none, line: 7, path: "broker.rate_limits.llm.per_second", message: "unknown key `per_second`" },
-    Case { name: "config that is a list", yaml: "- name: t\n", setup: none, line: 1, path: "(document)", message: "must be a mapping" },
-    Case { name: "empty config", yaml: "", setup: none, line: 1, path: "(document)", message: "empty" },
-    Case { name: "two YAML documents", yaml: "name: t\n---\nname: u\n", setup: none, line: 2, path: "(document)", message: "exactly one YAML document" },
-    Case { name: "YAML syntax error", yaml: "name: t\nbackend: [qemu\ntree: ws\n", setup: none, line: 3, path: "backend", message: "illegal placement of ':'" },
+    Case {
+        name: "name of the wrong type",
+        yaml: "name: [a]\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 1,
+        path: "name",
+        message: "expected a string, found a list",
+    },
+    Case {
+        name: "name breaks the regex",
+        yaml: "name: My_App\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 1,
+        path: "name",
+        message: "must match ^[a-z0-9][a-z0-9-]{0,62}$",
+    },
+    Case {
+        name: "name longer than 63",
+        yaml: "name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 1,
+        path: "name",
+        message: "must match",
+    },
+    Case {
+        name: "name starting with a dash",
+        yaml: "name: -x\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 1,
+        path: "name",
+        message: "must match",
+    },
+    Case {
+        name: "name missing",
+        yaml: "backend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 1,
+        path: "name",
+        message: "missing required key",
+    },
+    Case {
+        name: "unknown top-level key",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ncolour: red\n",
+        setup: none,
+        line: 6,
+        path: "colour",
+        message: "unknown key `colour`",
+    },
+    Case {
+        name: "unknown key in manager",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, imagee: y}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.imagee",
+        message: "unknown key `imagee`",
+    },
+    Case {
+        name: "unknown key in a tool",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      timeout: 5\n",
+        setup: none,
+        line: 12,
+        path: "broker.tools[0].timeout",
+        message: "unknown key `timeout`",
+    },
+    Case {
+        name: "unknown key in rate_limits",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  rate_limits: {llm: {per_second: 5}}\n",
+        setup: none,
+        line: 7,
+        path: "broker.rate_limits.llm.per_second",
+        message: "unknown key `per_second`",
+    },
+    Case {
+        name: "config that is a list",
+        yaml: "- name: t\n",
+        setup: none,
+        line: 1,
+        path: "(document)",
+        message: "must be a mapping",
+    },
+    Case {
+        name: "empty config",
+        yaml: "",
+        setup: none,
+        line: 1,
+        path: "(document)",
+        message: "empty",
+    },
+    Case {
+        name: "two YAML documents",
+        yaml: "name: t\n---\nname: u\n",
+        setup: none,
+        line: 2,
+        path: "(document)",
+        message: "exactly one YAML document",
+    },
+    Case {
+        name: "YAML syntax error",
+        yaml: "name: t\nbackend: [qemu\ntree: ws\n",
+        setup: none,
+        line: 3,
+        path: "backend",
+        message: "illegal placement of ':'",
+    },
     // --- duplicate keys and alias bombs ---------------------------------
-    Case { name: "duplicate top-level key", yaml: "name: t\nbackend: qemu\nname: u\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 3, path: "name", message: "duplicate key `name`" },
-    Case { name: "duplicate key inside a tool", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      name: db2\n", setup: none, line: 9, path: "broker.tools[0].name", message: "duplicate key `name`" },
-    Case { name: "duplicate key inside allowed_values", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values:\n        table: [users]\n        table: [orders]\n", setup: none, line: 14, path: "broker.tools[0].allowed_values.table", message: "duplicate key `table`" },
-    Case { name: "alias bomb", yaml: "name: t\na: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n", setup: none, line: 6, path: "e[0]", message: "too deeply aliased" },
+    Case {
+        name: "duplicate top-level key",
+        yaml: "name: t\nbackend: qemu\nname: u\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 3,
+        path: "name",
+        message: "duplicate key `name`",
+    },
+    Case {
+        name: "duplicate key inside a tool",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      name: db2\n",
+        setup: none,
+        line: 9,
+        path: "broker.tools[0].name",
+        message: "duplicate key `name`",
+    },
+    Case {
+        name: "duplicate key inside allowed_values",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values:\n        table: [users]\n        table: [orders]\n",
+        setup: none,
+        line: 14,
+        path: "broker.tools[0].allowed_values.table",
+        message: "duplicate key `table`",
+    },
+    Case {
+        name: "alias bomb",
+        yaml: "name: t\na: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n",
+        setup: none,
+        line: 6,
+        path: "e[0]",
+        message: "too deeply aliased",
+    },
     // --- backend -----------------------------------------------------------
-    Case { name: "unknown backend", yaml: "name: t\nbackend: virtualbox\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 2, path: "backend", message: "unknown backend `virtualbox`" },
-    Case { name: "rejected linux-docker backend", yaml: "name: t\nbackend: linux-docker\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 2, path: "backend", message: "no VM boundary" },
-    Case { name: "rejected docker-desktop backend", yaml: "name: t\nbackend: docker-desktop\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 2, path: "backend", message: "rejected" },
-    Case { name: "roadmap apple-container backend", yaml: "name: t\nbackend: apple-container\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 2, path: "backend", message: "roadmap" },
-    Case { name: "backend of the wrong type", yaml: "name: t\nbackend: 1\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 2, path: "backend", message: "expected a string" },
+    Case {
+        name: "unknown backend",
+        yaml: "name: t\nbackend: virtualbox\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 2,
+        path: "backend",
+        message: "unknown backend `virtualbox`",
+    },
+    Case {
+        name: "rejected linux-docker backend",
+        yaml: "name: t\nbackend: linux-docker\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 2,
+        path: "backend",
+        message: "no VM boundary",
+    },
+    Case {
+        name: "rejected docker-desktop backend",
+        yaml: "name: t\nbackend: docker-desktop\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 2,
+        path: "backend",
+        message: "rejected",
+    },
+    Case {
+        name: "roadmap apple-container backend",
+        yaml: "name: t\nbackend: apple-container\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 2,
+        path: "backend",
+        message: "roadmap",
+    },
+    Case {
+        name: "backend of the wrong type",
+        yaml: "name: t\nbackend: 1\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 2,
+        path: "backend",
+        message: "expected a string",
+    },
     // --- tree --------------------------------------------------------------
-    Case { name: "tree absolute", yaml: "name: t\nbackend: qemu\ntree: /tmp\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 3, path: "tree", message: "not absolute" },
-    Case { name: "tree is the root", yaml: "name: t\nbackend: qemu\ntree: .\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 3, path: "tree", message: "must not be the instance root" },
-    Case { name: "tree with ..", yaml: "name: t\nbackend: qemu\ntree: ws/../..\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 3, path: "tree", message: "must not contain `..`" },
-    Case { name: "tree under ~", yaml: "name: t\nbackend: qemu\ntree: ~/ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 3, path: "tree", message: "relative to the instance root" },
-    Case { name: "tree symlinked out of the root", yaml: "name: t\nbackend: qemu\ntree: out\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: |d| { d.symlink("/tmp", "out"); }, line: 3, path: "tree", message: "outside the instance root" },
-    Case { name: "tree symlinked to the root itself", yaml: "name: t\nbackend: qemu\ntree: self\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: |d| { d.symlink(".", "self"); }, line: 3, path: "tree", message: "instance root itself" },
-    Case { name: "tree through a dangling symlink", yaml: "name: t\nbackend: qemu\ntree: dangling\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: |d| { d.symlink("/nonexistent/lever-target", "dangling"); }, line: 3, path: "tree", message: "symlink that cannot be followed" },
-    Case { name: "tree is a file", yaml: "name: t\nbackend: qemu\ntree: afile\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: |d| { d.write("afile", "x", 0o644); }, line: 3, path: "tree", message: "not a directory" },
-    Case { name: "tree missing", yaml: "name: t\nbackend: qemu\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 1, path: "tree", message: "missing required key" },
+    Case {
+        name: "tree absolute",
+        yaml: "name: t\nbackend: qemu\ntree: /tmp\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 3,
+        path: "tree",
+        message: "not absolute",
+    },
+    Case {
+        name: "tree is the root",
+        yaml: "name: t\nbackend: qemu\ntree: .\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 3,
+        path: "tree",
+        message: "must not be the instance root",
+    },
+    Case {
+        name: "tree with ..",
+        yaml: "name: t\nbackend: qemu\ntree: ws/../..\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 3,
+        path: "tree",
+        message: "must not contain `..`",
+    },
+    Case {
+        name: "tree under ~",
+        yaml: "name: t\nbackend: qemu\ntree: ~/ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 3,
+        path: "tree",
+        message: "relative to the instance root",
+    },
+    Case {
+        name: "tree symlinked out of the root",
+        yaml: "name: t\nbackend: qemu\ntree: out\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.symlink("/tmp", "out");
+        },
+        line: 3,
+        path: "tree",
+        message: "outside the instance root",
+    },
+    Case {
+        name: "tree symlinked to the root itself",
+        yaml: "name: t\nbackend: qemu\ntree: self\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.symlink(".", "self");
+        },
+        line: 3,
+        path: "tree",
+        message: "instance root itself",
+    },
+    Case {
+        name: "tree through a dangling symlink",
+        yaml: "name: t\nbackend: qemu\ntree: dangling\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.symlink("/nonexistent/lever-target", "dangling");
+        },
+        line: 3,
+        path: "tree",
+        message: "symlink that cannot be followed",
+    },
+    Case {
+        name: "tree is a file",
+        yaml: "name: t\nbackend: qemu\ntree: afile\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.write("afile", "x", 0o644);
+        },
+        line: 3,
+        path: "tree",
+        message: "not a directory",
+    },
+    Case {
+        name: "tree missing",
+        yaml: "name: t\nbackend: qemu\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 1,
+        path: "tree",
+        message: "missing required key",
+    },
     // --- egress and llm_auth ------------------------------------------------
-    Case { name: "egress not a posture", yaml: "name: t\nbackend: qemu\ntree: ws\negress: sealed\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "egress", message: "unknown value `sealed`" },
-    Case { name: "closed egress with subscription", yaml: "name: t\nbackend: qemu\ntree: ws\negress: closed\nmanager: {image: img/x:1, credential_file: cred}\nbroker: {llm_auth: subscription}\n", setup: |d| { d.write("cred", "oauth", 0o600); }, line: 4, path: "egress", message: "requires an api-key instance" },
-    Case { name: "mixed llm_auth", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - name: g\n    dir: g\n    llm_auth: subscription\n", setup: none, line: 9, path: "groves[0].llm_auth", message: "mixing api-key and subscription" },
-    Case { name: "llm_auth of the wrong word", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, llm_auth: apikey}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.llm_auth", message: "unknown value `apikey`" },
-    Case { name: "api-key mode without api_key_file", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {jail_port: 9443}\n", setup: none, line: 5, path: "broker.api_key_file", message: "needs broker.api_key_file" },
-    Case { name: "subscription without credential_file", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {llm_auth: subscription}\n", setup: none, line: 4, path: "manager.credential_file", message: "subscription mode needs" },
-    Case { name: "credential_file in an api-key instance", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, credential_file: cred}\nbroker: {api_key_file: key}\n", setup: |d| { d.write("cred", "oauth", 0o600); }, line: 4, path: "manager.credential_file", message: "keeps credentials host-side" },
-    Case { name: "obtain llm in a subscription instance", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, credential_file: cred, obtain: [{tool: llm, op: generate}]}\nbroker: {llm_auth: subscription}\n", setup: |d| { d.write("cred", "oauth", 0o600); }, line: 4, path: "manager.obtain[0].tool", message: "only in api-key mode" },
+    Case {
+        name: "egress not a posture",
+        yaml: "name: t\nbackend: qemu\ntree: ws\negress: sealed\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "egress",
+        message: "unknown value `sealed`",
+    },
+    Case {
+        name: "closed egress with subscription",
+        yaml: "name: t\nbackend: qemu\ntree: ws\negress: closed\nmanager: {image: img/x:1, credential_file: cred}\nbroker: {llm_auth: subscription}\n",
+        setup: |d| {
+            d.write("cred", "oauth", 0o600);
+        },
+        line: 4,
+        path: "egress",
+        message: "requires an api-key instance",
+    },
+    Case {
+        name: "mixed llm_auth",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - name: g\n    dir: g\n    llm_auth: subscription\n",
+        setup: none,
+        line: 9,
+        path: "groves[0].llm_auth",
+        message: "mixing api-key and subscription",
+    },
+    Case {
+        name: "llm_auth of the wrong word",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, llm_auth: apikey}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.llm_auth",
+        message: "unknown value `apikey`",
+    },
+    Case {
+        name: "api-key mode without api_key_file",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {jail_port: 9443}\n",
+        setup: none,
+        line: 5,
+        path: "broker.api_key_file",
+        message: "needs broker.api_key_file",
+    },
+    Case {
+        name: "subscription without credential_file",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {llm_auth: subscription}\n",
+        setup: none,
+        line: 4,
+        path: "manager.credential_file",
+        message: "subscription mode needs",
+    },
+    Case {
+        name: "credential_file in an api-key instance",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, credential_file: cred}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.write("cred", "oauth", 0o600);
+        },
+        line: 4,
+        path: "manager.credential_file",
+        message: "keeps credentials host-side",
+    },
+    Case {
+        name: "obtain llm in a subscription instance",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, credential_file: cred, obtain: [{tool: llm, op: generate}]}\nbroker: {llm_auth: subscription}\n",
+        setup: |d| {
+            d.write("cred", "oauth", 0o600);
+        },
+        line: 4,
+        path: "manager.obtain[0].tool",
+        message: "only in api-key mode",
+    },
     // --- key and credential files ------------------------------------------
-    Case { name: "world-readable key file", yaml: BASE, setup: |d| { d.write("key", "k", 0o644); }, line: 5, path: "broker.api_key_file", message: "mode 0644" },
-    Case { name: "group-readable key file", yaml: BASE, setup: |d| { d.write("key", "k", 0o640); }, line: 5, path: "broker.api_key_file", message: "mode 0640" },
-    Case { name: "executable key file", yaml: BASE, setup: |d| { d.write("key", "k", 0o700); }, line: 5, path: "broker.api_key_file", message: "0600 or stricter" },
-    Case { name: "key file missing", yaml: BASE, setup: |d| { std::fs::remove_file(d.join("key")).unwrap(); }, line: 5, path: "broker.api_key_file", message: "does not exist" },
-    Case { name: "key file is a directory", yaml: BASE, setup: |d| { std::fs::remove_file(d.join("key")).unwrap(); d.mkdir("key"); }, line: 5, path: "broker.api_key_file", message: "not a regular file" },
-    Case { name: "key file oversized", yaml: BASE, setup: |d| { d.write("key", vec![b'k'; 17 * 1024], 0o600); }, line: 5, path: "broker.api_key_file", message: "the limit is 16384" },
-    Case { name: "key file empty", yaml: BASE, setup: |d| { d.write("key", "", 0o600); }, line: 5, path: "broker.api_key_file", message: "is empty" },
-    Case { name: "key file owned by someone else", yaml: BASE, setup: |d| { std::os::unix::fs::chown(d.join("key"), Some(65534), None).expect("this case needs root (chown)"); }, line: 5, path: "broker.api_key_file", message: "owned by uid 65534" },
-    Case { name: "key file inside the tree", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: ws/key}\n", setup: |d| { d.write("ws/key", "k", 0o600); }, line: 5, path: "broker.api_key_file", message: "inside the tree" },
-    Case { name: "key file symlinked into the tree", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: link}\n", setup: |d| { d.write("ws/key", "k", 0o600); d.symlink("ws/key", "link"); }, line: 5, path: "broker.api_key_file", message: "inside the tree" },
-    Case { name: "world-readable credential file", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, credential_file: cred}\nbroker: {llm_auth: subscription}\n", setup: |d| { d.write("cred", "oauth", 0o604); }, line: 4, path: "manager.credential_file", message: "mode 0604" },
+    Case {
+        name: "world-readable key file",
+        yaml: BASE,
+        setup: |d| {
+            d.write("key", "k", 0o644);
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "mode 0644",
+    },
+    Case {
+        name: "group-readable key file",
+        yaml: BASE,
+        setup: |d| {
+            d.write("key", "k", 0o640);
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "mode 0640",
+    },
+    Case {
+        name: "executable key file",
+        yaml: BASE,
+        setup: |d| {
+            d.write("key", "k", 0o700);
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "0600 or stricter",
+    },
+    Case {
+        name: "key file missing",
+        yaml: BASE,
+        setup: |d| {
+            std::fs::remove_file(d.join("key")).unwrap();
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "does not exist",
+    },
+    Case {
+        name: "key file is a directory",
+        yaml: BASE,
+        setup: |d| {
+            std::fs::remove_file(d.join("key")).unwrap();
+            d.mkdir("key");
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "not a regular file",
+    },
+    Case {
+        name: "key file oversized",
+        yaml: BASE,
+        setup: |d| {
+            d.write("key", vec![b'k'; 17 * 1024], 0o600);
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "the limit is 16384",
+    },
+    Case {
+        name: "key file empty",
+        yaml: BASE,
+        setup: |d| {
+            d.write("key", "", 0o600);
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "is empty",
+    },
+    Case {
+        name: "key file owned by someone else",
+        yaml: BASE,
+        setup: |d| {
+            std::os::unix::fs::chown(d.join("key"), Some(65534), None)
+                .expect("this case needs root (chown)");
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "owned by uid 65534",
+    },
+    Case {
+        name: "key file inside the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: ws/key}\n",
+        setup: |d| {
+            d.write("ws/key", "k", 0o600);
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "inside the tree",
+    },
+    Case {
+        name: "key file symlinked into the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: link}\n",
+        setup: |d| {
+            d.write("ws/key", "k", 0o600);
+            d.symlink("ws/key", "link");
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "inside the tree",
+    },
+    Case {
+        name: "world-readable credential file",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, credential_file: cred}\nbroker: {llm_auth: subscription}\n",
+        setup: |d| {
+            d.write("cred", "oauth", 0o604);
+        },
+        line: 4,
+        path: "manager.credential_file",
+        message: "mode 0604",
+    },
     // --- ports and binds ---------------------------------------------------
-    Case { name: "admin port in allow_ports", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, allow_ports: [3101, 8444]}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.allow_ports[1]", message: "admin port" },
-    Case { name: "custom admin port in allow_ports", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  allow_ports:\n    - 9000\nbroker: {api_key_file: key, admin_port: 9000}\n", setup: none, line: 7, path: "manager.allow_ports[0]", message: "admin port" },
-    Case { name: "allow_ports out of range", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, allow_ports: [70000]}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.allow_ports[0]", message: "not a port" },
-    Case { name: "allow_ports of the wrong type", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, allow_ports: [3101, http]}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.allow_ports[1]", message: "expected an integer" },
-    Case { name: "non-loopback admin bind", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, admin_bind: 0.0.0.0}\n", setup: none, line: 5, path: "broker.admin_bind", message: "not a loopback address" },
-    Case { name: "LAN admin bind", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  admin_bind: 192.168.1.10\n", setup: none, line: 7, path: "broker.admin_bind", message: "not a loopback address" },
-    Case { name: "jail and admin on one port", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, admin_port: 8443}\n", setup: none, line: 5, path: "broker.admin_port", message: "both 8443" },
-    Case { name: "port zero", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, jail_port: 0}\n", setup: none, line: 5, path: "broker.jail_port", message: "not a port" },
-    Case { name: "bind not an address", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, bind: everywhere}\n", setup: none, line: 5, path: "broker.bind", message: "not an IP address" },
+    Case {
+        name: "admin port in allow_ports",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, allow_ports: [3101, 8444]}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.allow_ports[1]",
+        message: "admin port",
+    },
+    Case {
+        name: "custom admin port in allow_ports",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  allow_ports:\n    - 9000\nbroker: {api_key_file: key, admin_port: 9000}\n",
+        setup: none,
+        line: 7,
+        path: "manager.allow_ports[0]",
+        message: "admin port",
+    },
+    Case {
+        name: "allow_ports out of range",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, allow_ports: [70000]}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.allow_ports[0]",
+        message: "not a port",
+    },
+    Case {
+        name: "allow_ports of the wrong type",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, allow_ports: [3101, http]}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.allow_ports[1]",
+        message: "expected an integer",
+    },
+    Case {
+        name: "non-loopback admin bind",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, admin_bind: 0.0.0.0}\n",
+        setup: none,
+        line: 5,
+        path: "broker.admin_bind",
+        message: "not a loopback address",
+    },
+    Case {
+        name: "LAN admin bind",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  admin_bind: 192.168.1.10\n",
+        setup: none,
+        line: 7,
+        path: "broker.admin_bind",
+        message: "not a loopback address",
+    },
+    Case {
+        name: "jail and admin on one port",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, admin_port: 8443}\n",
+        setup: none,
+        line: 5,
+        path: "broker.admin_port",
+        message: "both 8443",
+    },
+    Case {
+        name: "port zero",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, jail_port: 0}\n",
+        setup: none,
+        line: 5,
+        path: "broker.jail_port",
+        message: "not a port",
+    },
+    Case {
+        name: "bind not an address",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, bind: everywhere}\n",
+        setup: none,
+        line: 5,
+        path: "broker.bind",
+        message: "not an IP address",
+    },
     // --- agents, obtain, delegate ------------------------------------------
-    Case { name: "delegate to an unknown agent", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  delegate:\n    - {tool: llm, op: generate, to: [ghost]}\nbroker: {api_key_file: key}\n", setup: none, line: 7, path: "manager.delegate[0].to[0]", message: "unknown agent `ghost`" },
-    Case { name: "delegate to itself", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  delegate:\n    - {tool: llm, op: generate, to: [manager]}\nbroker: {api_key_file: key}\n", setup: none, line: 7, path: "manager.delegate[0].to[0]", message: "cannot delegate to itself" },
-    Case { name: "delegate to nobody", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  delegate:\n    - {tool: llm, op: generate, to: []}\nbroker: {api_key_file: key}\n", setup: none, line: 7, path: "manager.delegate[0].to", message: "at least one agent" },
-    Case { name: "obtain of an unknown tool", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  obtain: [{tool: db, op: read}]\nbroker: {api_key_file: key}\n", setup: none, line: 6, path: "manager.obtain[0].tool", message: "unknown tool `db`" },
-    Case { name: "obtain of an unknown op", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  obtain: [{tool: db, op: write}]\nbroker:\n  api_key_file: key\n  tools: [{name: db, command: [lever-tool-db], backend: '127.0.0.1:3201', operations: [{name: read}]}]\n", setup: none, line: 6, path: "manager.obtain[0].op", message: "unknown operation `write` of tool `db`" },
-    Case { name: "obtain of an unknown llm op", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  obtain: [{tool: llm, op: embed}]\nbroker: {api_key_file: key}\n", setup: none, line: 6, path: "manager.obtain[0].op", message: "unknown operation `embed` of `llm`" },
-    Case { name: "obtain without op", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  obtain: [{tool: llm}]\nbroker: {api_key_file: key}\n", setup: none, line: 6, path: "manager.obtain[0].op", message: "missing required key" },
-    Case { name: "duplicate grove names", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: a}\n  - {name: g, dir: b}\n", setup: none, line: 8, path: "groves[1].name", message: "already used" },
-    Case { name: "grove named like the manager identity", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: manager, dir: a}\n", setup: none, line: 7, path: "groves[0].name", message: "already used by broker.manager_identity" },
-    Case { name: "grove dir absolute", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: /etc}\n", setup: none, line: 7, path: "groves[0].dir", message: "not absolute" },
-    Case { name: "grove dir escaping the tree", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: ../x}\n", setup: none, line: 7, path: "groves[0].dir", message: "must not contain `..`" },
-    Case { name: "grove dir symlinked out of the tree", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: out}\n", setup: |d| { d.symlink("..", "ws/out"); }, line: 7, path: "groves[0].dir", message: "outside the tree" },
-    Case { name: "grove without dir", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g}\n", setup: none, line: 7, path: "groves[0].dir", message: "missing required key" },
-    Case { name: "manager_identity breaks the regex", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, manager_identity: Boss}\n", setup: none, line: 5, path: "broker.manager_identity", message: "must match" },
+    Case {
+        name: "delegate to an unknown agent",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  delegate:\n    - {tool: llm, op: generate, to: [ghost]}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 7,
+        path: "manager.delegate[0].to[0]",
+        message: "unknown agent `ghost`",
+    },
+    Case {
+        name: "delegate to itself",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  delegate:\n    - {tool: llm, op: generate, to: [manager]}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 7,
+        path: "manager.delegate[0].to[0]",
+        message: "cannot delegate to itself",
+    },
+    Case {
+        name: "delegate to nobody",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  delegate:\n    - {tool: llm, op: generate, to: []}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 7,
+        path: "manager.delegate[0].to",
+        message: "at least one agent",
+    },
+    Case {
+        name: "obtain of an unknown tool",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  obtain: [{tool: db, op: read}]\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 6,
+        path: "manager.obtain[0].tool",
+        message: "unknown tool `db`",
+    },
+    Case {
+        name: "obtain of an unknown op",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  obtain: [{tool: db, op: write}]\nbroker:\n  api_key_file: key\n  tools: [{name: db, command: [lever-tool-db], backend: '127.0.0.1:3201', operations: [{name: read}]}]\n",
+        setup: none,
+        line: 6,
+        path: "manager.obtain[0].op",
+        message: "unknown operation `write` of tool `db`",
+    },
+    Case {
+        name: "obtain of an unknown llm op",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  obtain: [{tool: llm, op: embed}]\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 6,
+        path: "manager.obtain[0].op",
+        message: "unknown operation `embed` of `llm`",
+    },
+    Case {
+        name: "obtain without op",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager:\n  image: img/x:1\n  obtain: [{tool: llm}]\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 6,
+        path: "manager.obtain[0].op",
+        message: "missing required key",
+    },
+    Case {
+        name: "duplicate grove names",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: a}\n  - {name: g, dir: b}\n",
+        setup: none,
+        line: 8,
+        path: "groves[1].name",
+        message: "already used",
+    },
+    Case {
+        name: "grove named like the manager identity",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: manager, dir: a}\n",
+        setup: none,
+        line: 7,
+        path: "groves[0].name",
+        message: "already used by broker.manager_identity",
+    },
+    Case {
+        name: "grove dir absolute",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: /etc}\n",
+        setup: none,
+        line: 7,
+        path: "groves[0].dir",
+        message: "not absolute",
+    },
+    Case {
+        name: "grove dir escaping the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: ../x}\n",
+        setup: none,
+        line: 7,
+        path: "groves[0].dir",
+        message: "must not contain `..`",
+    },
+    Case {
+        name: "grove dir symlinked out of the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: out}\n",
+        setup: |d| {
+            d.symlink("..", "ws/out");
+        },
+        line: 7,
+        path: "groves[0].dir",
+        message: "outside the tree",
+    },
+    Case {
+        name: "grove without dir",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g}\n",
+        setup: none,
+        line: 7,
+        path: "groves[0].dir",
+        message: "missing required key",
+    },
+    Case {
+        name: "manager_identity breaks the regex",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, manager_identity: Boss}\n",
+        setup: none,
+        line: 5,
+        path: "broker.manager_identity",
+        message: "must match",
+    },
     // --- tools ---------------------------------------------------------------
-    Case { name: "allowed_values for an unknown key", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values:\n        tabel: [users]\n", setup: none, line: 13, path: "broker.tools[0].allowed_values.tabel", message: "unknown key `tabel`" },
-    Case { name: "allowed_values key not among declared args", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: kv\n      command: [kv-server]\n      backend: 127.0.0.1:3202\n      operations: [{name: get, args: [key]}]\n      allowed_values:\n        bucket: [a]\n", setup: none, line: 13, path: "broker.tools[0].allowed_values.bucket", message: "not an argument of operation(s) get" },
-    Case { name: "allowed_values with no values", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values: {table: []}\n", setup: none, line: 12, path: "broker.tools[0].allowed_values.table", message: "at least one value" },
-    Case { name: "allowed_values with a repeated value", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values:\n        table:\n          - users\n          - users\n", setup: none, line: 15, path: "broker.tools[0].allowed_values.table[1]", message: "listed twice" },
-    Case { name: "allowed_values as a scalar", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values: {table: users}\n", setup: none, line: 12, path: "broker.tools[0].allowed_values.table", message: "expected a list" },
-    Case { name: "tool named llm", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools: [{name: llm, command: [x], backend: '127.0.0.1:3201', operations: [{name: read}]}]\n", setup: none, line: 7, path: "broker.tools[0].name", message: "reserved" },
-    Case { name: "tool defined twice", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - {name: db, command: [cmd1], backend: '127.0.0.1:3201', operations: [{name: read}]}\n    - {name: db, command: [cmd2], backend: '127.0.0.1:3202', operations: [{name: read}]}\n", setup: none, line: 9, path: "broker.tools[1].name", message: "defined twice" },
-    Case { name: "http tool without backend", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      operations: [{name: read}]\n", setup: none, line: 8, path: "broker.tools[0].backend", message: "missing required key" },
-    Case { name: "tool backend not on loopback", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 0.0.0.0:3201\n      operations: [{name: read}]\n", setup: none, line: 10, path: "broker.tools[0].backend", message: "not a loopback address" },
-    Case { name: "stdio tool with a backend", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: fs\n      transport: stdio\n      command: [mcp-fs]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n", setup: none, line: 11, path: "broker.tools[0].backend", message: "no backend address" },
-    Case { name: "tool transport unknown", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: fs\n      transport: sse\n      command: [mcp-fs]\n      operations: [{name: read}]\n", setup: none, line: 9, path: "broker.tools[0].transport", message: "unknown value `sse`" },
-    Case { name: "tool without operations", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: []\n", setup: none, line: 11, path: "broker.tools[0].operations", message: "at least one operation" },
-    Case { name: "tool operation listed twice", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations:\n        - {name: read}\n        - {name: read}\n", setup: none, line: 13, path: "broker.tools[0].operations[1].name", message: "listed twice" },
-    Case { name: "tool with an empty command", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: []\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n", setup: none, line: 9, path: "broker.tools[0].command", message: "must name a program" },
-    Case { name: "tool backend on the jail port", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:8443\n      operations: [{name: read}]\n", setup: none, line: 7, path: "broker.tools", message: "uses a broker port" },
+    Case {
+        name: "allowed_values for an unknown key",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values:\n        tabel: [users]\n",
+        setup: none,
+        line: 13,
+        path: "broker.tools[0].allowed_values.tabel",
+        message: "unknown key `tabel`",
+    },
+    Case {
+        name: "allowed_values key not among declared args",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: kv\n      command: [kv-server]\n      backend: 127.0.0.1:3202\n      operations: [{name: get, args: [key]}]\n      allowed_values:\n        bucket: [a]\n",
+        setup: none,
+        line: 13,
+        path: "broker.tools[0].allowed_values.bucket",
+        message: "not an argument of operation(s) get",
+    },
+    Case {
+        name: "allowed_values with no values",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values: {table: []}\n",
+        setup: none,
+        line: 12,
+        path: "broker.tools[0].allowed_values.table",
+        message: "at least one value",
+    },
+    Case {
+        name: "allowed_values with a repeated value",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values:\n        table:\n          - users\n          - users\n",
+        setup: none,
+        line: 15,
+        path: "broker.tools[0].allowed_values.table[1]",
+        message: "listed twice",
+    },
+    Case {
+        name: "allowed_values as a scalar",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values: {table: users}\n",
+        setup: none,
+        line: 12,
+        path: "broker.tools[0].allowed_values.table",
+        message: "expected a list",
+    },
+    Case {
+        name: "tool named llm",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools: [{name: llm, command: [x], backend: '127.0.0.1:3201', operations: [{name: read}]}]\n",
+        setup: none,
+        line: 7,
+        path: "broker.tools[0].name",
+        message: "reserved",
+    },
+    Case {
+        name: "tool defined twice",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - {name: db, command: [cmd1], backend: '127.0.0.1:3201', operations: [{name: read}]}\n    - {name: db, command: [cmd2], backend: '127.0.0.1:3202', operations: [{name: read}]}\n",
+        setup: none,
+        line: 9,
+        path: "broker.tools[1].name",
+        message: "defined twice",
+    },
+    Case {
+        name: "http tool without backend",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      operations: [{name: read}]\n",
+        setup: none,
+        line: 8,
+        path: "broker.tools[0].backend",
+        message: "missing required key",
+    },
+    Case {
+        name: "tool backend not on loopback",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 0.0.0.0:3201\n      operations: [{name: read}]\n",
+        setup: none,
+        line: 10,
+        path: "broker.tools[0].backend",
+        message: "not a loopback address",
+    },
+    Case {
+        name: "stdio tool with a backend",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: fs\n      transport: stdio\n      command: [mcp-fs]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n",
+        setup: none,
+        line: 11,
+        path: "broker.tools[0].backend",
+        message: "no backend address",
+    },
+    Case {
+        name: "tool transport unknown",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: fs\n      transport: sse\n      command: [mcp-fs]\n      operations: [{name: read}]\n",
+        setup: none,
+        line: 9,
+        path: "broker.tools[0].transport",
+        message: "unknown value `sse`",
+    },
+    Case {
+        name: "tool without operations",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: []\n",
+        setup: none,
+        line: 11,
+        path: "broker.tools[0].operations",
+        message: "at least one operation",
+    },
+    Case {
+        name: "tool operation listed twice",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations:\n        - {name: read}\n        - {name: read}\n",
+        setup: none,
+        line: 13,
+        path: "broker.tools[0].operations[1].name",
+        message: "listed twice",
+    },
+    Case {
+        name: "tool with an empty command",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: []\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n",
+        setup: none,
+        line: 9,
+        path: "broker.tools[0].command",
+        message: "must name a program",
+    },
+    Case {
+        name: "tool backend on the jail port",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:8443\n      operations: [{name: read}]\n",
+        setup: none,
+        line: 7,
+        path: "broker.tools",
+        message: "uses a broker port",
+    },
     // --- prompt file, scion, state dir -------------------------------------
-    Case { name: "prompt_file inside the tree", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: ws/p.md}\nbroker: {api_key_file: key}\n", setup: |d| { d.write("ws/p.md", "hi", 0o644); }, line: 4, path: "manager.prompt_file", message: "inside the tree" },
-    Case { name: "prompt_file with ..", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: ../p.md}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.prompt_file", message: "must not contain `..`" },
-    Case { name: "prompt_file absolute", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: /etc/motd}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.prompt_file", message: "not absolute" },
-    Case { name: "prompt_file symlinked out of the root", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: p.md}\nbroker: {api_key_file: key}\n", setup: |d| { d.symlink("/etc/hostname", "p.md"); }, line: 4, path: "manager.prompt_file", message: "outside the instance root" },
-    Case { name: "prompt_file missing", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: p.md}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.prompt_file", message: "does not exist" },
-    Case { name: "scion version and source", yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {version: 666333f9, source: scion}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: |d| { d.mkdir("scion"); }, line: 4, path: "scion", message: "not both" },
-    Case { name: "scion version with shell in it", yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {version: 'v1; rm -rf ~'}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "scion.version", message: "neither a commit hash" },
-    Case { name: "scion source inside the tree", yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {source: ws/scion}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: |d| { d.mkdir("ws/scion"); }, line: 4, path: "scion.source", message: "inside the tree" },
-    Case { name: "scion source symlinked out of the root", yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {source: src}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n", setup: |d| { d.symlink("/usr", "src"); }, line: 4, path: "scion.source", message: "outside the instance root" },
-    Case { name: "state dir inside the tree", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, state_dir: ws/.lever}\n", setup: none, line: 5, path: "broker.state_dir", message: "inside the tree" },
-    Case { name: "state dir readable by others", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, state_dir: st}\n", setup: |d| { d.mkdir("st"); std::fs::set_permissions(d.join("st"), std::fs::Permissions::from_mode(0o755)).unwrap(); }, line: 5, path: "broker.state_dir", message: "must be 0700" },
-    Case { name: "state dir symlinked out of the root", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, state_dir: st}\n", setup: |d| { d.symlink("/tmp", "st"); }, line: 5, path: "broker.state_dir", message: "outside the instance root" },
+    Case {
+        name: "prompt_file inside the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: ws/p.md}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.write("ws/p.md", "hi", 0o644);
+        },
+        line: 4,
+        path: "manager.prompt_file",
+        message: "inside the tree",
+    },
+    Case {
+        name: "prompt_file with ..",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: ../p.md}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.prompt_file",
+        message: "must not contain `..`",
+    },
+    Case {
+        name: "prompt_file absolute",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: /etc/motd}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.prompt_file",
+        message: "not absolute",
+    },
+    Case {
+        name: "prompt_file symlinked out of the root",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: p.md}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.symlink("/etc/hostname", "p.md");
+        },
+        line: 4,
+        path: "manager.prompt_file",
+        message: "outside the instance root",
+    },
+    Case {
+        name: "prompt_file missing",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: p.md}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.prompt_file",
+        message: "does not exist",
+    },
+    Case {
+        name: "scion version and source",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {version: 666333f9, source: scion}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.mkdir("scion");
+        },
+        line: 4,
+        path: "scion",
+        message: "not both",
+    },
+    Case {
+        name: "scion version with shell in it",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {version: 'v1; rm -rf ~'}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "scion.version",
+        message: "neither a commit hash",
+    },
+    Case {
+        name: "scion source inside the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {source: ws/scion}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.mkdir("ws/scion");
+        },
+        line: 4,
+        path: "scion.source",
+        message: "inside the tree",
+    },
+    Case {
+        name: "scion source symlinked out of the root",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {source: src}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.symlink("/usr", "src");
+        },
+        line: 4,
+        path: "scion.source",
+        message: "outside the instance root",
+    },
+    Case {
+        name: "state dir inside the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, state_dir: ws/.lever}\n",
+        setup: none,
+        line: 5,
+        path: "broker.state_dir",
+        message: "inside the tree",
+    },
+    Case {
+        name: "state dir readable by others",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, state_dir: st}\n",
+        setup: |d| {
+            d.mkdir("st");
+            std::fs::set_permissions(d.join("st"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        },
+        line: 5,
+        path: "broker.state_dir",
+        message: "must be 0700",
+    },
+    Case {
+        name: "state dir symlinked out of the root",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, state_dir: st}\n",
+        setup: |d| {
+            d.symlink("/tmp", "st");
+        },
+        line: 5,
+        path: "broker.state_dir",
+        message: "outside the instance root",
+    },
     // --- images -------------------------------------------------------------
-    Case { name: "image with shell characters", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: 'img/x;reboot'}\nbroker: {api_key_file: key}\n", setup: none, line: 4, path: "manager.image", message: "not a valid image reference" },
-    Case { name: "image from a look-alike registry", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: scionlocalevil/x:1}\nbroker: {api_key_file: key}\nsecurity: {allowed_image_registries: [scionlocal]}\n", setup: none, line: 4, path: "manager.image", message: "not from an allowed registry" },
-    Case { name: "image by tag when digests are required", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:latest}\nbroker: {api_key_file: key}\nsecurity: {require_image_digest: true}\n", setup: none, line: 4, path: "manager.image", message: "not pinned by digest" },
-    Case { name: "grove image from a disallowed registry", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: ok/x:1}\nbroker: {api_key_file: key}\nsecurity: {allowed_image_registries: [ok]}\ngroves:\n  - {name: g, dir: g, image: 'ghcr.io/evil/x:1'}\n", setup: none, line: 8, path: "groves[0].image", message: "not from an allowed registry" },
-    Case { name: "registry entry with a digest", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\nsecurity:\n  allowed_image_registries: ['img@sha256:00']\n", setup: none, line: 7, path: "security.allowed_image_registries[0]", message: "without a digest" },
+    Case {
+        name: "image with shell characters",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: 'img/x;reboot'}\nbroker: {api_key_file: key}\n",
+        setup: none,
+        line: 4,
+        path: "manager.image",
+        message: "not a valid image reference",
+    },
+    Case {
+        name: "image from a look-alike registry",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: scionlocalevil/x:1}\nbroker: {api_key_file: key}\nsecurity: {allowed_image_registries: [scionlocal]}\n",
+        setup: none,
+        line: 4,
+        path: "manager.image",
+        message: "not from an allowed registry",
+    },
+    Case {
+        name: "image by tag when digests are required",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:latest}\nbroker: {api_key_file: key}\nsecurity: {require_image_digest: true}\n",
+        setup: none,
+        line: 4,
+        path: "manager.image",
+        message: "not pinned by digest",
+    },
+    Case {
+        name: "grove image from a disallowed registry",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: ok/x:1}\nbroker: {api_key_file: key}\nsecurity: {allowed_image_registries: [ok]}\ngroves:\n  - {name: g, dir: g, image: 'ghcr.io/evil/x:1'}\n",
+        setup: none,
+        line: 8,
+        path: "groves[0].image",
+        message: "not from an allowed registry",
+    },
+    Case {
+        name: "registry entry with a digest",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\nsecurity:\n  allowed_image_registries: ['img@sha256:00']\n",
+        setup: none,
+        line: 7,
+        path: "security.allowed_image_registries[0]",
+        message: "without a digest",
+    },
     // --- upstream, durations, limits ------------------------------------------
-    Case { name: "plain http upstream off loopback", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream: 'http://api.example.com'}\n", setup: none, line: 5, path: "broker.upstream", message: "in the clear" },
-    Case { name: "upstream with credentials", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream: 'https://u:p@api.example.com'}\n", setup: none, line: 5, path: "broker.upstream", message: "credentials in the URL" },
-    Case { name: "upstream of another scheme", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream: 'ftp://x'}\n", setup: none, line: 5, path: "broker.upstream", message: "must start with https://" },
-    Case { name: "upstream CA inside the tree", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream_ca_file: ws/ca.pem}\n", setup: |d| { d.write("ws/ca.pem", "-----BEGIN CERTIFICATE-----\n", 0o644); }, line: 5, path: "broker.upstream_ca_file", message: "inside the tree" },
-    Case { name: "upstream CA that is not PEM", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream_ca_file: ca.pem}\n", setup: |d| { d.write("ca.pem", "hello", 0o644); }, line: 5, path: "broker.upstream_ca_file", message: "no PEM certificate" },
-    Case { name: "grant_ttl not a duration", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, grant_ttl: forever}\n", setup: none, line: 5, path: "broker.grant_ttl", message: "not a duration" },
-    Case { name: "grant_ttl too long", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, grant_ttl: 90d}\n", setup: none, line: 5, path: "broker.grant_ttl", message: "out of range" },
-    Case { name: "rate limit of zero", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  rate_limits:\n    tools: {per_minute: 0}\n", setup: none, line: 8, path: "broker.rate_limits.tools.per_minute", message: "out of range" },
-    Case { name: "token budget without window", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  rate_limits:\n    llm_tokens: {tokens: 1000}\n", setup: none, line: 8, path: "broker.rate_limits.llm_tokens.window", message: "missing required key" },
-    Case { name: "OTLP endpoint not a URL", yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  telemetry: {otlp_endpoint: 'collector:4318'}\n", setup: none, line: 7, path: "broker.telemetry.otlp_endpoint", message: "must start with https://" },
+    Case {
+        name: "plain http upstream off loopback",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream: 'http://api.example.com'}\n",
+        setup: none,
+        line: 5,
+        path: "broker.upstream",
+        message: "in the clear",
+    },
+    Case {
+        name: "upstream with credentials",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream: 'https://u:p@api.example.com'}\n",
+        setup: none,
+        line: 5,
+        path: "broker.upstream",
+        message: "credentials in the URL",
+    },
+    Case {
+        name: "upstream of another scheme",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream: 'ftp://x'}\n",
+        setup: none,
+        line: 5,
+        path: "broker.upstream",
+        message: "must start with https://",
+    },
+    Case {
+        name: "upstream CA inside the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream_ca_file: ws/ca.pem}\n",
+        setup: |d| {
+            d.write("ws/ca.pem", "-----BEGIN CERTIFICATE-----\n", 0o644);
+        },
+        line: 5,
+        path: "broker.upstream_ca_file",
+        message: "inside the tree",
+    },
+    Case {
+        name: "upstream CA that is not PEM",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream_ca_file: ca.pem}\n",
+        setup: |d| {
+            d.write("ca.pem", "hello", 0o644);
+        },
+        line: 5,
+        path: "broker.upstream_ca_file",
+        message: "no PEM certificate",
+    },
+    Case {
+        name: "grant_ttl not a duration",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, grant_ttl: forever}\n",
+        setup: none,
+        line: 5,
+        path: "broker.grant_ttl",
+        message: "not a duration",
+    },
+    Case {
+        name: "grant_ttl too long",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, grant_ttl: 90d}\n",
+        setup: none,
+        line: 5,
+        path: "broker.grant_ttl",
+        message: "out of range",
+    },
+    Case {
+        name: "rate limit of zero",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  rate_limits:\n    tools: {per_minute: 0}\n",
+        setup: none,
+        line: 8,
+        path: "broker.rate_limits.tools.per_minute",
+        message: "out of range",
+    },
+    Case {
+        name: "token budget without window",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  rate_limits:\n    llm_tokens: {tokens: 1000}\n",
+        setup: none,
+        line: 8,
+        path: "broker.rate_limits.llm_tokens.window",
+        message: "missing required key",
+    },
+    Case {
+        name: "OTLP endpoint not a URL",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  telemetry: {otlp_endpoint: 'collector:4318'}\n",
+        setup: none,
+        line: 7,
+        path: "broker.telemetry.otlp_endpoint",
+        message: "must start with https://",
+    },
 ];
 
 #[test]
@@ -177,7 +1042,11 @@ fn every_bad_config_is_rejected_at_its_key_and_line() {
         prepare(&dir);
         dir.write("lever.yaml", case.yaml, 0o644);
         (case.setup)(&dir);
-        let out = lever(&["validate", "-c", "lever.yaml"], dir.path(), &dir.join("home"));
+        let out = lever(
+            &["validate", "-c", "lever.yaml"],
+            dir.path(),
+            &dir.join("home"),
+        );
         let errs = errors(&out.stderr, "lever.yaml");
         let ok = out.code == 1
             && errs.len() == 1
@@ -191,7 +1060,13 @@ fn every_bad_config_is_rejected_at_its_key_and_line() {
             ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        CASES.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -200,9 +1075,17 @@ fn the_base_of_the_corpus_is_valid() {
     let dir = TempDir::new("base");
     prepare(&dir);
     dir.write("lever.yaml", BASE, 0o644);
-    let out = lever(&["validate", "-c", "lever.yaml"], dir.path(), &dir.join("home"));
+    let out = lever(
+        &["validate", "-c", "lever.yaml"],
+        dir.path(),
+        &dir.join("home"),
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.starts_with("lever.yaml: valid"), "{}", out.stdout);
+    assert!(
+        out.stdout.starts_with("lever.yaml: valid"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
@@ -212,12 +1095,20 @@ fn a_config_larger_than_the_cap_is_refused_before_parsing() {
     let mut text = BASE.to_owned();
     text.push_str(&"# padding\n".repeat(30_000));
     dir.write("lever.yaml", text, 0o644);
-    let out = lever(&["validate", "-c", "lever.yaml"], dir.path(), &dir.join("home"));
+    let out = lever(
+        &["validate", "-c", "lever.yaml"],
+        dir.path(),
+        &dir.join("home"),
+    );
     assert_eq!(out.code, 1);
     let errs = errors(&out.stderr, "lever.yaml");
     assert_eq!(errs.len(), 1, "{}", out.stderr);
     assert_eq!((errs[0].line, errs[0].path.as_str()), (1, "(file)"));
-    assert!(errs[0].message.contains("at most 262144"), "{}", errs[0].message);
+    assert!(
+        errs[0].message.contains("at most 262144"),
+        "{}",
+        errs[0].message
+    );
 }
 
 #[test]
@@ -225,12 +1116,20 @@ fn a_config_others_can_rewrite_is_refused() {
     let dir = TempDir::new("gw");
     prepare(&dir);
     dir.write("lever.yaml", BASE, 0o664);
-    let out = lever(&["validate", "-c", "lever.yaml"], dir.path(), &dir.join("home"));
+    let out = lever(
+        &["validate", "-c", "lever.yaml"],
+        dir.path(),
+        &dir.join("home"),
+    );
     assert_eq!(out.code, 1);
     let errs = errors(&out.stderr, "lever.yaml");
     assert_eq!(errs.len(), 1, "{}", out.stderr);
     assert_eq!(errs[0].path, "(file)");
-    assert!(errs[0].message.contains("others can rewrite it"), "{}", errs[0].message);
+    assert!(
+        errs[0].message.contains("others can rewrite it"),
+        "{}",
+        errs[0].message
+    );
 }
 
 #[test]
@@ -265,7 +1164,11 @@ groves:
 ",
         0o644,
     );
-    let out = lever(&["validate", "-c", "lever.yaml"], dir.path(), &dir.join("home"));
+    let out = lever(
+        &["validate", "-c", "lever.yaml"],
+        dir.path(),
+        &dir.join("home"),
+    );
     assert_eq!(out.code, 1);
     let got: Vec<(u32, String)> = errors(&out.stderr, "lever.yaml")
         .into_iter()

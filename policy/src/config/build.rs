@@ -64,7 +64,7 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Sink<'_>, inp: &Inputs<'_>) -> Opti
     let scion = raw.scion.and_then(|s| build_scion(cx, inp, tree_real, s));
 
     let mut b = raw.broker.unwrap_or_default();
-    let instance_auth = b.llm_auth.unwrap_or(LlmAuth::ApiKey);
+    let broker_auth = b.llm_auth.unwrap_or(LlmAuth::ApiKey);
     let manager_identity = match &b.manager_identity {
         Some(s) => Name::parse(s)
             .map_err(|e| cx.error("broker.manager_identity", e))
@@ -111,7 +111,7 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Sink<'_>, inp: &Inputs<'_>) -> Opti
     }
 
     // LLM auth: uniform across the instance.
-    check_uniform_auth(cx, instance_auth, &raw_manager, &raw_groves);
+    let instance_auth = check_uniform_auth(cx, broker_auth, &raw_manager, &raw_groves);
     if egress == Egress::Closed && instance_auth == LlmAuth::Subscription {
         cx.error(
             "egress",
@@ -548,27 +548,40 @@ fn check_image(cx: &mut Sink<'_>, path: &str, s: &str, sec: &Security) -> Option
     ok.then_some(img)
 }
 
-fn check_uniform_auth(cx: &mut Sink<'_>, instance: LlmAuth, m: &RawManager, groves: &[RawGrove]) {
+/// The instance's LLM auth mode: every agent's effective mode (its own
+/// `llm_auth`, else `broker.llm_auth`, else api-key) must be the same. The
+/// manager's sets the instance's; each grove that differs is an error.
+fn check_uniform_auth(
+    cx: &mut Sink<'_>,
+    broker: LlmAuth,
+    m: &RawManager,
+    groves: &[RawGrove],
+) -> LlmAuth {
     let name = |a: LlmAuth| match a {
         LlmAuth::ApiKey => "api-key",
         LlmAuth::Subscription => "subscription",
     };
-    let mut explicit = vec![("manager.llm_auth".to_owned(), m.llm_auth)];
+    let instance = m.llm_auth.unwrap_or(broker);
     for (i, g) in groves.iter().enumerate() {
-        explicit.push((child_key(&cx.item("groves", i), "llm_auth"), g.llm_auth));
-    }
-    for (path, auth) in explicit {
-        if let Some(a) = auth.filter(|a| *a != instance) {
-            cx.error(
-                &path,
-                format!(
-                    "llm_auth {} differs from the instance's {} (broker.llm_auth): mixing api-key and subscription agents is not allowed",
-                    name(a),
-                    name(instance)
-                ),
-            );
+        let effective = g.llm_auth.unwrap_or(broker);
+        if effective == instance {
+            continue;
         }
+        let base = cx.item("groves", i);
+        let (path, how) = match g.llm_auth {
+            Some(_) => (child_key(&base, "llm_auth"), "is"),
+            None => (base, "inherits from broker.llm_auth"),
+        };
+        cx.error(
+            &path,
+            format!(
+                "llm_auth {how} {}, but the manager's is {}: mixing api-key and subscription agents is not allowed",
+                name(effective),
+                name(instance)
+            ),
+        );
     }
+    instance
 }
 
 /// A tool as far as references to it are concerned: declared with a valid,
@@ -1081,6 +1094,12 @@ fn build_broker(
             .map_err(|e| cx.error("broker.bind", e))
             .ok(),
     };
+    if let Some(ip) = bind.filter(|ip| !ip.is_loopback()) {
+        cx.warning(
+            "broker.bind",
+            format!("the jail listener will be reachable from the network on {ip} (mTLS is still required; the backends reach a loopback broker through their host alias)"),
+        );
+    }
     let admin_bind = match b.admin_bind.as_deref() {
         None => Some(IpAddr::from([127, 0, 0, 1])),
         Some(s) => match values::parse_ip(s) {

@@ -151,7 +151,9 @@ impl<'a> Sink<'a> {
     /// Whether `path` (or something below it) failed to deserialize.
     pub(crate) fn is_broken(&self, path: &str) -> bool {
         self.broken.iter().any(|b| {
-            b == path || b.strip_prefix(path).is_some_and(|r| r.starts_with(['.', '[']))
+            b == path
+                || b.strip_prefix(path)
+                    .is_some_and(|r| r.starts_with(['.', '[']))
         })
     }
 

@@ -85,6 +85,10 @@ pub(crate) fn parse_tree(src: &str) -> Result<Node, ParseFailure> {
     budget.max_total_scalar_bytes = 4 * 1024 * 1024;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
+    // YAML 1.2 booleans only: `y`, `yes`, `on`, `no` stay strings (a table
+    // called `n` or a grove called `on` must not turn into `false`).
+    options.strict_booleans = true;
+    options.reject_unsupported_tags = true;
     match serde_saphyr::from_str_with_options::<Spanned<ValueSeed>>(src, options) {
         Ok(root) => Ok(Node {
             value: root.value.0,
