@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)] // A bench that cannot set up should stop loudly.
+
 //! Loading lever.yaml: the full `lever validate` pipeline (read, parse,
 //! every rule including the file-system checks) against the floor any YAML
 //! config loader pays: serde-saphyr parsing the same text into a generic

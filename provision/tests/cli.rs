@@ -4,6 +4,8 @@
 //! `lever` binary before any test runs, which the end-to-end tests in
 //! `tests/` drive.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 fn lever(args: &[&str]) -> std::process::Output {

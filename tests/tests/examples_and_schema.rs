@@ -1,6 +1,8 @@
 //! The shipped examples, the seed's configs verbatim, the JSON Schema, the
 //! no-walk-up rule and the backend matrix, through the real `lever` binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::Command;
 

@@ -6,6 +6,8 @@
 //! with the reason. A case whose rule were deleted from the code would
 //! report nothing and fail.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::PermissionsExt;
 
 use lever_tests::{TempDir, errors, lever};

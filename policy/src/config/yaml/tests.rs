@@ -37,6 +37,7 @@ fn a_clean_document_deserializes() {
     assert!(errs.is_empty());
     let doc = doc.unwrap();
     assert_eq!(doc.a, Some(1));
+    assert_eq!(doc.b, Some(vec![2]));
     // YAML 1.2 booleans: `y` is a string, not `true`.
     assert_eq!(doc.c.unwrap().x.as_deref(), Some("y"));
 }
