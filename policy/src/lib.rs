@@ -1,8 +1,9 @@
 //! lever-policy: the pure core of Lever.
 //!
 //! What it holds: the `lever.yaml` model (raw types, validation, the
-//! validated [`config::Config`], its JSON Schema) and the backend matrix
-//! as data; in later work the capability model and Biscuit token logic.
+//! validated [`config::Config`], its JSON Schema), the backend matrix as
+//! data, and the capability tokens ([`token`]: Biscuit mint, attenuation,
+//! authorization, delegation proofs).
 //!
 //! What it must never do: open a socket, start a runtime, write a file, or
 //! read a secret's contents. It decides; the broker and the CLI act.
@@ -11,3 +12,5 @@
 
 pub mod backend;
 pub mod config;
+pub mod hex;
+pub mod token;
