@@ -1,23 +1,283 @@
 //! lever-broker: the host-side capability broker.
 //!
-//! It will hold the real secrets, enrol agents into mTLS identities, mint
-//! and verify capability tokens, proxy `/llm` and multiplex `/mcp`. For now
-//! it is a skeleton that loads a validated config.
+//! It holds the real secrets (the CA key, the Biscuit root key, later the
+//! API key), enrols agents into mTLS identities with one-time tickets,
+//! mints and checks capability tokens, and records every decision in a
+//! hash-chained audit trail. Two listeners: the mTLS jail port and the
+//! loopback-only admin port. The request path is in `stack.rs`.
 //!
 //! What it must never do: hand a secret, a token or a ticket to anyone who
-//! did not send it; accept a request before the caller is authenticated.
+//! did not send it; read a request body before the caller is known; answer
+//! a state change before it is durable; start over a damaged state dir.
 
 #![forbid(unsafe_code)]
 
-use lever_policy::config::Config;
+pub mod admin;
+pub mod audit;
+pub mod ca;
+pub mod client;
+pub mod error;
+pub mod jail;
+pub mod server;
+pub mod stack;
+pub mod state;
+pub mod tls;
 
-/// What the broker would serve, in one line (a placeholder until the
-/// listeners land).
-pub fn describe(config: &Config) -> String {
-    format!(
-        "jail listener {} (mTLS), admin {} (loopback), upstream {}",
-        config.broker.jail_addr(),
-        config.broker.admin_addr(),
-        config.broker.upstream
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use lever_policy::config::Config;
+use lever_policy::token::{self, Denial, RootKey, Verified};
+
+use crate::audit::{Audit, Record};
+use crate::ca::Ca;
+use crate::error::StartError;
+use crate::state::State;
+
+/// Most verified tokens kept in the cache (it is cleared when full).
+const TOKEN_CACHE_MAX: usize = 4096;
+
+/// A running broker's shared state.
+pub struct Broker {
+    pub config: Arc<Config>,
+    pub(crate) state: State,
+    pub(crate) ca: Arc<Ca>,
+    pub(crate) root: RootKey,
+    root_public: token::PublicKey,
+    pub audit: Audit,
+    tokens: Mutex<HashMap<String, Arc<Verified>>>,
+    pub stats: Stats,
+    /// A short random tag that prefixes request ids.
+    pub(crate) instance_tag: String,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+/// Counters (exported as metrics later).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub token_cache_hits: AtomicU64,
+    pub token_cache_misses: AtomicU64,
+}
+
+/// How the broker starts: the state dir opened (or created), the CA and
+/// root key loaded, the audit writer running. Listeners are bound by [`run`].
+pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
+    let instance = config.name.to_string();
+    let loaded = State::open(&config.broker.state_dir, || {
+        let (ca_key_pem, ca_cert_pem) = Ca::generate(&instance)?;
+        let root_key_pem = RootKey::generate()
+            .to_pem()
+            .map_err(|e| StartError::State(e.to_string()))?;
+        Ok(state::Fresh {
+            ca_key_pem,
+            ca_cert_pem,
+            root_key_pem,
+        })
+    })?;
+    let ca = Arc::new(Ca::load(&loaded.ca_key_pem, &loaded.ca_cert_pem)?);
+    let root = RootKey::from_pem(&loaded.root_key_pem)
+        .map_err(|e| StartError::State(format!("root.key: {e}")))?;
+    let audit_path = config.broker.telemetry.audit_file.clone();
+    let (audit, _writer) = Audit::open(&audit_path)?;
+    let mut tag = [0u8; 3];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag)
+        .map_err(|_| StartError::State("no randomness".into()))?;
+    let root_public = root.public();
+    let broker = Arc::new(Broker {
+        config: Arc::new(config),
+        state: loaded.state,
+        ca,
+        root,
+        root_public,
+        audit,
+        tokens: Mutex::new(HashMap::new()),
+        stats: Stats::default(),
+        instance_tag: lever_policy::hex::encode(&tag),
+    });
+    broker.audit.log_blocking(
+        Record::new("broker_start")
+            .detail("epoch", broker.state.epoch())
+            .detail("state_created", loaded.created),
+    );
+    Ok(broker)
+}
+
+/// Runs the broker until SIGINT/SIGTERM: binds both listeners, prints one
+/// `lever broker ready: ...` line on stdout, serves, rotates the server
+/// certificate before it expires.
+pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
+    let b = &broker.config.broker;
+    let admin_addr = b.admin_addr();
+    if !admin_addr.ip().is_loopback() {
+        return Err(StartError::Config(format!(
+            "the admin listener must bind a loopback address, not {admin_addr}"
+        )));
+    }
+    let jail_addr = b.jail_addr();
+    let jail = tokio::net::TcpListener::bind(jail_addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: jail_addr,
+            source,
+        })?;
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: admin_addr,
+            source,
+        })?;
+    let cert = Arc::new(tls::ServerCert::new(broker.ca.clone())?);
+    let tls_config = tls::server_config(&broker.ca, cert.clone())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
+
+    let jail_task = tokio::spawn(server::serve_jail(
+        jail,
+        acceptor,
+        broker.clone(),
+        server::JAIL_LIMITS,
+    ));
+    let admin_task = tokio::spawn(server::serve_admin(
+        admin,
+        broker.clone(),
+        server::ADMIN_LIMITS,
+    ));
+    let rotate = {
+        let cert = cert.clone();
+        let audit = broker.audit.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                match cert.rotate_if_due(SystemTime::now()) {
+                    Ok(true) => {
+                        audit
+                            .log(Record::new("server_cert_rotated").detail(
+                                "not_after",
+                                lever_policy::timefmt::rfc3339(cert.not_after()),
+                            ))
+                            .await
+                    }
+                    Ok(false) => {}
+                    Err(e) => eprintln!("lever broker: server certificate rotation failed: {e}"),
+                }
+            }
+        })
+    };
+    println!(
+        "lever broker ready: jail https://{jail_addr} (mTLS), admin http://{admin_addr} (loopback), state {}",
+        broker.state.dir().display()
+    );
+    shutdown_signal().await;
+    jail_task.abort();
+    admin_task.abort();
+    rotate.abort();
+    broker.audit.log(Record::new("broker_stop")).await;
+    broker.audit.flush().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+impl Broker {
+    pub fn epoch(&self) -> u64 {
+        self.state.epoch()
+    }
+
+    /// Verifies a bearer token (signature and facts, cached) and its
+    /// standing for `peer` now: revocation (of every block, every ancestor
+    /// and the holder), epoch and expiry are checked on every call.
+    pub fn verify_token(&self, token: &str, peer: &str) -> Result<Arc<Verified>, Denial> {
+        let cached = self.tokens.lock().ok().and_then(|m| m.get(token).cloned());
+        let verified = match cached {
+            Some(v) => {
+                self.stats.token_cache_hits.fetch_add(1, Ordering::Relaxed);
+                v
+            }
+            None => {
+                self.stats
+                    .token_cache_misses
+                    .fetch_add(1, Ordering::Relaxed);
+                let v = Arc::new(token::verify(&self.root_public, token)?);
+                if let Ok(mut m) = self.tokens.lock() {
+                    if m.len() >= TOKEN_CACHE_MAX {
+                        m.clear();
+                    }
+                    m.insert(token.to_owned(), v.clone());
+                }
+                v
+            }
+        };
+        if self.state.is_identity_revoked(&verified.holder) {
+            return Err(Denial::Revoked);
+        }
+        verified.check_standing(peer, SystemTime::now(), self.epoch(), |id| {
+            self.state.is_token_revoked(id)
+        })?;
+        Ok(verified)
+    }
+
+    /// A new one-time enrolment ticket for `identity`, stored hashed.
+    /// Blocking (fsync).
+    pub(crate) fn issue_ticket(
+        &self,
+        identity: &str,
+    ) -> Result<(String, SystemTime), error::ApiError> {
+        if self.state.is_identity_revoked(identity) {
+            return Err(error::ApiError::IdentityRevoked(identity.to_owned()));
+        }
+        let mut raw = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| error::ApiError::Internal("no randomness".into()))?;
+        let ticket = format!("{TICKET_PREFIX}{}", lever_policy::hex::encode(&raw));
+        let expires_at = SystemTime::now() + self.config.broker.ticket_ttl;
+        let hash = ticket_hash(&ticket);
+        self.state.update(|s| {
+            s.tickets.insert(
+                hash,
+                state::Ticket {
+                    identity: identity.to_owned(),
+                    expires_at: token::unix_secs(expires_at),
+                    consumed_at: None,
+                },
+            );
+            Ok::<_, error::ApiError>(())
+        })?;
+        Ok((ticket, expires_at))
+    }
+}
+
+/// Enrolment tickets look nothing like tokens: `lvtk_` and 64 hex digits.
+pub const TICKET_PREFIX: &str = "lvtk_";
+
+pub(crate) fn ticket_hash(ticket: &str) -> String {
+    lever_policy::hex::encode(
+        ring::digest::digest(&ring::digest::SHA256, ticket.as_bytes()).as_ref(),
     )
+}
+
+pub(crate) fn is_ticket_shaped(s: &str) -> bool {
+    s.strip_prefix(TICKET_PREFIX).is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    })
 }

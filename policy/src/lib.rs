@@ -13,4 +13,5 @@
 pub mod backend;
 pub mod config;
 pub mod hex;
+pub mod timefmt;
 pub mod token;

@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use biscuit_auth::builder::{MapKey, Term};
 use biscuit_auth::error::{FailedCheck, Logic, Token as BiscuitError};
 use biscuit_auth::{
-    AuthorizerBuilder, AuthorizerLimits, Biscuit, KeyPair, PrivateKey, PublicKey, UnverifiedBiscuit,
+    AuthorizerBuilder, AuthorizerLimits, Biscuit, KeyPair, PrivateKey, UnverifiedBiscuit,
 };
 
 /// Largest token accepted, in base64 characters (a fresh token is ~500;
@@ -647,6 +647,8 @@ pub fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// The root public key type tokens are verified with.
+pub use biscuit_auth::PublicKey;
 /// Re-exported so holders and tests can pass parameters to [`attenuate`].
 pub use biscuit_auth::builder::Term as DatalogTerm;
 

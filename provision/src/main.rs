@@ -10,7 +10,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
+mod agent;
+mod audit_cmd;
 mod backends;
+mod broker_cmd;
+mod common;
 mod out;
 mod validate;
 
@@ -19,6 +24,8 @@ Lever reads lever.yaml from the current directory only (never from a parent
 directory) unless -c FILE names one. Start with:
 
   lever validate            check ./lever.yaml and the files it names
+  lever broker              run the broker (CA, tokens, audit) in the foreground
+  lever admin register NAME a one-time enrolment ticket for an agent
   lever backends            the containment backends this build implements
   lever schema > lever.schema.json
                             the JSON Schema of lever.yaml, for your editor
@@ -59,6 +66,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the capability broker in the foreground (also a standalone gateway)
+    #[command(after_help = broker_cmd::AFTER_HELP)]
+    Broker {
+        /// The config file (default: ./lever.yaml)
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Drive the broker's loopback admin API: tickets, revocation, epochs
+    #[command(after_help = admin::AFTER_HELP)]
+    Admin {
+        /// The admin API URL (default: from -c, else http://127.0.0.1:8444)
+        #[arg(long, value_name = "URL", global = true)]
+        admin: Option<String>,
+        /// Take the admin address from this config file
+        #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
+    /// The in-jail client side: enrol, renew, obtain tokens
+    #[command(after_help = agent::AFTER_HELP)]
+    Agent {
+        /// Where the agent's key, certificate and pinned CA live
+        #[arg(long, value_name = "DIR", global = true)]
+        dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: agent::AgentCommand,
+    },
+    /// Check the audit trail's hash chain, or follow it
+    Audit {
+        /// Take the audit file from this config file
+        #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: audit_cmd::AuditCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +122,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Backends { json } => backends::run(json),
+        Command::Broker { config } => broker_cmd::run(config),
+        Command::Admin {
+            admin,
+            config,
+            command,
+        } => admin::run(command, admin, config),
+        Command::Agent { dir, command } => agent::run(command, dir),
+        Command::Audit { config, command } => audit_cmd::run(command, config),
     }
 }
 

@@ -1,0 +1,347 @@
+//! The audit trail: one JSON object per line in `audit.jsonl`, each
+//! carrying the SHA-256 of the previous line (`prev`), so editing,
+//! removing or reordering a line breaks the chain at that line.
+//!
+//! Records are handed to a dedicated writer thread through a bounded
+//! channel: the request path never touches the disk, and a full channel
+//! makes senders wait (backpressure) rather than dropping a record. The
+//! writer appends each record with one `write` (so `kill -9` loses nothing
+//! that was handed over and written) and fsyncs at least every second.
+//!
+//! Schema (every key always present, `null` when it does not apply):
+//! `seq`, `time`, `event`, `request_id`, `identity`, `tool`, `op`,
+//! `constraints`, `decision`, `reason`, `token_id`, `detail`, `prev`.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use lever_policy::timefmt::rfc3339_millis;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::error::StartError;
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const CHANNEL: usize = 65_536;
+const FSYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// What happened, as recorded. Build with [`Record::new`] and the setters.
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    pub event: &'static str,
+    pub request_id: Option<String>,
+    pub identity: Option<String>,
+    pub tool: Option<String>,
+    pub op: Option<String>,
+    pub constraints: Option<BTreeMap<String, String>>,
+    pub decision: Option<&'static str>,
+    pub reason: Option<String>,
+    pub token_id: Option<String>,
+    pub detail: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Record {
+    pub fn new(event: &'static str) -> Record {
+        Record {
+            event,
+            ..Record::default()
+        }
+    }
+    pub fn allow(mut self) -> Self {
+        self.decision = Some("allow");
+        self
+    }
+    pub fn deny(mut self, reason: impl Into<String>) -> Self {
+        self.decision = Some("deny");
+        self.reason = Some(reason.into());
+        self
+    }
+    pub fn identity(mut self, id: impl Into<String>) -> Self {
+        self.identity = Some(id.into());
+        self
+    }
+    pub fn request(mut self, id: &str) -> Self {
+        self.request_id = Some(id.to_owned());
+        self
+    }
+    pub fn right(mut self, tool: &str, op: &str) -> Self {
+        self.tool = Some(tool.to_owned());
+        self.op = Some(op.to_owned());
+        self
+    }
+    pub fn constraints(mut self, c: &BTreeMap<String, String>) -> Self {
+        self.constraints = Some(c.clone());
+        self
+    }
+    pub fn token(mut self, id: impl Into<String>) -> Self {
+        self.token_id = Some(id.into());
+        self
+    }
+    pub fn detail(mut self, key: &str, v: impl Into<serde_json::Value>) -> Self {
+        self.detail.insert(key.to_owned(), v.into());
+        self
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    time: String,
+    event: &'a str,
+    request_id: &'a Option<String>,
+    identity: &'a Option<String>,
+    tool: &'a Option<String>,
+    op: &'a Option<String>,
+    constraints: &'a Option<BTreeMap<String, String>>,
+    decision: &'a Option<&'static str>,
+    reason: &'a Option<String>,
+    token_id: &'a Option<String>,
+    detail: &'a serde_json::Map<String, serde_json::Value>,
+    prev: &'a str,
+}
+
+/// The sending side. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Msg>,
+}
+
+enum Msg {
+    Record(Box<Record>),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
+}
+
+impl Audit {
+    /// Opens (or creates, 0600) the audit file, finds the chain's tip, and
+    /// starts the writer thread.
+    pub fn open(path: &Path) -> Result<(Audit, std::thread::JoinHandle<()>), StartError> {
+        let (seq, tip) = tip(path).map_err(StartError::Audit)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StartError::Audit(format!("{}: {e}", path.display())))?;
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let path = path.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("lever-audit".into())
+            .spawn(move || writer(file, path, rx, seq, tip))
+            .map_err(|e| StartError::Audit(e.to_string()))?;
+        Ok((Audit { tx }, handle))
+    }
+
+    /// Hands a record to the writer (waits if the channel is full).
+    pub async fn log(&self, r: Record) {
+        // The writer lives as long as the broker; if it is gone the broker
+        // is shutting down and there is nowhere left to write.
+        let _ = self.tx.send(Msg::Record(Box::new(r))).await;
+    }
+
+    /// Like [`Audit::log`], from blocking code.
+    pub fn log_blocking(&self, r: Record) {
+        let _ = self.tx.blocking_send(Msg::Record(Box::new(r)));
+    }
+
+    /// Waits until everything handed over so far is written and fsynced.
+    pub async fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Flush(tx)).await.is_ok() {
+            let _ =
+                tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10))).await;
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    lever_policy::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+fn writer(
+    mut file: File,
+    path: PathBuf,
+    mut rx: mpsc::Receiver<Msg>,
+    mut seq: u64,
+    mut prev: String,
+) {
+    let mut last_sync = Instant::now();
+    let mut dirty = false;
+    loop {
+        let msg = if dirty {
+            // Wake up to fsync even when nothing new arrives.
+            let deadline = last_sync + FSYNC_EVERY;
+            loop {
+                match rx.try_recv() {
+                    Ok(m) => break Some(m),
+                    Err(mpsc::error::TryRecvError::Disconnected) => break None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if Instant::now() >= deadline {
+                            let _ = file.sync_data();
+                            dirty = false;
+                            last_sync = Instant::now();
+                            break rx.blocking_recv();
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        } else {
+            rx.blocking_recv()
+        };
+        let Some(msg) = msg else { break };
+        match msg {
+            Msg::Record(r) => {
+                seq += 1;
+                let line = Line {
+                    seq,
+                    time: rfc3339_millis(SystemTime::now()),
+                    event: r.event,
+                    request_id: &r.request_id,
+                    identity: &r.identity,
+                    tool: &r.tool,
+                    op: &r.op,
+                    constraints: &r.constraints,
+                    decision: &r.decision,
+                    reason: &r.reason,
+                    token_id: &r.token_id,
+                    detail: &r.detail,
+                    prev: &prev,
+                };
+                let Ok(mut text) = serde_json::to_string(&line) else {
+                    continue;
+                };
+                prev = sha256_hex(text.as_bytes());
+                text.push('\n');
+                if let Err(e) = file.write_all(text.as_bytes()) {
+                    eprintln!(
+                        "lever broker: cannot write the audit log {}: {e}",
+                        path.display()
+                    );
+                }
+                dirty = true;
+            }
+            Msg::Flush(done) => {
+                let _ = file.sync_data();
+                dirty = false;
+                last_sync = Instant::now();
+                let _ = done.send(());
+            }
+        }
+    }
+    let _ = file.sync_data();
+}
+
+/// The last sequence number and the hash of the last line of an audit file
+/// (0 and the genesis hash for an absent or empty one).
+fn tip(path: &Path) -> Result<(u64, String), String> {
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, GENESIS.to_owned())),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    if len == 0 {
+        return Ok((0, GENESIS.to_owned()));
+    }
+    // Read the tail: a line is at most a few KiB.
+    let start = len.saturating_sub(1024 * 1024);
+    f.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).map_err(|e| e.to_string())?;
+    if tail.last() != Some(&b'\n') {
+        return Err(format!(
+            "{} ends with an incomplete line; check it with `lever audit verify` before starting",
+            path.display()
+        ));
+    }
+    let body = &tail[..tail.len() - 1];
+    let last = body.rsplit(|b| *b == b'\n').next().unwrap_or(body);
+    let v: serde_json::Value = serde_json::from_slice(last)
+        .map_err(|e| format!("{}: the last line is not JSON ({e})", path.display()))?;
+    let seq = v["seq"]
+        .as_u64()
+        .ok_or_else(|| format!("{}: the last line has no seq", path.display()))?;
+    Ok((seq, sha256_hex(last)))
+}
+
+/// The result of checking a chain.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every line links to the one before. `tip` is the last line's hash.
+    Intact { records: u64, tip: String },
+    /// The first line (1-based) whose `prev` or shape is wrong, and why.
+    Broken { line: u64, why: String },
+}
+
+/// Checks an audit file's hash chain from the first line.
+pub fn verify_file(path: &Path) -> std::io::Result<Verdict> {
+    let f = File::open(path)?;
+    let mut prev = GENESIS.to_owned();
+    let mut expected_seq = None;
+    let mut n = 0u64;
+    let mut reader = BufReader::new(f);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let read = reader.read_until(b'\n', &mut buf)?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        let Some(line) = buf.strip_suffix(b"\n") else {
+            return Ok(Verdict::Broken {
+                line: n,
+                why: "incomplete last line".into(),
+            });
+        };
+        let v: serde_json::Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(Verdict::Broken {
+                    line: n,
+                    why: format!("not JSON: {e}"),
+                });
+            }
+        };
+        match v["prev"].as_str() {
+            Some(p) if p == prev => {}
+            Some(_) => {
+                return Ok(Verdict::Broken {
+                    line: n,
+                    why: "its prev hash does not match the line before (a line was edited, removed or reordered)".into(),
+                });
+            }
+            None => {
+                return Ok(Verdict::Broken {
+                    line: n,
+                    why: "no prev hash".into(),
+                });
+            }
+        }
+        let seq = v["seq"].as_u64();
+        if let (Some(want), Some(got)) = (expected_seq, seq)
+            && got != want
+        {
+            return Ok(Verdict::Broken {
+                line: n,
+                why: format!("seq {got} where {want} was expected"),
+            });
+        }
+        expected_seq = seq.map(|s| s + 1);
+        prev = sha256_hex(line);
+    }
+    Ok(Verdict::Intact {
+        records: n,
+        tip: prev,
+    })
+}

@@ -1,0 +1,123 @@
+//! The broker's errors: [`StartError`] stops the broker before it serves;
+//! [`ApiError`] is every way a request can fail, mapped to a response in one
+//! place ([`ApiError::status`] and [`ApiError::code`], used by the rescue
+//! layer in `stack.rs`). Messages are one line and never contain a secret,
+//! a token or a ticket.
+
+use http::StatusCode;
+use lever_policy::token::Denial;
+
+/// The broker cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("state: {0}")]
+    State(String),
+    #[error("certificate authority: {0}")]
+    Ca(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("audit log: {0}")]
+    Audit(String),
+}
+
+/// A request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("this route needs a client certificate issued by the broker")]
+    NoClientCert,
+    #[error("the client certificate is not usable: {0}")]
+    BadClientCert(String),
+    #[error("identity `{0}` is revoked")]
+    IdentityRevoked(String),
+    #[error("identity `{0}` is not an agent of this instance")]
+    UnknownAgent(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("missing bearer token (send `Authorization: Bearer <token>`)")]
+    NoToken,
+    #[error("capability token refused: {0}")]
+    Token(Denial),
+    #[error("enrolment ticket refused: {0}")]
+    Ticket(&'static str),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("request body not received in time")]
+    BodyTimeout,
+    #[error("unsupported content type (send application/json)")]
+    UnsupportedMediaType,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NoClientCert | ApiError::BadClientCert(_) | ApiError::NoToken => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Token(d) => match d {
+                Denial::TooLarge
+                | Denial::TooManyBlocks
+                | Denial::Malformed
+                | Denial::BadSignature
+                | Denial::Expired
+                | Denial::Revoked
+                | Denial::StaleEpoch => StatusCode::UNAUTHORIZED,
+                _ => StatusCode::FORBIDDEN,
+            },
+            ApiError::IdentityRevoked(_)
+            | ApiError::UnknownAgent(_)
+            | ApiError::Forbidden(_)
+            | ApiError::Ticket(_) => StatusCode::FORBIDDEN,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::NoClientCert => "client_certificate_required",
+            ApiError::BadClientCert(_) => "bad_client_certificate",
+            ApiError::IdentityRevoked(_) => "identity_revoked",
+            ApiError::UnknownAgent(_) => "unknown_agent",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NoToken => "token_required",
+            ApiError::Token(d) => d.code(),
+            ApiError::Ticket(_) => "ticket_refused",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::BodyTooLarge(_) => "body_too_large",
+            ApiError::BodyTimeout => "body_timeout",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<std::io::Error> for ApiError {
+    fn from(e: std::io::Error) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}

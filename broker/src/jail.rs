@@ -1,0 +1,535 @@
+//! The jail listener's routes (DESIGN.md §5). The peer is already
+//! authenticated (see `stack.rs`) for every route but `/v1/enrol` and
+//! `/healthz`.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use lever_policy::config::{Agent, Config, LLM_OP, LLM_TOOL};
+use lever_policy::timefmt::rfc3339;
+use lever_policy::token::{self, Denial, Grant, MAX_GRANTS, Mint, TokenId};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::audit::Record;
+use crate::error::ApiError;
+use crate::server::Body;
+use crate::stack::{Ctx, expect_method, ok, read_json};
+use crate::state::TicketRefusal;
+
+/// Body caps per route.
+const SMALL_BODY: usize = 16 * 1024;
+/// Longest pinned value accepted in a grant.
+const MAX_VALUE: usize = 256;
+
+pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/healthz" => {
+            expect_method(&req, Method::GET)?;
+            ok(json!({"status": "ok"}))
+        }
+        "/v1/enrol" => {
+            expect_method(&req, Method::POST)?;
+            enrol(ctx, req).await
+        }
+        "/v1/renew" => {
+            expect_method(&req, Method::POST)?;
+            renew(ctx, req).await
+        }
+        "/v1/capabilities" => {
+            expect_method(&req, Method::POST)?;
+            capabilities(ctx, req).await
+        }
+        "/v1/capabilities/delegate" => {
+            expect_method(&req, Method::POST)?;
+            delegate(ctx, req).await
+        }
+        "/v1/tools" => {
+            expect_method(&req, Method::GET)?;
+            tools(ctx)
+        }
+        "/v1/provision" => {
+            expect_method(&req, Method::POST)?;
+            provision(ctx, req).await
+        }
+        _ => Err(ApiError::NotFound(path)),
+    }
+}
+
+fn peer<'a>(ctx: &'a Ctx<'_>) -> Result<&'a str, ApiError> {
+    ctx.peer.as_deref().ok_or(ApiError::NoClientCert)
+}
+
+fn agent<'a>(ctx: &'a Ctx<'_>) -> Result<&'a Agent, ApiError> {
+    let p = peer(ctx)?;
+    ctx.broker
+        .config
+        .agent(p)
+        .ok_or_else(|| ApiError::UnknownAgent(p.to_owned()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrolBody {
+    ticket: String,
+    csr: String,
+}
+
+async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body: EnrolBody = read_json(ctx, req, SMALL_BODY).await?;
+    if !crate::is_ticket_shaped(&body.ticket) {
+        return Err(ApiError::Ticket("not an enrolment ticket"));
+    }
+    // Check the CSR before spending the ticket on it.
+    rcgen::CertificateSigningRequestParams::from_pem(&body.csr)
+        .map_err(|e| ApiError::BadRequest(format!("invalid CSR: {e}")))?;
+    let broker = ctx.broker;
+    let hash = crate::ticket_hash(&body.ticket);
+    let now = token::unix_secs(SystemTime::now());
+    // Redeem: check and consume under the state lock, durably. Of two
+    // concurrent redeems of one ticket, exactly one sees it unconsumed.
+    let state = &broker.state;
+    let outcome = tokio::task::block_in_place(|| {
+        state.update(|s| {
+            let revoked = &s.revoked_identities;
+            let Some(t) = s.tickets.get_mut(&hash) else {
+                return Ok::<_, ApiError>(Err((TicketRefusal::Unknown, None)));
+            };
+            let identity = t.identity.clone();
+            if t.consumed_at.is_some() {
+                return Ok(Err((TicketRefusal::Used, Some(identity))));
+            }
+            if t.expires_at <= now {
+                return Ok(Err((TicketRefusal::Expired, Some(identity))));
+            }
+            if revoked.contains_key(&identity) {
+                return Ok(Err((TicketRefusal::IdentityRevoked, Some(identity))));
+            }
+            t.consumed_at = Some(now);
+            s.serial += 1;
+            Ok(Ok((identity, s.serial)))
+        })
+    })?;
+    let (identity, serial) = match outcome {
+        Ok(v) => v,
+        Err((why, identity)) => {
+            let (code, msg) = match why {
+                TicketRefusal::Unknown => ("ticket_unknown", "unknown ticket"),
+                TicketRefusal::Used => ("ticket_used", "the ticket was already used"),
+                TicketRefusal::Expired => ("ticket_expired", "the ticket has expired"),
+                TicketRefusal::IdentityRevoked => {
+                    ("identity_revoked", "the ticket's identity is revoked")
+                }
+            };
+            let mut rec = Record::new("enrol").deny(code).request(&ctx.request_id);
+            if let Some(i) = identity {
+                rec = rec.identity(i);
+            }
+            ctx.audit_deny(rec).await;
+            return Err(ApiError::Ticket(msg));
+        }
+    };
+    let (cert, not_after) = broker.ca.issue_client(&identity, &body.csr, serial)?;
+    broker
+        .audit
+        .log(
+            Record::new("enrol")
+                .allow()
+                .identity(&identity)
+                .request(&ctx.request_id)
+                .detail("serial", serial)
+                .detail("not_after", rfc3339(not_after)),
+        )
+        .await;
+    ok(json!({
+        "identity": identity,
+        "certificate": cert,
+        "ca": broker.ca.cert_pem(),
+        "expires_at": rfc3339(not_after),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewBody {
+    csr: String,
+}
+
+async fn renew(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let identity = peer(ctx)?.to_owned();
+    let body: RenewBody = read_json(ctx, req, SMALL_BODY).await?;
+    rcgen::CertificateSigningRequestParams::from_pem(&body.csr)
+        .map_err(|e| ApiError::BadRequest(format!("invalid CSR: {e}")))?;
+    let state = &ctx.broker.state;
+    let serial = tokio::task::block_in_place(|| {
+        state.update(|s| {
+            if s.revoked_identities.contains_key(&identity) {
+                return Err(ApiError::IdentityRevoked(identity.clone()));
+            }
+            s.serial += 1;
+            Ok(s.serial)
+        })
+    })?;
+    // The CSR's own CN is ignored: the certificate is for the peer.
+    let (cert, not_after) = ctx.broker.ca.issue_client(&identity, &body.csr, serial)?;
+    ctx.broker
+        .audit
+        .log(
+            Record::new("renew")
+                .allow()
+                .identity(&identity)
+                .request(&ctx.request_id)
+                .detail("serial", serial)
+                .detail("not_after", rfc3339(not_after)),
+        )
+        .await;
+    ok(json!({
+        "identity": identity,
+        "certificate": cert,
+        "ca": ctx.broker.ca.cert_pem(),
+        "expires_at": rfc3339(not_after),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantsBody {
+    grants: Vec<Grant>,
+}
+
+/// Checks requested grants against the config: each `(tool, op)` must be
+/// allowed by `allowed(tool, op)`, every `allowed_values` key of the tool
+/// pinned to one of its values (a constrained tool never yields an
+/// unconstrained token), other pins well-formed.
+fn check_grants(
+    config: &Config,
+    grants: &[Grant],
+    allowed: impl Fn(&str, &str) -> bool,
+    what: &str,
+) -> Result<(), ApiError> {
+    if grants.is_empty() {
+        return Err(ApiError::BadRequest("no grants requested".into()));
+    }
+    if grants.len() > MAX_GRANTS {
+        return Err(ApiError::BadRequest(format!("at most {MAX_GRANTS} grants")));
+    }
+    for (i, g) in grants.iter().enumerate() {
+        if grants[..i].iter().any(|o| o.tool == g.tool && o.op == g.op) {
+            return Err(ApiError::BadRequest(format!(
+                "{}/{} is requested twice",
+                g.tool, g.op
+            )));
+        }
+        if !allowed(&g.tool, &g.op) {
+            return Err(ApiError::Forbidden(format!(
+                "{}/{} is not in your {what}",
+                g.tool, g.op
+            )));
+        }
+        for (k, v) in &g.constraints {
+            let key_ok = !k.is_empty() && k.len() <= 64 && !k.chars().any(char::is_control);
+            let value_ok =
+                !v.is_empty() && v.len() <= MAX_VALUE && !v.chars().any(char::is_control);
+            if !key_ok || !value_ok {
+                return Err(ApiError::BadRequest(format!(
+                    "constraint {k:?} must be a key of at most 64 and a value of 1 to {MAX_VALUE} characters, without control characters"
+                )));
+            }
+        }
+        if g.tool == LLM_TOOL {
+            continue;
+        }
+        let Some(tool) = config.broker.tool(&g.tool) else {
+            return Err(ApiError::Forbidden(format!("unknown tool `{}`", g.tool)));
+        };
+        for (key, values) in &tool.allowed_values {
+            match g.constraints.get(key) {
+                None => {
+                    return Err(ApiError::Forbidden(format!(
+                        "tool `{}` requires `{key}` to be pinned (one of: {})",
+                        g.tool,
+                        values.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                Some(v) if !values.contains(v) => {
+                    return Err(ApiError::Forbidden(format!(
+                        "`{key}` = {v:?} is not allowed for tool `{}` (allowed: {})",
+                        g.tool,
+                        values.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn grants_detail(grants: &[Grant]) -> serde_json::Value {
+    serde_json::to_value(grants).unwrap_or(serde_json::Value::Null)
+}
+
+fn with_right(rec: Record, grants: &[Grant]) -> Record {
+    match grants {
+        [g] => rec.right(&g.tool, &g.op).constraints(&g.constraints),
+        _ => rec,
+    }
+}
+
+async fn capabilities(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let me = agent(ctx)?;
+    let body: GrantsBody = read_json(ctx, req, SMALL_BODY).await?;
+    let config = &ctx.broker.config;
+    let checked = check_grants(config, &body.grants, |t, o| me.may_obtain(t, o), "obtain");
+    if let Err(e) = checked {
+        let rec = Record::new("mint")
+            .deny(e.code())
+            .identity(me.identity.as_str())
+            .request(&ctx.request_id)
+            .detail("grants", grants_detail(&body.grants));
+        ctx.audit_deny(with_right(rec, &body.grants)).await;
+        return Err(e);
+    }
+    let epoch = ctx.broker.epoch();
+    let minted = token::mint(
+        &ctx.broker.root,
+        &Mint {
+            holder: me.identity.as_str(),
+            grants: &body.grants,
+            epoch,
+            expires_at: SystemTime::now() + config.broker.grant_ttl,
+            delegation: None,
+        },
+    )
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let rec = Record::new("mint")
+        .allow()
+        .identity(me.identity.as_str())
+        .request(&ctx.request_id)
+        .token(minted.token_id.as_str())
+        .detail("grants", grants_detail(&body.grants))
+        .detail("epoch", epoch)
+        .detail("expires_at", rfc3339(minted.expires_at));
+    ctx.broker.audit.log(with_right(rec, &body.grants)).await;
+    ok(json!({
+        "token": minted.token,
+        "token_id": minted.token_id.as_str(),
+        "epoch": epoch,
+        "expires_at": rfc3339(minted.expires_at),
+    }))
+}
+
+/// The bearer token of a request, from `Authorization: Bearer`.
+pub fn bearer<B>(req: &Request<B>) -> Result<String, ApiError> {
+    let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
+    let v = values.next().ok_or(ApiError::NoToken)?;
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "more than one Authorization header".into(),
+        ));
+    }
+    let v = v.to_str().map_err(|_| ApiError::Token(Denial::Malformed))?;
+    let (scheme, token) = v.split_once(' ').ok_or(ApiError::NoToken)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::NoToken);
+    }
+    Ok(token.trim().to_owned())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DelegateBody {
+    to: String,
+    grants: Vec<Grant>,
+}
+
+async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let me = agent(ctx)?;
+    let broker = ctx.broker;
+    // Verify the held token before reading the body.
+    let token = bearer(&req)?;
+    let parent = match broker.verify_token(&token, me.identity.as_str()) {
+        Ok(v) => v,
+        Err(d) => {
+            ctx.audit_deny(
+                Record::new("delegate")
+                    .deny(d.code())
+                    .identity(me.identity.as_str())
+                    .request(&ctx.request_id),
+            )
+            .await;
+            return Err(ApiError::Token(d));
+        }
+    };
+    let body: DelegateBody = read_json(ctx, req, SMALL_BODY).await?;
+    let deny = |e: ApiError, grants: &[Grant], to: &str| {
+        let rec = Record::new("delegate")
+            .deny(e.code())
+            .identity(me.identity.as_str())
+            .request(&ctx.request_id)
+            .token(parent.token_id.as_str())
+            .detail("to", to.to_owned())
+            .detail("grants", grants_detail(grants));
+        (with_right(rec, grants), e)
+    };
+    let result = (|| {
+        let to = broker
+            .config
+            .agent(&body.to)
+            .ok_or_else(|| ApiError::UnknownAgent(body.to.clone()))?;
+        if to.identity == me.identity {
+            return Err(ApiError::Forbidden(
+                "an agent cannot delegate to itself".into(),
+            ));
+        }
+        if broker.state.is_identity_revoked(to.identity.as_str()) {
+            return Err(ApiError::IdentityRevoked(to.identity.to_string()));
+        }
+        check_grants(
+            &broker.config,
+            &body.grants,
+            |t, o| me.may_delegate(t, o, to.identity.as_str()),
+            &format!("delegate entries to `{}`", to.identity),
+        )?;
+        let now = SystemTime::now();
+        let epoch = broker.epoch();
+        let expires = parent
+            .prove_covers(
+                me.identity.as_str(),
+                &body.grants,
+                now,
+                epoch,
+                now + broker.config.broker.grant_ttl,
+            )
+            .map_err(|d| match d {
+                Denial::NotGranted | Denial::ConstraintMismatch | Denial::AttenuationCheck => {
+                    ApiError::Forbidden(format!(
+                        "the grants are wider than the token you hold: {d}"
+                    ))
+                }
+                other => ApiError::Token(other),
+            })?;
+        let mut chain: Vec<TokenId> = vec![parent.token_id.clone()];
+        chain.extend(parent.ancestors.iter().cloned());
+        let minted = token::mint(
+            &broker.root,
+            &Mint {
+                holder: to.identity.as_str(),
+                grants: &body.grants,
+                epoch,
+                expires_at: expires,
+                delegation: Some((me.identity.as_str(), &chain)),
+            },
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok((to.identity.to_string(), minted, epoch))
+    })();
+    let (to, minted, epoch) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let (rec, e) = deny(e, &body.grants, &body.to);
+            ctx.audit_deny(rec).await;
+            return Err(e);
+        }
+    };
+    // Record the link before answering: revoking the parent must revoke
+    // the child even if the child's own facts were ever not consulted.
+    let (parent_id, child_id) = (parent.token_id.to_string(), minted.token_id.to_string());
+    tokio::task::block_in_place(|| {
+        broker.state.update(|s| {
+            s.children
+                .entry(parent_id.clone())
+                .or_default()
+                .insert(child_id.clone());
+            Ok::<_, ApiError>(())
+        })
+    })?;
+    let rec = Record::new("delegate")
+        .allow()
+        .identity(me.identity.as_str())
+        .request(&ctx.request_id)
+        .token(minted.token_id.as_str())
+        .detail("to", to.clone())
+        .detail("parent", parent_id)
+        .detail("grants", grants_detail(&body.grants))
+        .detail("expires_at", rfc3339(minted.expires_at));
+    broker.audit.log(with_right(rec, &body.grants)).await;
+    ok(json!({
+        "token": minted.token,
+        "token_id": minted.token_id.as_str(),
+        "to": to,
+        "epoch": epoch,
+        "expires_at": rfc3339(minted.expires_at),
+    }))
+}
+
+fn tools(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
+    let me = agent(ctx)?;
+    let config = &ctx.broker.config;
+    let describe = |tool: &str, op: &str| {
+        let pins: BTreeMap<String, Vec<String>> = config
+            .broker
+            .tool(tool)
+            .map(|t| {
+                t.allowed_values
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        json!({"tool": tool, "op": op, "name": format!("{tool}_{op}"), "pinned": pins})
+    };
+    let obtain: Vec<_> = me.obtain.iter().map(|r| describe(&r.tool, &r.op)).collect();
+    let delegate: Vec<_> = me
+        .delegate
+        .iter()
+        .map(|d| {
+            let mut v = describe(&d.right.tool, &d.right.op);
+            v["to"] = json!(d.to.iter().map(|n| n.as_str()).collect::<Vec<_>>());
+            v
+        })
+        .collect();
+    ok(json!({
+        "identity": me.identity.as_str(),
+        "llm": me.may_obtain(LLM_TOOL, LLM_OP),
+        "obtain": obtain,
+        "delegate": delegate,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionBody {
+    agent: String,
+}
+
+async fn provision(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let me = peer(ctx)?.to_owned();
+    let config = &ctx.broker.config;
+    if me != config.broker.manager_identity.as_str() {
+        return Err(ApiError::Forbidden(
+            "only the manager may provision agents".into(),
+        ));
+    }
+    let body: ProvisionBody = read_json(ctx, req, SMALL_BODY).await?;
+    if config.grove(&body.agent).is_none() {
+        return Err(ApiError::UnknownAgent(body.agent));
+    }
+    let broker = ctx.broker;
+    let (ticket, expires_at) = tokio::task::block_in_place(|| broker.issue_ticket(&body.agent))?;
+    broker
+        .audit
+        .log(
+            Record::new("ticket_issue")
+                .allow()
+                .identity(&body.agent)
+                .request(&ctx.request_id)
+                .detail("by", me)
+                .detail("expires_at", rfc3339(expires_at)),
+        )
+        .await;
+    ok(json!({"ticket": ticket, "expires_at": rfc3339(expires_at), "ca": broker.ca.cert_pem()}))
+}

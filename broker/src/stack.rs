@@ -1,0 +1,253 @@
+//! What every request goes through, outermost first. Each step sits where
+//! it is for a reason:
+//!
+//! 1. **request id**: first, so every record and response can name it.
+//! 2. **rescue**: wraps everything below; the one place an [`ApiError`]
+//!    becomes a response (`{"error":{"code","message"}}`) and a `deny` audit
+//!    record. Nothing below writes an error response itself.
+//! 3. **admin guard** (admin listener): loopback `Host`, no `Origin`, JSON
+//!    bodies only: the admin API is unauthenticated, so a browser on the
+//!    host must not be able to drive it (DNS rebinding, cross-site POST).
+//! 4. **authenticate the peer** (jail listener): the client certificate's
+//!    CN, which must be a configured agent and not revoked. Only
+//!    `/v1/enrol` and `/healthz` skip it. No body is read before this.
+//! 5. **route**: the handlers in `jail.rs` / `admin.rs`, which verify
+//!    capability tokens where a route takes one, then read the body with a
+//!    size cap and a deadline.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+
+use crate::audit::Record;
+use crate::error::ApiError;
+use crate::server::{Body, Conn, Listener, full};
+use crate::{Broker, admin, jail};
+
+/// The context a handler gets.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    pub broker: &'a Broker,
+    pub conn: &'a Conn,
+    pub request_id: String,
+    /// The authenticated peer identity (jail routes behind step 4).
+    pub peer: Option<String>,
+    /// Set when a handler recorded its own, richer denial: the rescue
+    /// layer then does not record it again.
+    audited: AtomicBool,
+}
+
+impl Ctx<'_> {
+    /// Records a denial the handler is about to return.
+    pub async fn audit_deny(&self, rec: Record) {
+        self.audited.store(true, Ordering::Relaxed);
+        self.broker.audit.log(rec).await;
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn request_id(broker: &Broker) -> String {
+    format!(
+        "{}-{:06}",
+        broker.instance_tag,
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let mut ctx = Ctx {
+        broker,
+        conn,
+        request_id: request_id(broker),
+        peer: None,
+        audited: AtomicBool::new(false),
+    };
+    let route = format!("{} {}", req.method(), req.uri().path());
+    let result = match conn.listener {
+        Listener::Admin => match admin_guard(&req) {
+            Ok(()) => admin::route(&ctx, req).await,
+            Err(e) => Err(e),
+        },
+        Listener::Jail => match authenticate(&mut ctx, &req) {
+            Ok(()) => jail::route(&ctx, req).await,
+            Err(e) => Err(e),
+        },
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => rescue(&ctx, &route, e).await,
+    };
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn rescue(ctx: &Ctx<'_>, route: &str, e: ApiError) -> Response<Body> {
+    let status = e.status();
+    let message = match &e {
+        // Internal details go to the log, not to the peer.
+        ApiError::Internal(detail) => {
+            eprintln!(
+                "lever broker: {} {route}: internal error: {detail}",
+                ctx.request_id
+            );
+            "internal error".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let mut rec = Record::new("deny")
+        .deny(e.code())
+        .request(&ctx.request_id)
+        .detail("route", route.to_owned())
+        .detail("status", status.as_u16())
+        .detail("message", message.clone());
+    if let Some(p) = ctx.peer.clone().or_else(|| match &ctx.conn.peer {
+        Some(Ok(cn)) => Some(cn.clone()),
+        _ => None,
+    }) {
+        rec = rec.identity(p);
+    }
+    if !ctx.audited.load(Ordering::Relaxed) {
+        ctx.broker.audit.log(rec).await;
+    }
+    let body = serde_json::json!({"error": {"code": e.code(), "message": message}});
+    json(status, &body)
+}
+
+/// Step 3.
+fn admin_guard(req: &Request<Incoming>) -> Result<(), ApiError> {
+    if req.headers().contains_key(http::header::ORIGIN) {
+        return Err(ApiError::Forbidden(
+            "the admin API does not serve browsers (Origin header present)".into(),
+        ));
+    }
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let hostname = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let loopback = hostname == "localhost"
+        || hostname
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return Err(ApiError::Forbidden(format!(
+            "Host {host:?} is not a loopback name"
+        )));
+    }
+    if req.method() == Method::POST {
+        require_json(req)?;
+    }
+    Ok(())
+}
+
+/// Step 4.
+fn authenticate(ctx: &mut Ctx<'_>, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/v1/enrol" {
+        return Ok(());
+    }
+    let cn = match &ctx.conn.peer {
+        None => return Err(ApiError::NoClientCert),
+        Some(Err(why)) => return Err(ApiError::BadClientCert(why.clone())),
+        Some(Ok(cn)) => cn.clone(),
+    };
+    ctx.peer = Some(cn.clone());
+    if ctx.broker.state.is_identity_revoked(&cn) {
+        return Err(ApiError::IdentityRevoked(cn));
+    }
+    if ctx.broker.config.agent(&cn).is_none() {
+        return Err(ApiError::UnknownAgent(cn));
+    }
+    Ok(())
+}
+
+pub fn require_json<B>(req: &Request<B>) -> Result<(), ApiError> {
+    let ct = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// Reads a JSON body of at most `limit` bytes within the listener's body
+/// deadline. Call only after the caller is authenticated.
+pub async fn read_json<T: DeserializeOwned>(
+    ctx: &Ctx<'_>,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    require_json(&req)?;
+    if let Some(len) = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    let bytes: Bytes =
+        match tokio::time::timeout(ctx.conn.limits.body_timeout, body.collect()).await {
+            Err(_) => return Err(ApiError::BodyTimeout),
+            Ok(Err(e)) => {
+                return Err(if e.is::<http_body_util::LengthLimitError>() {
+                    ApiError::BodyTooLarge(limit)
+                } else {
+                    ApiError::BadRequest("the request body could not be read".into())
+                });
+            }
+            Ok(Ok(c)) => c.to_bytes(),
+        };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+pub fn ok(v: serde_json::Value) -> Result<Response<Body>, ApiError> {
+    Ok(json(StatusCode::OK, &v))
+}
+
+/// Dispatches on method for one path.
+pub fn expect_method(req: &Request<Incoming>, m: Method) -> Result<(), ApiError> {
+    if req.method() == m {
+        Ok(())
+    } else {
+        Err(ApiError::MethodNotAllowed)
+    }
+}

@@ -1,0 +1,367 @@
+//! The broker's durable state in `state_dir` (0700; files 0600):
+//!
+//! ```text
+//! ca.key      the CA's private key (PEM)         ca.crt   the CA certificate
+//! root.key    the Biscuit root key (PEM)         state.json  epoch, revocations,
+//! audit.jsonl the audit trail (see audit.rs)                 delegation links, tickets
+//! ```
+//!
+//! Every change to `state.json` is written to a temporary file, fsynced,
+//! renamed over the old one and the directory fsynced, before the caller is
+//! answered: a `200` means the change survives `kill -9`. A missing or
+//! corrupt file is a startup error, never a reset: resetting would roll the
+//! epoch back and forget revocations.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use lever_policy::token::{TokenId, unix_secs};
+use serde::{Deserialize, Serialize};
+
+use crate::error::StartError;
+
+pub(crate) const CA_KEY: &str = "ca.key";
+pub(crate) const CA_CERT: &str = "ca.crt";
+pub(crate) const ROOT_KEY: &str = "root.key";
+pub(crate) const STATE: &str = "state.json";
+pub(crate) const AUDIT: &str = "audit.jsonl";
+
+/// Consumed tickets are kept this long after expiry (for the audit's sake
+/// and to answer "already used" rather than "unknown").
+const TICKET_KEEP: Duration = Duration::from_secs(7 * 86_400);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Ticket {
+    pub(crate) identity: String,
+    pub(crate) expires_at: u64,
+    pub(crate) consumed_at: Option<u64>,
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Persisted {
+    pub(crate) version: u32,
+    pub(crate) epoch: u64,
+    /// Identity -> when it was revoked (unix seconds).
+    pub(crate) revoked_identities: BTreeMap<String, u64>,
+    /// Token id -> when it was revoked.
+    pub(crate) revoked_tokens: BTreeMap<String, u64>,
+    /// Parent token id -> delegated children.
+    pub(crate) children: BTreeMap<String, BTreeSet<String>>,
+    /// SHA-256 (hex) of a ticket -> the ticket. The ticket itself is never stored.
+    pub(crate) tickets: BTreeMap<String, Ticket>,
+    /// Last certificate serial issued.
+    pub(crate) serial: u64,
+}
+
+impl Persisted {
+    fn new() -> Persisted {
+        Persisted {
+            version: 1,
+            epoch: 1,
+            revoked_identities: BTreeMap::new(),
+            revoked_tokens: BTreeMap::new(),
+            children: BTreeMap::new(),
+            tickets: BTreeMap::new(),
+            serial: 0,
+        }
+    }
+}
+
+/// Why a ticket could not be redeemed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TicketRefusal {
+    Unknown,
+    Used,
+    Expired,
+    IdentityRevoked,
+}
+
+/// The state directory and the in-memory copy of `state.json`. All
+/// mutations go through [`State::update`], which persists before returning.
+#[derive(Debug)]
+pub(crate) struct State {
+    dir: PathBuf,
+    inner: Mutex<Persisted>,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> StartError {
+    StartError::State(format!("{}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically and durably, mode 0600.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `path` with `bytes`, mode 0600, failing if it exists.
+fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// What a fresh state dir is initialized with.
+pub(crate) struct Fresh {
+    pub(crate) ca_key_pem: String,
+    pub(crate) ca_cert_pem: String,
+    pub(crate) root_key_pem: String,
+}
+
+/// The secrets read back from a state dir.
+pub(crate) struct Loaded {
+    pub(crate) state: State,
+    pub(crate) ca_key_pem: String,
+    pub(crate) ca_cert_pem: String,
+    pub(crate) root_key_pem: String,
+    pub(crate) created: bool,
+}
+
+impl State {
+    /// Opens the state dir, creating it (with `fresh()`) only if it does
+    /// not exist or is empty. Anything in between is an error.
+    pub(crate) fn open(
+        dir: &Path,
+        fresh: impl FnOnce() -> Result<Fresh, StartError>,
+    ) -> Result<Loaded, StartError> {
+        let uid = rustix::process::geteuid().as_raw();
+        let exists = match fs::symlink_metadata(dir) {
+            Ok(md) => {
+                use std::os::unix::fs::MetadataExt;
+                if !md.is_dir() || md.file_type().is_symlink() {
+                    return Err(StartError::State(format!(
+                        "{} is not a directory",
+                        dir.display()
+                    )));
+                }
+                let mode = md.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(StartError::State(format!(
+                        "{} has mode {mode:04o}; the state dir must be 0700 (chmod 700 {})",
+                        dir.display(),
+                        dir.display()
+                    )));
+                }
+                if md.uid() != uid {
+                    return Err(StartError::State(format!(
+                        "{} is owned by uid {}, not by the broker's uid {uid}",
+                        dir.display(),
+                        md.uid()
+                    )));
+                }
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(dir, e)),
+        };
+        let names = [CA_KEY, CA_CERT, ROOT_KEY, STATE];
+        let present: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| dir.join(n).exists())
+            .collect();
+        if !exists || present.is_empty() {
+            let other = exists
+                && fs::read_dir(dir)
+                    .map_err(|e| io_err(dir, e))?
+                    .filter_map(Result::ok)
+                    .any(|e| e.file_name() != AUDIT);
+            if other {
+                return Err(StartError::State(format!(
+                    "{} is not empty but holds no broker state: refusing to initialize over it",
+                    dir.display()
+                )));
+            }
+            return Self::create(dir, fresh()?);
+        }
+        if present.len() != names.len() {
+            let missing: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|n| !present.contains(n))
+                .collect();
+            return Err(StartError::State(format!(
+                "{} is incomplete: {} missing. Refusing to start: re-creating it would roll the epoch back and forget revocations. Restore it from a backup, or remove the directory to start over (every agent must then enrol again).",
+                dir.display(),
+                missing.join(", ")
+            )));
+        }
+        let read = |name: &str| -> Result<String, StartError> {
+            let p = dir.join(name);
+            let md = fs::symlink_metadata(&p).map_err(|e| io_err(&p, e))?;
+            if !md.is_file() {
+                return Err(StartError::State(format!(
+                    "{} is not a regular file",
+                    p.display()
+                )));
+            }
+            if md.permissions().mode() & 0o077 != 0 {
+                return Err(StartError::State(format!(
+                    "{} has mode {:04o}; broker state files must be 0600",
+                    p.display(),
+                    md.permissions().mode() & 0o777
+                )));
+            }
+            fs::read_to_string(&p).map_err(|e| io_err(&p, e))
+        };
+        let state_text = read(STATE)?;
+        let persisted: Persisted = serde_json::from_str(&state_text).map_err(|e| {
+            StartError::State(format!(
+                "{} is corrupt ({e}). Refusing to start: a reset would roll the epoch back. Restore it from a backup.",
+                dir.join(STATE).display()
+            ))
+        })?;
+        if persisted.version != 1 {
+            return Err(StartError::State(format!(
+                "{}: unsupported state version {}",
+                dir.join(STATE).display(),
+                persisted.version
+            )));
+        }
+        Ok(Loaded {
+            ca_key_pem: read(CA_KEY)?,
+            ca_cert_pem: read(CA_CERT)?,
+            root_key_pem: read(ROOT_KEY)?,
+            state: State {
+                dir: dir.to_path_buf(),
+                inner: Mutex::new(persisted),
+            },
+            created: false,
+        })
+    }
+
+    fn create(dir: &Path, fresh: Fresh) -> Result<Loaded, StartError> {
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| io_err(dir, e))?;
+        let persisted = Persisted::new();
+        let json =
+            serde_json::to_vec_pretty(&persisted).map_err(|e| StartError::State(e.to_string()))?;
+        // Secrets first, state.json last: a crash in between leaves an
+        // incomplete dir, which the next start reports instead of reusing.
+        for (name, bytes) in [
+            (CA_KEY, fresh.ca_key_pem.as_bytes()),
+            (CA_CERT, fresh.ca_cert_pem.as_bytes()),
+            (ROOT_KEY, fresh.root_key_pem.as_bytes()),
+            (STATE, json.as_slice()),
+        ] {
+            let p = dir.join(name);
+            create_new(&p, bytes).map_err(|e| io_err(&p, e))?;
+        }
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(dir, e))?;
+        Ok(Loaded {
+            state: State {
+                dir: dir.to_path_buf(),
+                inner: Mutex::new(persisted),
+            },
+            ca_key_pem: fresh.ca_key_pem,
+            ca_cert_pem: fresh.ca_cert_pem,
+            root_key_pem: fresh.root_key_pem,
+            created: true,
+        })
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Persisted> {
+        // A poisoned lock means a panic mid-update; the persisted file is
+        // still the last complete state, and the in-memory copy is only
+        // changed after a successful write (see `update`).
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads the state.
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&Persisted) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// Changes the state durably: `f` edits a copy; if it returns `Ok`, the
+    /// copy is written and fsynced, and only then becomes the state.
+    /// Blocking (fsync): call from a blocking context.
+    pub(crate) fn update<R, E: From<std::io::Error>>(
+        &self,
+        f: impl FnOnce(&mut Persisted) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let mut guard = self.lock();
+        let mut next = guard.clone();
+        let r = f(&mut next)?;
+        if next != *guard {
+            prune(&mut next);
+            let json = serde_json::to_vec_pretty(&next).map_err(std::io::Error::other)?;
+            write_atomic(&self.dir.join(STATE), &json)?;
+            *guard = next;
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.read(|s| s.epoch)
+    }
+
+    pub(crate) fn is_identity_revoked(&self, identity: &str) -> bool {
+        self.read(|s| s.revoked_identities.contains_key(identity))
+    }
+
+    pub(crate) fn is_token_revoked(&self, id: &TokenId) -> bool {
+        self.read(|s| s.revoked_tokens.contains_key(id.as_str()))
+    }
+}
+
+/// Drops tickets that can no longer matter.
+fn prune(s: &mut Persisted) {
+    let now = unix_secs(SystemTime::now());
+    s.tickets
+        .retain(|_, t| t.expires_at + TICKET_KEEP.as_secs() > now);
+}
+
+/// Revokes `id` and everything delegated from it, transitively.
+pub(crate) fn revoke_token_tree(s: &mut Persisted, id: &str, now: u64) -> Vec<String> {
+    let mut revoked = Vec::new();
+    let mut stack = vec![id.to_owned()];
+    // Bounded by the number of links: each id is visited once.
+    while let Some(x) = stack.pop() {
+        if s.revoked_tokens.contains_key(&x) && x != id {
+            continue;
+        }
+        s.revoked_tokens.entry(x.clone()).or_insert(now);
+        if let Some(children) = s.children.get(&x) {
+            stack.extend(
+                children
+                    .iter()
+                    .filter(|c| !s.revoked_tokens.contains_key(*c))
+                    .cloned(),
+            );
+        }
+        revoked.push(x);
+    }
+    revoked
+}

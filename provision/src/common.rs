@@ -1,0 +1,66 @@
+//! Helpers shared by the CLI commands.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use lever_policy::config::{self, Config, Env};
+
+/// Loads and validates the config, printing every problem on failure.
+pub(crate) fn load_config(explicit: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let path = crate::config_path(explicit);
+    match config::load(&path, &Env::from_process()) {
+        Ok(loaded) => {
+            for w in loaded.report.warnings() {
+                eprintln!("{}", loaded.report.line(w));
+            }
+            Ok(loaded.config)
+        }
+        Err(report) => {
+            eprint!("{report}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// A multi-threaded runtime for one command.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(&format!("cannot start the runtime: {e}")))
+}
+
+/// Prints `lever: MESSAGE` to stderr and returns exit status 1.
+pub(crate) fn fail(message: &str) -> ExitCode {
+    eprintln!("lever: {message}");
+    ExitCode::FAILURE
+}
+
+/// Writes a file atomically with `mode` (0600 for anything secret).
+pub(crate) fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads a secret-ish input: the value itself, or `-` for stdin.
+pub(crate) fn read_value_or_stdin(v: &str) -> std::io::Result<String> {
+    if v == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_line(&mut s)?;
+        Ok(s.trim().to_owned())
+    } else {
+        Ok(v.trim().to_owned())
+    }
+}
