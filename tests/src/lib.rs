@@ -204,3 +204,4 @@ pub fn errors(text: &str, file: &str) -> Vec<ProblemLine> {
         .filter(|p| !p.warning)
         .collect()
 }
+pub mod broker;

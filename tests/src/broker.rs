@@ -1,0 +1,358 @@
+//! A real `lever broker` process on loopback ports, and real clients for
+//! it: the admin API over HTTP, the jail API over TLS 1.3 with a client
+//! certificate obtained by enrolling with a ticket.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use lever_broker::client::{self, ClientTls, Reply, Target};
+use serde_json::{Value, json};
+
+use crate::{TempDir, lever_bin};
+
+/// Two free loopback ports (bound, read, released).
+pub fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+/// An instance directory with a config, a key file and the tree.
+#[derive(Debug)]
+pub struct Instance {
+    pub dir: TempDir,
+    pub jail_port: u16,
+    pub admin_port: u16,
+}
+
+/// The config used unless a test gives its own `broker:`-less body: a
+/// manager that may delegate db/read to g1, groves g1 and g2, a db tool
+/// pinned to users/orders.
+pub const DEFAULT_AGENTS: &str = "\
+manager:
+  image: img/x:1
+  obtain: [{tool: db, op: read}]
+  delegate:
+    - {tool: db, op: read, to: [g1]}
+    - {tool: llm, op: generate, to: [g1, g2]}
+groves:
+  - name: g1
+    dir: g1
+    obtain: [{tool: db, op: read}]
+    delegate: [{tool: db, op: read, to: [g2]}]
+  - name: g2
+    dir: g2
+";
+
+impl Instance {
+    /// `agents` is the manager/groves part of the YAML; `broker_extra` is
+    /// added under `broker:` (indented two spaces).
+    pub fn new(agents: &str, broker_extra: &str) -> Instance {
+        let dir = TempDir::new("broker");
+        let (jail_port, admin_port) = free_ports();
+        dir.write("key", "sk-ant-test-real-key", 0o600);
+        dir.mkdir("ws");
+        let yaml = format!(
+            "name: t\nbackend: qemu\ntree: ws\n{agents}broker:\n  api_key_file: key\n  jail_port: {jail_port}\n  admin_port: {admin_port}\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:1\n      operations: [{{name: read}}]\n      allowed_values: {{table: [users, orders]}}\n{broker_extra}"
+        );
+        dir.write("lever.yaml", yaml, 0o644);
+        Instance {
+            dir,
+            jail_port,
+            admin_port,
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join(".lever")
+    }
+
+    pub fn audit_file(&self) -> PathBuf {
+        self.state_dir().join("audit.jsonl")
+    }
+
+    /// Starts `lever broker` and waits for its ready line.
+    pub fn start(&self) -> Broker {
+        let mut child = Command::new(lever_bin())
+            .args(["broker", "-c", "lever.yaml"])
+            .current_dir(self.dir.path())
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("lever broker ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the broker did not become ready:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Broker {
+            child: Some(child),
+            admin: Target {
+                https: false,
+                host: "127.0.0.1".into(),
+                port: self.admin_port,
+            },
+            jail: Target {
+                https: true,
+                host: "127.0.0.1".into(),
+                port: self.jail_port,
+            },
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Runs `lever broker` expecting it to fail; returns its stderr.
+    pub fn start_fails(&self) -> String {
+        let out = crate::run(
+            Command::new(lever_bin())
+                .args(["broker", "-c", "lever.yaml"])
+                .current_dir(self.dir.path())
+                .env("HOME", self.dir.path()),
+        );
+        assert_ne!(out.code, 0, "the broker started: {}", out.stdout);
+        out.stderr
+    }
+}
+
+/// A running broker process (killed with SIGKILL on drop).
+#[derive(Debug)]
+pub struct Broker {
+    child: Option<Child>,
+    pub admin: Target,
+    pub jail: Target,
+    pub rt: tokio::runtime::Runtime,
+}
+
+/// An enrolled agent: its identity, key and certificate.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub identity: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl Agent {
+    pub fn tls(&self) -> ClientTls {
+        ClientTls::new(&self.ca_pem, Some((&self.cert_pem, &self.key_pem))).unwrap()
+    }
+}
+
+impl Broker {
+    /// `kill -9`, no warning.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
+        self.rt
+            .block_on(client::send(
+                &self.admin,
+                None,
+                method,
+                path,
+                &[],
+                body.as_ref(),
+            ))
+            .unwrap()
+    }
+
+    pub fn admin_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        self.rt
+            .block_on(client::send(
+                &self.admin,
+                None,
+                method,
+                path,
+                headers,
+                body.as_ref(),
+            ))
+            .unwrap()
+    }
+
+    /// A request to the jail port, as `agent` (or with no client certificate).
+    pub fn jail(
+        &self,
+        tls: &ClientTls,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        self.rt
+            .block_on(client::send(
+                &self.jail,
+                Some(tls),
+                method,
+                path,
+                headers,
+                body.as_ref(),
+            ))
+            .unwrap()
+    }
+
+    /// Like [`Broker::jail`] but returns the client error (e.g. TLS refused).
+    pub fn try_jail(
+        &self,
+        tls: &ClientTls,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Reply, client::ClientError> {
+        self.rt.block_on(client::send(
+            &self.jail,
+            Some(tls),
+            method,
+            path,
+            &[],
+            body.as_ref(),
+        ))
+    }
+
+    /// `POST /register` -> (ticket, CA PEM).
+    pub fn register(&self, identity: &str) -> (String, String) {
+        let r = self.admin(
+            Method::POST,
+            "/register",
+            Some(json!({"identity": identity})),
+        );
+        assert_eq!(r.status, 200, "register {identity}: {}", r.error_message());
+        let v = r.json();
+        (
+            v["ticket"].as_str().unwrap().to_owned(),
+            v["ca"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Redeems `ticket` with a fresh key; returns the raw reply and the key.
+    pub fn redeem(&self, ticket: &str, ca_pem: &str) -> (Reply, String) {
+        let (key, csr) = client::key_and_csr("whoever").unwrap();
+        let tls = ClientTls::new(ca_pem, None).unwrap();
+        let r = self.jail(
+            &tls,
+            Method::POST,
+            "/v1/enrol",
+            &[],
+            Some(json!({"ticket": ticket, "csr": csr})),
+        );
+        (r, key)
+    }
+
+    /// Registers and enrols `identity`.
+    pub fn enrol(&self, identity: &str) -> Agent {
+        let (ticket, ca) = self.register(identity);
+        let (r, key) = self.redeem(&ticket, &ca);
+        assert_eq!(r.status, 200, "enrol {identity}: {}", r.error_message());
+        let v = r.json();
+        assert_eq!(v["identity"], identity);
+        Agent {
+            identity: identity.to_owned(),
+            cert_pem: v["certificate"].as_str().unwrap().to_owned(),
+            key_pem: key,
+            ca_pem: ca,
+        }
+    }
+
+    /// `POST /v1/capabilities` for `grants`.
+    pub fn obtain(&self, agent: &Agent, grants: Value) -> Reply {
+        self.jail(
+            &agent.tls(),
+            Method::POST,
+            "/v1/capabilities",
+            &[],
+            Some(json!({"grants": grants})),
+        )
+    }
+
+    /// A token for `grants`, asserting success.
+    pub fn token(&self, agent: &Agent, grants: Value) -> (String, String) {
+        let r = self.obtain(agent, grants);
+        assert_eq!(r.status, 200, "{}", r.error_message());
+        let v = r.json();
+        (
+            v["token"].as_str().unwrap().to_owned(),
+            v["token_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// `POST /v1/capabilities/delegate` with `token` as bearer.
+    pub fn delegate(&self, agent: &Agent, token: &str, to: &str, grants: Value) -> Reply {
+        let auth = format!("Bearer {token}");
+        self.jail(
+            &agent.tls(),
+            Method::POST,
+            "/v1/capabilities/delegate",
+            &[("authorization", &auth)],
+            Some(json!({"to": to, "grants": grants})),
+        )
+    }
+
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.rt.block_on(client::send(
+                &self.admin,
+                None,
+                Method::GET,
+                "/healthz",
+                &[],
+                None,
+            )) && r.status == 200
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the admin port never became healthy");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The error code of a broker error reply.
+pub fn code(r: &Reply) -> String {
+    r.json()["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+/// Reads a file of the state dir.
+pub fn state_file(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap()
+}
