@@ -100,7 +100,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
             })?;
             broker
                 .audit
-                .log(
+                .log_durable(
                     Record::new("revoke")
                         .allow()
                         .identity(&identity)
@@ -120,7 +120,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
             })?;
             broker
                 .audit
-                .log(
+                .log_durable(
                     Record::new("revoke")
                         .allow()
                         .token(id.as_str())

@@ -148,6 +148,13 @@ impl Audit {
         let _ = self.tx.send(Msg::Record(Box::new(r))).await;
     }
 
+    /// Hands a record over and waits until it is on disk: for the records
+    /// of state changes, answered only once both are durable.
+    pub async fn log_durable(&self, r: Record) {
+        self.log(r).await;
+        self.flush().await;
+    }
+
     /// Like [`Audit::log`], from blocking code.
     pub fn log_blocking(&self, r: Record) {
         let _ = self.tx.blocking_send(Msg::Record(Box::new(r)));

@@ -135,7 +135,7 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
     let (cert, not_after) = broker.ca.issue_client(&identity, &body.csr, serial)?;
     broker
         .audit
-        .log(
+        .log_durable(
             Record::new("enrol")
                 .allow()
                 .identity(&identity)

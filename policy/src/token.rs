@@ -142,6 +142,7 @@ impl fmt::Display for TokenId {
 
 /// One granted right with its pinned constraints.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Grant {
     pub tool: String,
     pub op: String,

@@ -1,0 +1,342 @@
+//! Durable state, the admin listener's guards, the listeners' caps and the
+//! audit trail, against a real `lever broker` process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use http::Method;
+use lever_tests::broker::{DEFAULT_AGENTS, Instance, code, state_file};
+use lever_tests::{lever, run};
+use serde_json::json;
+
+#[test]
+fn kill_9_right_after_revoke_and_bump_loses_nothing() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let mut b = inst.start();
+    let m = b.enrol("manager");
+    let (t, id) = b.token(
+        &m,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    );
+    let (t2, _) = b.token(
+        &m,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    );
+    let (pending, ca) = b.register("g1");
+    assert_eq!(
+        b.admin(Method::POST, "/revoke", Some(json!({"token_id": id})))
+            .status,
+        200
+    );
+    assert_eq!(
+        b.admin(Method::POST, "/revoke", Some(json!({"identity": "g2"})))
+            .status,
+        200
+    );
+    assert_eq!(
+        b.admin(Method::POST, "/bump-epoch", Some(json!({}))).json()["epoch"],
+        2
+    );
+    assert_eq!(
+        b.admin(Method::POST, "/bump-epoch", Some(json!({}))).json()["epoch"],
+        3
+    );
+    b.kill();
+
+    let b = inst.start();
+    assert_eq!(
+        b.admin(Method::GET, "/epoch", None).json()["epoch"],
+        3,
+        "the epoch rolled back"
+    );
+    // The revoked identity stays revoked; the outstanding ticket survives.
+    let r = b.admin(Method::POST, "/register", Some(json!({"identity": "g2"})));
+    assert_eq!(code(&r), "identity_revoked");
+    let (r, _) = b.redeem(&pending, &ca);
+    assert_eq!(
+        r.status,
+        200,
+        "an outstanding ticket was lost: {}",
+        r.error_message()
+    );
+    // The same CA: the old certificate still authenticates.
+    let r = b.delegate(&m, &t, "g1", json!([]));
+    assert_eq!(code(&r), "token_revoked");
+    let r = b.delegate(&m, &t2, "g1", json!([]));
+    assert_eq!(code(&r), "token_stale_epoch");
+}
+
+#[test]
+fn kill_9_right_after_enrol_keeps_the_ticket_spent() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let mut b = inst.start();
+    let (ticket, ca) = b.register("g1");
+    assert_eq!(b.redeem(&ticket, &ca).0.status, 200);
+    b.kill();
+    let b = inst.start();
+    let (r, _) = b.redeem(&ticket, &ca);
+    assert_eq!(r.status, 403);
+    assert!(r.error_message().contains("already used"));
+}
+
+#[test]
+fn a_damaged_state_dir_is_a_startup_error_never_a_reset() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let mut b = inst.start();
+    b.admin(Method::POST, "/bump-epoch", Some(json!({})));
+    b.kill();
+    let sd = inst.state_dir();
+    let good = state_file(&sd, "state.json");
+    let write600 = |name: &str, text: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(sd.join(name), text).unwrap();
+        std::fs::set_permissions(sd.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+
+    write600("state.json", "{\"version\":1,\"epo");
+    let err = inst.start_fails();
+    assert!(
+        err.contains("corrupt") && err.contains("roll the epoch back"),
+        "{err}"
+    );
+
+    std::fs::remove_file(sd.join("state.json")).unwrap();
+    let err = inst.start_fails();
+    assert!(
+        err.contains("incomplete") && err.contains("state.json missing"),
+        "{err}"
+    );
+
+    write600("state.json", &good);
+    std::fs::rename(sd.join("root.key"), sd.join("root.key.bak")).unwrap();
+    let err = inst.start_fails();
+    assert!(err.contains("root.key missing"), "{err}");
+    std::fs::rename(sd.join("root.key.bak"), sd.join("root.key")).unwrap();
+
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(sd.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = inst.start_fails();
+    assert!(err.contains("ca.key") && err.contains("0600"), "{err}");
+    std::fs::set_permissions(sd.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Restored: it starts, and the epoch is where it was.
+    write600("state.json", &good);
+    let b = inst.start();
+    assert_eq!(b.admin(Method::GET, "/epoch", None).json()["epoch"], 2);
+}
+
+#[test]
+fn the_state_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let _b = inst.start();
+    let sd = inst.state_dir();
+    assert_eq!(
+        std::fs::metadata(&sd).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    for f in ["ca.key", "ca.crt", "root.key", "state.json", "audit.jsonl"] {
+        let mode = std::fs::metadata(sd.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    // Tickets are stored hashed, never as issued.
+    let b = _b;
+    let (ticket, _) = b.register("g1");
+    assert!(!state_file(&sd, "state.json").contains(&ticket));
+}
+
+#[test]
+fn the_admin_port_refuses_a_non_loopback_bind() {
+    let inst = Instance::new(DEFAULT_AGENTS, "  admin_bind: 0.0.0.0\n");
+    let err = inst.start_fails();
+    assert!(
+        err.contains("broker.admin_bind") && err.contains("not a loopback address"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_admin_api_does_not_serve_browsers_or_foreign_hosts() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let body = Some(json!({}));
+    let r = b.admin_with(
+        Method::POST,
+        "/bump-epoch",
+        &[("origin", "https://evil.example")],
+        body.clone(),
+    );
+    assert_eq!(r.status, 403);
+    // DNS rebinding: a page at evil.example resolving to 127.0.0.1.
+    let mut s = TcpStream::connect(("127.0.0.1", inst.admin_port)).unwrap();
+    s.write_all(b"POST /bump-epoch HTTP/1.1\r\nHost: evil.example\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    // A cross-site "simple" POST (text/plain) is refused too.
+    let mut s = TcpStream::connect(("127.0.0.1", inst.admin_port)).unwrap();
+    s.write_all(b"POST /bump-epoch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 415"), "{out}");
+    assert_eq!(
+        b.admin(Method::GET, "/epoch", None).json()["epoch"],
+        1,
+        "an epoch was bumped"
+    );
+}
+
+#[test]
+fn bodies_and_headers_are_capped() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let g1 = b.enrol("g1");
+    let huge = "x".repeat(64 * 1024);
+    let r = b.jail(
+        &g1.tls(),
+        Method::POST,
+        "/v1/capabilities",
+        &[],
+        Some(json!({"grants": [], "pad": huge})),
+    );
+    assert_eq!(r.status, 413);
+    let r = b.admin(Method::POST, "/register", Some(json!({"identity": huge})));
+    assert_eq!(r.status, 413);
+    // Oversized headers: the connection is answered 431 or closed.
+    let mut s = TcpStream::connect(("127.0.0.1", inst.admin_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let big = format!(
+        "GET /epoch HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{out}");
+    // Unknown fields in a body are refused, not ignored.
+    let r = b.obtain(
+        &g1,
+        json!([{"tool": "llm", "op": "generate", "holder": "manager"}]),
+    );
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn every_decision_lands_in_a_hash_chained_audit_trail() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let mut b = inst.start();
+    let m = b.enrol("manager");
+    let (t, _) = b.token(
+        &m,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    );
+    b.delegate(
+        &m,
+        &t,
+        "g1",
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    );
+    b.obtain(
+        &m,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "secret"}}]),
+    );
+    b.admin(Method::POST, "/bump-epoch", Some(json!({})));
+    b.admin(Method::POST, "/revoke", Some(json!({"identity": "g2"})));
+    std::thread::sleep(Duration::from_millis(300));
+    b.kill();
+    let text = std::fs::read_to_string(inst.audit_file()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let events: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["event"].as_str().unwrap(),
+                v["decision"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    for want in [
+        ("ticket_issue", "allow"),
+        ("enrol", "allow"),
+        ("mint", "allow"),
+        ("delegate", "allow"),
+        ("mint", "deny"),
+        ("bump_epoch", "allow"),
+        ("revoke", "allow"),
+    ] {
+        assert!(events.contains(&want), "{want:?} missing from {events:?}");
+    }
+    for v in &lines {
+        for key in [
+            "seq",
+            "time",
+            "event",
+            "request_id",
+            "identity",
+            "tool",
+            "op",
+            "constraints",
+            "decision",
+            "reason",
+            "token_id",
+            "detail",
+            "prev",
+        ] {
+            assert!(v.get(key).is_some(), "record lacks {key}: {v}");
+        }
+    }
+    assert!(!text.contains(&t), "a token was written to the audit log");
+    assert!(!text.contains("sk-ant-test-real-key"));
+
+    let home = inst.dir.path();
+    let audit = inst.audit_file();
+    let audit_s = audit.to_str().unwrap();
+    let ok = lever(&["audit", "verify", audit_s], home, home);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        ok.stdout
+            .contains(&format!("intact, {} records", lines.len())),
+        "{}",
+        ok.stdout
+    );
+    // And through the config, without naming the file.
+    assert_eq!(
+        lever(&["audit", "-c", "lever.yaml", "verify"], home, home).code,
+        0
+    );
+
+    // Tamper with line 4 (any byte will do).
+    let mut edited: Vec<String> = text.lines().map(str::to_owned).collect();
+    edited[3] = edited[3].replacen('{', "{ ", 1);
+    std::fs::write(&audit, edited.join("\n") + "\n").unwrap();
+    let bad = lever(&["audit", "verify", audit_s], home, home);
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains(":5: chain broken"), "{}", bad.stderr);
+
+    // Remove a line in the middle.
+    let mut removed: Vec<&str> = text.lines().collect();
+    removed.remove(2);
+    std::fs::write(&audit, removed.join("\n") + "\n").unwrap();
+    let bad = lever(&["audit", "verify", audit_s], home, home);
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains(":3: chain broken"), "{}", bad.stderr);
+
+    // Restored, the broker appends to the same chain across restarts.
+    std::fs::write(&audit, &text).unwrap();
+    let b = inst.start();
+    b.admin(Method::POST, "/bump-epoch", Some(json!({})));
+    drop(b);
+    std::thread::sleep(Duration::from_millis(200));
+    let out = run(
+        std::process::Command::new(lever_tests::lever_bin()).args(["audit", "verify", audit_s])
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}

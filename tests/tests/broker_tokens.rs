@@ -1,0 +1,500 @@
+//! Capability tokens against a real `lever broker`: obtaining them, using
+//! them as bearer tokens, and every way an agent might try to stretch one.
+//! (The only bearer route before `/llm` and `/mcp` land is
+//! `/v1/capabilities/delegate`; it runs the same verification.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use http::Method;
+use lever_policy::token::{self, DatalogTerm, Grant, Mint, RootKey};
+use lever_tests::broker::{Broker, DEFAULT_AGENTS, Instance, code, state_file};
+use serde_json::json;
+
+fn db(table: &str) -> serde_json::Value {
+    json!([{"tool": "db", "op": "read", "constraints": {"table": table}}])
+}
+
+#[test]
+fn obtain_only_what_obtain_and_allowed_values_permit() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let g1 = b.enrol("g1");
+    let g2 = b.enrol("g2");
+    // Within: llm (every api-key agent), db/read pinned to an allowed table.
+    assert_eq!(
+        b.obtain(&g1, json!([{"tool": "llm", "op": "generate"}]))
+            .status,
+        200
+    );
+    assert_eq!(b.obtain(&g1, db("users")).status, 200);
+    assert_eq!(
+        b.obtain(&g2, json!([{"tool": "llm", "op": "generate"}]))
+            .status,
+        200
+    );
+    let both = json!([{"tool": "llm", "op": "generate"}, {"tool": "db", "op": "read", "constraints": {"table": "orders"}}]);
+    assert_eq!(b.obtain(&g1, both).status, 200);
+    // Outside.
+    for (who, grants, why) in [
+        (&g1, db("secrets"), "not allowed"),
+        (
+            &g1,
+            json!([{"tool": "db", "op": "read"}]),
+            "requires `table` to be pinned",
+        ),
+        (
+            &g1,
+            json!([{"tool": "db", "op": "read", "constraints": {"Table": "users"}}]),
+            "requires `table`",
+        ),
+        (
+            &g1,
+            json!([{"tool": "db", "op": "write", "constraints": {"table": "users"}}]),
+            "not in your obtain",
+        ),
+        (&g2, db("users"), "not in your obtain"),
+        (
+            &g1,
+            json!([{"tool": "fs", "op": "read"}]),
+            "not in your obtain",
+        ),
+        (
+            &g1,
+            json!([{"tool": "llm", "op": "embed"}]),
+            "not in your obtain",
+        ),
+    ] {
+        let r = b.obtain(who, grants.clone());
+        assert_eq!(r.status, 403, "{grants}: {}", r.error_message());
+        assert!(
+            r.error_message().contains(why),
+            "{grants}: {}",
+            r.error_message()
+        );
+    }
+    for bad in [
+        json!([]),
+        json!([{"tool": "llm", "op": "generate"}, {"tool": "llm", "op": "generate"}]),
+    ] {
+        assert_eq!(b.obtain(&g1, bad.clone()).status, 400, "{bad}");
+    }
+    // The answer names the epoch and expiry, and is a real token.
+    let r = b.obtain(&g1, db("users")).json();
+    assert_eq!(r["epoch"], 1);
+    assert!(r["expires_at"].as_str().unwrap().ends_with('Z'));
+    let root = RootKey::from_pem(&state_file(&inst.state_dir(), "root.key")).unwrap();
+    let v = token::verify(&root.public(), r["token"].as_str().unwrap()).unwrap();
+    assert_eq!(v.holder, "g1");
+    assert_eq!(v.token_id.as_str(), r["token_id"].as_str().unwrap());
+}
+
+/// The manager's db/read token, pinned to `users`.
+fn manager_token(b: &Broker) -> (lever_tests::broker::Agent, String, String) {
+    let m = b.enrol("manager");
+    let (t, id) = b.token(&m, db("users"));
+    (m, t, id)
+}
+
+#[test]
+fn a_token_replayed_from_another_cn_is_refused() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (_, stolen, _) = manager_token(&b);
+    let g1 = b.enrol("g1");
+    let r = b.delegate(&g1, &stolen, "g2", db("users"));
+    assert_eq!(r.status, 403, "{}", r.error_message());
+    assert_eq!(code(&r), "token_wrong_holder");
+}
+
+#[test]
+fn forged_truncated_flipped_reordered_and_oversized_tokens_are_refused() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, good, _) = manager_token(&b);
+    assert_eq!(
+        b.delegate(&m, &good, "g1", db("users")).status,
+        200,
+        "the control works"
+    );
+
+    // Forged: the right facts, signed by another root key.
+    let forged = token::mint(
+        &RootKey::generate(),
+        &Mint {
+            holder: "manager",
+            grants: &[Grant {
+                tool: "db".into(),
+                op: "read".into(),
+                constraints: [("table".to_owned(), "users".to_owned())].into(),
+            }],
+            epoch: 1,
+            expires_at: SystemTime::now() + Duration::from_secs(600),
+            delegation: None,
+        },
+    )
+    .unwrap()
+    .token;
+    let data = good.trim_end_matches('=');
+    let mut flipped = data.as_bytes().to_vec();
+    let mid = flipped.len() / 2;
+    flipped[mid] = if flipped[mid] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    let att1 = token::attenuate(
+        &good,
+        "check if time($t), $t < 2100-01-01T00:00:00Z;",
+        HashMap::new(),
+    )
+    .unwrap();
+    let att2 = token::attenuate(&att1, "check if req(\"db\", \"read\");", HashMap::new()).unwrap();
+    let reordered = {
+        use prost::Message;
+        let raw = biscuit_auth::UnverifiedBiscuit::from_base64(&att2)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let mut msg = biscuit_auth::format::schema::Biscuit::decode(raw.as_slice()).unwrap();
+        msg.blocks.swap(0, 1);
+        base64_url(&msg.encode_to_vec())
+    };
+    let mut many = good.clone();
+    for _ in 0..token::MAX_BLOCKS {
+        many = token::attenuate(&many, "check if true;", HashMap::new()).unwrap();
+    }
+    let oversized = "A".repeat(token::MAX_TOKEN_CHARS + 1);
+    for (what, t, want) in [
+        ("forged", forged.as_str(), "token_bad_signature"),
+        ("truncated", &data[..data.len() / 2], ""),
+        ("bit-flipped", flipped.as_str(), ""),
+        (
+            "reordered blocks",
+            reordered.as_str(),
+            "token_bad_signature",
+        ),
+        ("too many blocks", many.as_str(), "token_too_many_blocks"),
+        ("oversized", oversized.as_str(), "token_too_large"),
+        (
+            "a ticket",
+            "lvtk_0000000000000000000000000000000000000000000000000000000000000000",
+            "",
+        ),
+        ("garbage", "hello world", ""),
+    ] {
+        let r = b.delegate(&m, t, "g1", db("users"));
+        assert!(
+            r.status == 401 || r.status == 400,
+            "{what}: {} {}",
+            r.status,
+            r.error_message()
+        );
+        if !want.is_empty() {
+            assert_eq!(code(&r), want, "{what}");
+        }
+    }
+    // The refusals never echo the token back.
+    let r = b.delegate(&m, &forged, "g1", db("users"));
+    assert!(!String::from_utf8_lossy(&r.body).contains(&forged[..40]));
+}
+
+#[test]
+fn bearer_tokens_come_in_one_authorization_header() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, good, _) = manager_token(&b);
+    let body = json!({"to": "g1", "grants": db("users")});
+    let auth = format!("Bearer {good}");
+    for headers in [
+        vec![],
+        vec![("authorization", "Basic bWFuYWdlcjp4")],
+        vec![
+            ("authorization", auth.as_str()),
+            ("authorization", auth.as_str()),
+        ],
+        vec![("x-api-key", good.as_str())],
+    ] {
+        let r = b.jail(
+            &m.tls(),
+            Method::POST,
+            "/v1/capabilities/delegate",
+            &headers,
+            Some(body.clone()),
+        );
+        assert!(
+            r.status == 401 || r.status == 400,
+            "{headers:?}: {}",
+            r.status
+        );
+    }
+}
+
+#[test]
+fn expired_tokens_are_dead() {
+    let inst = Instance::new(DEFAULT_AGENTS, "  grant_ttl: 2s\n");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    std::thread::sleep(Duration::from_millis(3100));
+    let r = b.delegate(&m, &t, "g1", db("users"));
+    assert_eq!(
+        (r.status.as_u16(), code(&r).as_str()),
+        (401, "token_expired")
+    );
+}
+
+#[test]
+fn old_and_future_epochs_are_dead() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, old, _) = manager_token(&b);
+    let r = b.admin(Method::POST, "/bump-epoch", Some(json!({})));
+    assert_eq!(r.json()["epoch"], 2);
+    assert_eq!(b.admin(Method::GET, "/epoch", None).json()["epoch"], 2);
+    let r = b.delegate(&m, &old, "g1", db("users"));
+    assert_eq!(
+        (r.status.as_u16(), code(&r).as_str()),
+        (401, "token_stale_epoch")
+    );
+    // A token of a future epoch, signed with the real root key (as if it
+    // had leaked), is refused too: the epoch must be equal, not "at least".
+    let root = RootKey::from_pem(&state_file(&inst.state_dir(), "root.key")).unwrap();
+    let future = token::mint(
+        &root,
+        &Mint {
+            holder: "manager",
+            grants: &[Grant {
+                tool: "db".into(),
+                op: "read".into(),
+                constraints: [("table".to_owned(), "users".to_owned())].into(),
+            }],
+            epoch: 3,
+            expires_at: SystemTime::now() + Duration::from_secs(600),
+            delegation: None,
+        },
+    )
+    .unwrap()
+    .token;
+    let r = b.delegate(&m, &future, "g1", db("users"));
+    assert_eq!(
+        (r.status.as_u16(), code(&r).as_str()),
+        (401, "token_stale_epoch")
+    );
+    // A fresh token of the new epoch works.
+    let (fresh, _) = b.token(&m, db("users"));
+    assert_eq!(b.delegate(&m, &fresh, "g1", db("users")).status, 200);
+}
+
+#[test]
+fn a_revoked_token_is_dead_and_so_is_its_holder_once_revoked() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, id) = manager_token(&b);
+    let (t2, _) = b.token(&m, db("users"));
+    let r = b.admin(Method::POST, "/revoke", Some(json!({"token_id": id})));
+    assert_eq!(r.status, 200);
+    let r = b.delegate(&m, &t, "g1", db("users"));
+    assert_eq!(
+        (r.status.as_u16(), code(&r).as_str()),
+        (401, "token_revoked")
+    );
+    // Another token of the same holder still works...
+    assert_eq!(b.delegate(&m, &t2, "g1", db("users")).status, 200);
+    // ...until the holder is revoked.
+    b.admin(
+        Method::POST,
+        "/revoke",
+        Some(json!({"identity": "manager"})),
+    );
+    let r = b.delegate(&m, &t2, "g1", db("users"));
+    assert_eq!(r.status, 403);
+    for bad in [
+        json!({"token_id": "xyz"}),
+        json!({}),
+        json!({"identity": "a", "token_id": "00"}),
+        json!({"identity": "Bad Name"}),
+    ] {
+        assert_eq!(
+            b.admin(Method::POST, "/revoke", Some(bad.clone())).status,
+            400,
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn an_offline_attenuation_cannot_add_rights_or_change_the_holder() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    let g1 = b.enrol("g1");
+    let widened = token::attenuate(
+        &t,
+        "right(\"db\", \"read\"); pin(\"db\", \"read\", \"table\", \"orders\"); right(\"llm\", \"generate\"); holder(\"g1\");",
+        HashMap::new(),
+    )
+    .unwrap();
+    // The appended facts grant nothing: orders is still not covered...
+    let r = b.delegate(&m, &widened, "g1", db("orders"));
+    assert_eq!(r.status, 403, "{}", r.error_message());
+    assert!(
+        r.error_message().contains("wider than the token you hold"),
+        "{}",
+        r.error_message()
+    );
+    // ...nor llm...
+    let r = b.delegate(
+        &m,
+        &widened,
+        "g1",
+        json!([{"tool": "llm", "op": "generate"}]),
+    );
+    assert_eq!(r.status, 403, "{}", r.error_message());
+    // ...and the holder is still the manager, not g1.
+    let r = b.delegate(&g1, &widened, "g2", db("users"));
+    assert_eq!(code(&r), "token_wrong_holder");
+    // What the token really grants still works through the widened copy.
+    assert_eq!(b.delegate(&m, &widened, "g1", db("users")).status, 200);
+}
+
+#[test]
+fn delegation_within_config_and_never_wider() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, parent_id) = manager_token(&b);
+    // Within config: manager -> g1, db/read pinned to users.
+    let r = b.delegate(&m, &t, "g1", db("users"));
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    let child = r.json();
+    assert_eq!(child["to"], "g1");
+    let root = RootKey::from_pem(&state_file(&inst.state_dir(), "root.key")).unwrap();
+    let v = token::verify(&root.public(), child["token"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (v.holder.as_str(), v.delegated_by.as_deref()),
+        ("g1", Some("manager"))
+    );
+    assert_eq!(v.ancestors[0].as_str(), parent_id);
+    let parent = token::verify(&root.public(), &t).unwrap();
+    assert!(
+        v.expires_at <= parent.expires_at,
+        "the child outlives its parent"
+    );
+
+    // To an agent not in `to`: db/read may go to g1 only.
+    let r = b.delegate(&m, &t, "g2", db("users"));
+    assert_eq!(r.status, 403);
+    assert!(
+        r.error_message()
+            .contains("not in your delegate entries to `g2`"),
+        "{}",
+        r.error_message()
+    );
+    // To an unknown agent, and to itself.
+    assert_eq!(
+        code(&b.delegate(&m, &t, "stranger", db("users"))),
+        "unknown_agent"
+    );
+    assert_eq!(b.delegate(&m, &t, "manager", db("users")).status, 403);
+    // Wider than the token: another table, or no pin at all.
+    let r = b.delegate(&m, &t, "g1", db("orders"));
+    assert_eq!(r.status, 403);
+    assert!(r.error_message().contains("wider than the token you hold"));
+    let r = b.delegate(&m, &t, "g1", json!([{"tool": "db", "op": "read"}]));
+    assert_eq!(r.status, 403);
+    // Wider than the delegator's own attenuated token.
+    let narrowed =
+        token::attenuate(&t, "check if req(\"llm\", \"generate\");", HashMap::new()).unwrap();
+    let r = b.delegate(&m, &narrowed, "g1", db("users"));
+    assert_eq!(r.status, 403, "{}", r.error_message());
+    // An llm token (the manager obtains llm too) may go to g2 as configured.
+    let (llm, _) = b.token(&m, json!([{"tool": "llm", "op": "generate"}]));
+    assert_eq!(
+        b.delegate(&m, &llm, "g2", json!([{"tool": "llm", "op": "generate"}]))
+            .status,
+        200
+    );
+}
+
+#[test]
+fn a_delegated_token_cannot_be_delegated_again() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    let g1 = b.enrol("g1");
+    let child = b.delegate(&m, &t, "g1", db("users")).json();
+    // g1 is configured to delegate db/read to g2, but not with a token it
+    // was delegated: the chain stops at one hop.
+    let r = b.delegate(&g1, child["token"].as_str().unwrap(), "g2", db("users"));
+    assert_eq!(r.status, 403, "{}", r.error_message());
+    assert_eq!(code(&r), "delegated_token");
+    // With its own token, within its own delegate entry, it may.
+    let (own, _) = b.token(&g1, db("users"));
+    let r = b.delegate(&g1, &own, "g2", db("users"));
+    assert_eq!(r.status, 200, "{}", r.error_message());
+}
+
+#[test]
+fn revoking_the_delegator_kills_the_delegate() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, parent_id) = manager_token(&b);
+    let g1 = b.enrol("g1");
+    let child = b.delegate(&m, &t, "g1", db("users")).json();
+    let child_token = child["token"].as_str().unwrap().to_owned();
+    // Use the child as g1's bearer: refused for config reasons only, which
+    // proves it verifies (contrast with after the revocation).
+    let before = b.delegate(&g1, &child_token, "g2", db("users"));
+    assert_eq!(code(&before), "delegated_token");
+    let r = b.admin(
+        Method::POST,
+        "/revoke",
+        Some(json!({"token_id": parent_id})),
+    );
+    assert_eq!(r.status, 200);
+    let tokens = r.json()["revoked"]["tokens"].as_array().unwrap().clone();
+    assert!(tokens.contains(&json!(child["token_id"])), "{tokens:?}");
+    let after = b.delegate(&g1, &child_token, "g2", db("users"));
+    assert_eq!(
+        (after.status.as_u16(), code(&after).as_str()),
+        (401, "token_revoked")
+    );
+    let state = state_file(&inst.state_dir(), "state.json");
+    assert!(state.contains(child["token_id"].as_str().unwrap()));
+}
+
+#[test]
+fn a_holder_narrowing_time_bounds_the_delegate() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    let mut p = HashMap::new();
+    p.insert(
+        "until".to_owned(),
+        DatalogTerm::from(SystemTime::now() + Duration::from_secs(60)),
+    );
+    let narrowed = token::attenuate(&t, "check if time($t), $t < {until};", p).unwrap();
+    let r = b.delegate(&m, &narrowed, "g1", db("users"));
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    let exp =
+        lever_policy::timefmt::parse_rfc3339(r.json()["expires_at"].as_str().unwrap()).unwrap();
+    assert!(
+        exp <= SystemTime::now() + Duration::from_secs(61),
+        "the child outlives the holder's own bound"
+    );
+}
+
+fn base64_url(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut s = String::new();
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..=c.len() {
+            s.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    while !s.len().is_multiple_of(4) {
+        s.push('=');
+    }
+    s
+}
