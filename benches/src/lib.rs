@@ -89,7 +89,11 @@ impl Harness {
     /// Prints `subject / baseline` for the medians.
     pub fn ratio(&self, what: &str, subject: Sample, baseline: Sample) -> f64 {
         let r = subject.median.as_secs_f64() / baseline.median.as_secs_f64().max(1e-12);
-        println!("  => {what}: {r:.2}x the baseline");
+        if r < 0.1 {
+            println!("  => {what}: {r:.5}x the baseline ({:.0}x faster)", 1.0 / r);
+        } else {
+            println!("  => {what}: {r:.2}x the baseline");
+        }
         r
     }
 }

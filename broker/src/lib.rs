@@ -47,7 +47,7 @@ pub struct Broker {
     pub(crate) root: RootKey,
     root_public: token::PublicKey,
     pub audit: Audit,
-    tokens: Mutex<HashMap<String, Arc<Verified>>>,
+    tokens: Mutex<HashMap<String, Arc<CachedToken>>>,
     pub stats: Stats,
     /// A short random tag that prefixes request ids.
     pub(crate) instance_tag: String,
@@ -57,6 +57,16 @@ impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker").finish_non_exhaustive()
     }
+}
+
+/// A verified token and, for single-block tokens, the Datalog decisions
+/// already taken for it. A single-block token's decision depends only on
+/// the request and on holder, epoch and expiry, which are checked in Rust
+/// on every call; a token with holder-appended blocks may carry time
+/// checks, so its decisions are never cached.
+struct CachedToken {
+    verified: Arc<Verified>,
+    decisions: Mutex<HashMap<String, Result<(), Denial>>>,
 }
 
 /// Counters (exported as metrics later).
@@ -206,8 +216,12 @@ impl Broker {
     /// standing for `peer` now: revocation (of every block, every ancestor
     /// and the holder), epoch and expiry are checked on every call.
     pub fn verify_token(&self, token: &str, peer: &str) -> Result<Arc<Verified>, Denial> {
+        self.standing(token, peer).map(|c| c.verified.clone())
+    }
+
+    fn standing(&self, token: &str, peer: &str) -> Result<Arc<CachedToken>, Denial> {
         let cached = self.tokens.lock().ok().and_then(|m| m.get(token).cloned());
-        let verified = match cached {
+        let entry = match cached {
             Some(v) => {
                 self.stats.token_cache_hits.fetch_add(1, Ordering::Relaxed);
                 v
@@ -216,7 +230,10 @@ impl Broker {
                 self.stats
                     .token_cache_misses
                     .fetch_add(1, Ordering::Relaxed);
-                let v = Arc::new(token::verify(&self.root_public, token)?);
+                let v = Arc::new(CachedToken {
+                    verified: Arc::new(token::verify(&self.root_public, token)?),
+                    decisions: Mutex::new(HashMap::new()),
+                });
                 if let Ok(mut m) = self.tokens.lock() {
                     if m.len() >= TOKEN_CACHE_MAX {
                         m.clear();
@@ -226,13 +243,57 @@ impl Broker {
                 v
             }
         };
+        let verified = &entry.verified;
         if self.state.is_identity_revoked(&verified.holder) {
             return Err(Denial::Revoked);
         }
         verified.check_standing(peer, SystemTime::now(), self.epoch(), |id| {
             self.state.is_token_revoked(id)
         })?;
-        Ok(verified)
+        Ok(entry)
+    }
+
+    /// Verifies `token` for `peer` and authorizes `(tool, op, args)`:
+    /// standing on every call, the Datalog decision cached where sound.
+    pub fn authorize_token(
+        &self,
+        token: &str,
+        peer: &str,
+        tool: &str,
+        op: &str,
+        args: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Arc<Verified>, Denial> {
+        let entry = self.standing(token, peer)?;
+        let cacheable = entry.verified.block_ids.len() == 1;
+        let key = cacheable.then(|| {
+            let mut k = format!("{tool}\0{op}");
+            for (a, v) in args {
+                k.push('\0');
+                k.push_str(a);
+                k.push('\0');
+                k.push_str(v);
+            }
+            k
+        });
+        if let Some(k) = &key
+            && let Some(d) = entry.decisions.lock().ok().and_then(|m| m.get(k).cloned())
+        {
+            return d.map(|()| entry.verified.clone());
+        }
+        let decision = entry.verified.authorize(&token::Request {
+            peer,
+            now: SystemTime::now(),
+            epoch: self.epoch(),
+            tool,
+            op,
+            args,
+        });
+        if let (Some(k), Ok(mut m)) = (key, entry.decisions.lock())
+            && m.len() < 256
+        {
+            m.insert(k, decision.clone());
+        }
+        decision.map(|()| entry.verified.clone())
     }
 
     /// A new one-time enrolment ticket for `identity`, stored hashed.
