@@ -141,6 +141,16 @@ pub(crate) struct Loaded {
     pub(crate) created: bool,
 }
 
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the keys.
+        f.debug_struct("Loaded")
+            .field("dir", &self.state.dir)
+            .field("created", &self.created)
+            .finish_non_exhaustive()
+    }
+}
+
 impl State {
     /// Opens the state dir, creating it (with `fresh()`) only if it does
     /// not exist or is empty. Anything in between is an error.
@@ -365,3 +375,6 @@ pub(crate) fn revoke_token_tree(s: &mut Persisted, id: &str, now: u64) -> Vec<St
     }
     revoked
 }
+
+#[cfg(test)]
+mod tests;

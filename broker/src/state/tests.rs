@@ -1,0 +1,94 @@
+use super::*;
+
+fn fresh() -> Result<Fresh, StartError> {
+    Ok(Fresh {
+        ca_key_pem: "ca-key".into(),
+        ca_cert_pem: "ca-cert".into(),
+        root_key_pem: "root-key".into(),
+    })
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lever-state-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn revoking_a_token_revokes_its_whole_delegation_tree() {
+    let mut s = Persisted::new();
+    s.children
+        .entry("a".into())
+        .or_default()
+        .extend(["b".to_owned(), "c".to_owned()]);
+    s.children.entry("b".into()).or_default().insert("d".into());
+    s.children.entry("x".into()).or_default().insert("y".into());
+    let mut got = revoke_token_tree(&mut s, "a", 7);
+    got.sort();
+    assert_eq!(got, ["a", "b", "c", "d"]);
+    assert!(!s.revoked_tokens.contains_key("x") && !s.revoked_tokens.contains_key("y"));
+    // Cycles (which delegation cannot create) still terminate.
+    s.children.entry("d".into()).or_default().insert("a".into());
+    revoke_token_tree(&mut s, "a", 8);
+}
+
+#[test]
+fn a_new_dir_is_created_private_and_reopened_with_its_changes() {
+    let d = tempdir("new");
+    let loaded = State::open(&d, fresh).unwrap();
+    assert!(loaded.created);
+    loaded
+        .state
+        .update(|s| {
+            s.epoch = 9;
+            Ok::<_, std::io::Error>(())
+        })
+        .unwrap();
+    drop(loaded);
+    let again = State::open(&d, || panic!("must not re-create")).unwrap();
+    assert!(!again.created);
+    assert_eq!(again.state.epoch(), 9);
+    assert_eq!(again.root_key_pem, "root-key");
+    assert_eq!(
+        fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_failed_update_changes_nothing() {
+    let d = tempdir("fail");
+    let loaded = State::open(&d, fresh).unwrap();
+    let r: Result<(), std::io::Error> = loaded.state.update(|s| {
+        s.epoch = 5;
+        Err(std::io::Error::other("no"))
+    });
+    assert!(r.is_err());
+    assert_eq!(loaded.state.epoch(), 1);
+    let on_disk: Persisted =
+        serde_json::from_str(&fs::read_to_string(d.join(STATE)).unwrap()).unwrap();
+    assert_eq!(on_disk.epoch, 1);
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn foreign_contents_are_never_initialized_over() {
+    let d = tempdir("foreign");
+    fs::create_dir_all(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(d.join("notes.txt"), "mine").unwrap();
+    let e = State::open(&d, fresh).unwrap_err().to_string();
+    assert!(e.contains("not empty"), "{e}");
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn an_open_dir_is_refused() {
+    let d = tempdir("open");
+    fs::create_dir_all(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+    let e = State::open(&d, fresh).unwrap_err().to_string();
+    assert!(e.contains("must be 0700"), "{e}");
+    let _ = fs::remove_dir_all(&d);
+}
