@@ -340,3 +340,38 @@ fn every_decision_lands_in_a_hash_chained_audit_trail() {
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
 }
+
+#[test]
+fn slow_clients_are_cut_off() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let _b = inst.start();
+    let start = std::time::Instant::now();
+    // A request head that never ends (admin port) and a TLS handshake that
+    // never starts (jail port), side by side.
+    let admin = std::thread::spawn({
+        let port = inst.admin_port;
+        move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+            s.write_all(b"GET /epoch HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            buf
+        }
+    });
+    let jail = std::thread::spawn({
+        let port = inst.jail_port;
+        move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+        }
+    });
+    let answer = admin.join().unwrap();
+    jail.join().unwrap();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(30), "slow connections were held for {took:?}");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
