@@ -98,6 +98,13 @@ impl ClientTls {
     }
 }
 
+impl ClientTls {
+    /// A TLS connector with this configuration.
+    pub fn connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.config.clone())
+    }
+}
+
 /// A response, fully read.
 #[derive(Debug)]
 pub struct Reply {

@@ -60,6 +60,10 @@ pub enum ApiError {
     BodyTimeout,
     #[error("unsupported content type (send application/json)")]
     UnsupportedMediaType,
+    #[error("{1}")]
+    Upstream(StatusCode, String),
+    #[error("rate limit exceeded: {0}")]
+    RateLimited(String, std::time::Duration),
     #[error("internal error")]
     Internal(String),
 }
@@ -90,6 +94,8 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Upstream(s, _) => *s,
+            ApiError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,7 +117,22 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::BodyTimeout => "body_timeout",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Upstream(..) => "upstream_error",
+            ApiError::RateLimited(..) => "rate_limited",
             ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The error `type` of an Anthropic-shaped error body (the `/llm` routes).
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
         }
     }
 }

@@ -55,6 +55,7 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             expect_method(&req, Method::POST)?;
             provision(ctx, req).await
         }
+        p if p.starts_with("/llm/") => crate::llm::proxy(ctx, req).await,
         _ => Err(ApiError::NotFound(path)),
     }
 }

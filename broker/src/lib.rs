@@ -14,10 +14,14 @@
 
 pub mod admin;
 pub mod audit;
+pub mod body;
 pub mod ca;
 pub mod client;
 pub mod error;
+pub mod gateway;
 pub mod jail;
+pub mod llm;
+pub mod mock_upstream;
 pub mod server;
 pub mod stack;
 pub mod state;
@@ -47,6 +51,7 @@ pub struct Broker {
     pub(crate) root: RootKey,
     root_public: token::PublicKey,
     pub audit: Audit,
+    pub(crate) upstream: llm::Upstream,
     tokens: Mutex<HashMap<String, Arc<CachedToken>>>,
     pub stats: Stats,
     /// A short random tag that prefixes request ids.
@@ -100,6 +105,7 @@ pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag)
         .map_err(|_| StartError::State("no randomness".into()))?;
     let root_public = root.public();
+    let upstream = llm::Upstream::new(&config)?;
     let broker = Arc::new(Broker {
         config: Arc::new(config),
         state: loaded.state,
@@ -107,6 +113,7 @@ pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
         root,
         root_public,
         audit,
+        upstream,
         tokens: Mutex::new(HashMap::new()),
         stats: Stats::default(),
         instance_tag: lever_policy::hex::encode(&tag),

@@ -116,8 +116,23 @@ async fn rescue(ctx: &Ctx<'_>, route: &str, e: ApiError) -> Response<Body> {
     if !ctx.audited.load(Ordering::Relaxed) {
         ctx.broker.audit.log(rec).await;
     }
-    let body = serde_json::json!({"error": {"code": e.code(), "message": message}});
-    json(status, &body)
+    // Denials are answered in the caller's protocol.
+    let body = if route
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|p| p.starts_with("/llm/"))
+    {
+        serde_json::json!({"type": "error", "error": {"type": e.anthropic_type(), "message": message}})
+    } else {
+        serde_json::json!({"error": {"code": e.code(), "message": message}})
+    };
+    let mut resp = json(status, &body);
+    if let ApiError::RateLimited(_, wait) = &e
+        && let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+    {
+        resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 /// Step 3.

@@ -29,6 +29,13 @@ pub(crate) enum AgentCommand {
     },
     /// Renew the client certificate (new key, same identity)
     Renew,
+    /// Run the loopback gateway: plain HTTP for local clients, mTLS to the
+    /// broker (point ANTHROPIC_BASE_URL at http://127.0.0.1:8462/llm)
+    Gateway {
+        /// Where to listen (loopback only)
+        #[arg(long, default_value = "127.0.0.1:8462")]
+        listen: std::net::SocketAddr,
+    },
     /// Obtain a capability token and print it (usable as Claude Code's apiKeyHelper)
     Token {
         /// A grant: TOOL/OP, or TOOL/OP:KEY=VALUE,KEY=VALUE (repeatable;
@@ -89,6 +96,7 @@ pub(crate) fn run(cmd: AgentCommand, dir: Option<PathBuf>) -> ExitCode {
             rt.block_on(enrol(&dir, &broker, &ticket, &ca_pem))
         }
         AgentCommand::Renew => rt.block_on(renew(&dir)),
+        AgentCommand::Gateway { listen } => rt.block_on(gateway(&dir, listen)),
         AgentCommand::Token { grants, json } => rt.block_on(token(&dir, &grants, json)),
     }
 }
@@ -281,4 +289,40 @@ async fn token(dir: &Path, grants: &[String], whole: bool) -> ExitCode {
         )),
         Err(e) => fail(&e.to_string()),
     }
+}
+
+async fn gateway(dir: &Path, listen: std::net::SocketAddr) -> ExitCode {
+    if let Err(e) = lever_broker::gateway::check_listen(listen) {
+        return fail(&e);
+    }
+    let broker = match read(dir, "broker") {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let target = match Target::parse(broker.trim()) {
+        Ok(t) => t,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(&format!("cannot listen on {listen}: {e}")),
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    crate::out::println(&format!(
+        "lever gateway ready: http://{addr} -> {} (mTLS as the identity in {})",
+        broker.trim(),
+        dir.display()
+    ));
+    let gw = std::sync::Arc::new(lever_broker::gateway::Gateway {
+        broker: target,
+        dir: dir.to_path_buf(),
+    });
+    tokio::select! {
+        _ = lever_broker::gateway::serve(listener, gw) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    ExitCode::SUCCESS
 }

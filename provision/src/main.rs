@@ -94,6 +94,16 @@ enum Command {
         #[command(subcommand)]
         command: agent::AgentCommand,
     },
+    /// An Anthropic-compatible mock upstream, for tests and the demo
+    #[command(hide = true)]
+    MockUpstream {
+        /// Where to listen
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Answer 401 unless x-api-key equals this file's contents
+        #[arg(long, value_name = "FILE")]
+        expect_key_file: Option<PathBuf>,
+    },
     /// Check the audit trail's hash chain, or follow it
     Audit {
         /// Take the audit file from this config file
@@ -130,10 +140,41 @@ fn main() -> ExitCode {
         } => admin::run(command, admin, config),
         Command::Agent { dir, command } => agent::run(command, dir),
         Command::Audit { config, command } => audit_cmd::run(command, config),
+        Command::MockUpstream {
+            listen,
+            expect_key_file,
+        } => mock_upstream(listen, expect_key_file),
     }
 }
 
 /// The config path: explicit, or `lever.yaml` in the current directory.
 pub(crate) fn config_path(explicit: Option<PathBuf>) -> PathBuf {
     explicit.unwrap_or_else(|| PathBuf::from(lever_policy::config::CONFIG_FILE))
+}
+
+fn mock_upstream(listen: std::net::SocketAddr, expect_key_file: Option<PathBuf>) -> ExitCode {
+    let key = match expect_key_file.map(std::fs::read_to_string).transpose() {
+        Ok(k) => k.map(|k| k.trim().to_owned()),
+        Err(e) => return common::fail(&format!("reading the key file: {e}")),
+    };
+    let rt = match common::runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => return common::fail(&format!("cannot listen on {listen}: {e}")),
+        };
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        out::println(&format!("lever mock-upstream ready: http://{addr}"));
+        tokio::select! {
+            _ = lever_broker::mock_upstream::serve(listener, key) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        ExitCode::SUCCESS
+    })
 }

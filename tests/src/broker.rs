@@ -356,3 +356,112 @@ pub fn code(r: &Reply) -> String {
 pub fn state_file(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap()
 }
+
+/// Spawns `lever ARGS` and waits for the line starting with `ready`;
+/// returns the process and that line.
+pub fn spawn_ready(args: &[&str], cwd: &Path, ready: &str) -> (Child, String) {
+    let mut child = Command::new(lever_bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("HOME", cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = ready.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with(&ready) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => (child, line),
+        Err(_) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{args:?} did not become ready:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// A process killed on drop.
+#[derive(Debug)]
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The mock upstream as its own process: (process, base URL).
+pub fn start_mock(dir: &Path, expect_key_file: &str) -> (Proc, String) {
+    let (child, line) = spawn_ready(
+        &[
+            "mock-upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--expect-key-file",
+            expect_key_file,
+        ],
+        dir,
+        "lever mock-upstream ready",
+    );
+    let url = line.rsplit(' ').next().unwrap().to_owned();
+    (Proc(child), url)
+}
+
+/// What the mock upstream saw.
+pub fn mock_requests(rt: &tokio::runtime::Runtime, url: &str) -> Vec<Value> {
+    let t = Target::parse(url).unwrap();
+    let r = rt
+        .block_on(client::send(
+            &t,
+            None,
+            Method::GET,
+            "/_mock/requests",
+            &[],
+            None,
+        ))
+        .unwrap();
+    r.json().as_array().cloned().unwrap_or_default()
+}
+
+/// Writes an agent directory for `lever agent` (as `enrol` would) and runs
+/// the gateway on it: (process, base URL).
+pub fn start_gateway(dir: &Path, agent: &Agent, jail_port: u16) -> (Proc, String) {
+    let ad = dir.join(format!("agent-{}", agent.identity));
+    std::fs::create_dir_all(&ad).unwrap();
+    for (name, text) in [
+        ("ca.pem", agent.ca_pem.clone()),
+        ("cert.pem", agent.cert_pem.clone()),
+        ("key.pem", agent.key_pem.clone()),
+        ("broker", format!("https://localhost:{jail_port}")),
+    ] {
+        std::fs::write(ad.join(name), text).unwrap();
+    }
+    let ad_s = ad.to_str().unwrap().to_owned();
+    let (child, line) = spawn_ready(
+        &[
+            "agent",
+            "--dir",
+            &ad_s,
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        dir,
+        "lever gateway ready",
+    );
+    let url = line.split_whitespace().nth(3).unwrap().to_owned();
+    (Proc(child), url)
+}

@@ -353,7 +353,8 @@ fn slow_clients_are_cut_off() {
         move || {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
-            s.write_all(b"GET /epoch HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+            s.write_all(b"GET /epoch HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                .unwrap();
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf);
             buf
@@ -371,7 +372,13 @@ fn slow_clients_are_cut_off() {
     let answer = admin.join().unwrap();
     jail.join().unwrap();
     let took = start.elapsed();
-    assert!(took < Duration::from_secs(30), "slow connections were held for {took:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "slow connections were held for {took:?}"
+    );
     let text = String::from_utf8_lossy(&answer);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
 }

@@ -1,0 +1,609 @@
+//! `/llm/{path}`: the streaming reverse proxy that keeps the real key
+//! host-side.
+//!
+//! Only three API paths are proxied (`v1/messages`, `v1/messages/count_tokens`,
+//! `v1/models`), to the configured upstream only. The caller's credentials
+//! (its capability token), hop-by-hop and proxy headers are dropped in any
+//! letter case: only an allow-list of headers is forwarded, and the real key
+//! is added. The response streams back frame by frame: nothing is buffered
+//! or coalesced, usage is read from the SSE events on the side, and a
+//! client that goes away drops the upstream request with it.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use lever_policy::config::{Config, LLM_OP, LLM_TOOL};
+use serde::Deserialize;
+
+use crate::audit::{Audit, Record};
+use crate::error::{ApiError, StartError};
+use crate::server::{Body, BoxError, full};
+use crate::stack::Ctx;
+
+/// Largest request body forwarded (images make prompts large).
+const MAX_REQUEST: usize = 32 * 1024 * 1024;
+/// Time for the upstream to send its response headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest non-streaming response kept aside for reading usage.
+const USAGE_PEEK: usize = 1024 * 1024;
+
+/// The proxied API paths and their methods.
+const ROUTES: &[(&str, Method)] = &[
+    ("v1/messages", Method::POST),
+    ("v1/messages/count_tokens", Method::POST),
+    ("v1/models", Method::GET),
+];
+
+/// Request headers forwarded upstream (everything else is dropped).
+const FORWARDED: &[&str] = &[
+    "content-type",
+    "accept",
+    "anthropic-version",
+    "anthropic-beta",
+    "user-agent",
+];
+
+/// Response headers never passed back.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "set-cookie",
+];
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
+/// The upstream: where, with which key, through which pooled client.
+pub struct Upstream {
+    client: HttpsClient,
+    base: String,
+    key: Option<HeaderValue>,
+    key_bytes: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Builds the client (webpki roots plus the configured extra CA; HTTP/1.1
+    /// and HTTP/2; pooled; TCP_NODELAY) and reads the key file.
+    pub fn new(config: &Config) -> Result<Upstream, StartError> {
+        let b = &config.broker;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(ca) = &b.upstream_ca_file {
+            let pem = std::fs::read_to_string(ca)
+                .map_err(|e| StartError::Tls(format!("{}: {e}", ca.display())))?;
+            for c in crate::ca::pem_certs(&pem).map_err(StartError::Tls)? {
+                roots.add(c).map_err(|e| StartError::Tls(e.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StartError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let key = match &b.api_key_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    StartError::Config(format!("broker.api_key_file {}: {e}", path.display()))
+                })?;
+                let k = text.trim().to_owned();
+                if k.is_empty() {
+                    return Err(StartError::Config("broker.api_key_file is empty".into()));
+                }
+                Some(k)
+            }
+            None => None,
+        };
+        let key_value = match &key {
+            Some(k) => {
+                let mut v = HeaderValue::from_str(k).map_err(|_| {
+                    StartError::Config(
+                        "the API key holds characters not allowed in a header".into(),
+                    )
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Upstream {
+            client,
+            base: b.upstream.to_string(),
+            key_bytes: key.map(String::into_bytes),
+            key: key_value,
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct Peek {
+    model: Option<String>,
+    stream: Option<bool>,
+}
+
+/// The capability token of an `/llm` request: `Authorization: Bearer` or
+/// `x-api-key`, exactly one value (both only if equal).
+fn llm_token(headers: &HeaderMap) -> Result<String, ApiError> {
+    let mut found: Option<String> = None;
+    let mut offer = |v: String| -> Result<(), ApiError> {
+        match &found {
+            Some(f) if *f != v => Err(ApiError::BadRequest(
+                "conflicting credentials in Authorization and x-api-key".into(),
+            )),
+            _ => {
+                found = Some(v);
+                Ok(())
+            }
+        }
+    };
+    let auth: Vec<&HeaderValue> = headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .collect();
+    let keys: Vec<&HeaderValue> = headers.get_all("x-api-key").iter().collect();
+    if auth.len() > 1 || keys.len() > 1 {
+        return Err(ApiError::BadRequest(
+            "more than one credential header".into(),
+        ));
+    }
+    if let Some(a) = auth.first() {
+        let s = a.to_str().map_err(|_| ApiError::NoToken)?;
+        let (scheme, t) = s.split_once(' ').ok_or(ApiError::NoToken)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ApiError::NoToken);
+        }
+        offer(t.trim().to_owned())?;
+    }
+    if let Some(k) = keys.first() {
+        offer(k.to_str().map_err(|_| ApiError::NoToken)?.trim().to_owned())?;
+    }
+    found.ok_or(ApiError::NoToken)
+}
+
+/// The API path of an `/llm/...` request, refusing any trick.
+fn api_path(req: &Request<Incoming>) -> Result<(&'static str, Option<&'static str>), ApiError> {
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        return Err(ApiError::BadRequest(
+            "absolute-form request targets are not accepted".into(),
+        ));
+    }
+    let rest = uri.path().strip_prefix("/llm/").unwrap_or("");
+    let Some((path, method)) = ROUTES.iter().find(|(p, _)| *p == rest) else {
+        return Err(ApiError::NotFound(format!(
+            "/llm/{rest} (proxied: v1/messages, v1/messages/count_tokens, v1/models)"
+        )));
+    };
+    if req.method() != method {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    let query = match uri.query() {
+        None | Some("") => None,
+        Some("beta=true") => Some("beta=true"),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "only the query `beta=true` is forwarded".into(),
+            ));
+        }
+    };
+    Ok((path, query))
+}
+
+pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let broker = ctx.broker;
+    let peer = ctx.peer.clone().ok_or(ApiError::NoClientCert)?;
+    let (path, query) = api_path(&req)?;
+    let token = llm_token(req.headers())?;
+    let no_args = BTreeMap::new();
+    let verified = match broker.authorize_token(&token, &peer, LLM_TOOL, LLM_OP, &no_args) {
+        Ok(v) => v,
+        Err(d) => {
+            ctx.audit_deny(
+                Record::new("llm")
+                    .deny(d.code())
+                    .identity(&peer)
+                    .right(LLM_TOOL, LLM_OP)
+                    .request(&ctx.request_id)
+                    .detail("path", path),
+            )
+            .await;
+            return Err(ApiError::Token(d));
+        }
+    };
+    let upstream = &broker.upstream;
+    let Some(key) = upstream.key.clone() else {
+        return Err(ApiError::Forbidden(
+            "this instance is in subscription mode: the broker holds no API key".into(),
+        ));
+    };
+    // Only now, with the caller known and its token good, read the body.
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(
+        ctx.conn.limits.body_timeout,
+        http_body_util::Limited::new(body, MAX_REQUEST).collect(),
+    )
+    .await
+    {
+        Err(_) => return Err(ApiError::BodyTimeout),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::BodyTooLarge(MAX_REQUEST));
+        }
+        Ok(Err(_)) => {
+            return Err(ApiError::BadRequest(
+                "the request body could not be read".into(),
+            ));
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    let peek: Peek = if body.is_empty() {
+        Peek::default()
+    } else {
+        serde_json::from_slice(&body).unwrap_or_default()
+    };
+
+    let mut uri = format!("{}/{path}", upstream.base);
+    if let Some(q) = query {
+        uri.push('?');
+        uri.push_str(q);
+    }
+    let mut out = Request::builder().method(parts.method.clone()).uri(&uri);
+    if let Some(h) = out.headers_mut() {
+        for name in FORWARDED {
+            for v in parts.headers.get_all(*name) {
+                h.append(HeaderName::from_static(name), v.clone());
+            }
+        }
+        for (name, v) in &parts.headers {
+            if name.as_str().starts_with("x-stainless-") {
+                h.append(name.clone(), v.clone());
+            }
+        }
+        h.insert("x-api-key", key);
+    }
+    let out = out
+        .body(full(body))
+        .map_err(|e| ApiError::Internal(format!("building the upstream request: {e}")))?;
+
+    let started = Instant::now();
+    let sent = tokio::time::timeout(HEADER_TIMEOUT, upstream.client.request(out)).await;
+    let resp = match sent {
+        Err(_) => {
+            return Err(upstream_failure(
+                ctx,
+                &peer,
+                path,
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream did not answer in time",
+            )
+            .await);
+        }
+        Ok(Err(e)) => {
+            let why = format!("the upstream is unreachable ({})", error_chain(&e));
+            return Err(upstream_failure(ctx, &peer, path, StatusCode::BAD_GATEWAY, &why).await);
+        }
+        Ok(Ok(r)) => r,
+    };
+    let latency = started.elapsed();
+    let (mut head, upstream_body) = resp.into_parts();
+    for h in HOP_BY_HOP {
+        head.headers.remove(*h);
+    }
+    if let Some(k) = &upstream.key_bytes {
+        let leaked: Vec<HeaderName> = head
+            .headers
+            .iter()
+            .filter(|(_, v)| contains(v.as_bytes(), k))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in leaked {
+            head.headers.remove(n);
+        }
+    }
+    let sse = head
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let meter = Meter {
+        audit: broker.audit.clone(),
+        record: Some(
+            Record::new("llm")
+                .allow()
+                .identity(&peer)
+                .right(LLM_TOOL, LLM_OP)
+                .token(verified.token_id.as_str())
+                .request(&ctx.request_id)
+                .detail("path", path)
+                .detail("model", peek.model.clone().unwrap_or_default())
+                .detail("stream", peek.stream.unwrap_or(false))
+                .detail("status", head.status.as_u16())
+                .detail("upstream_latency_ms", latency.as_secs_f64() * 1000.0),
+        ),
+        started,
+        first_byte: None,
+        bytes: 0,
+        sse,
+        line: Vec::new(),
+        peek: Vec::new(),
+        input_tokens: None,
+        output_tokens: None,
+        key: upstream.key_bytes.clone().map(Arc::new),
+        tail: Vec::new(),
+        failed: None,
+    };
+    let body = Metered {
+        inner: upstream_body,
+        meter,
+        done: false,
+    };
+    Ok(Response::from_parts(head, body.boxed()))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+async fn upstream_failure(
+    ctx: &Ctx<'_>,
+    peer: &str,
+    path: &str,
+    status: StatusCode,
+    why: &str,
+) -> ApiError {
+    ctx.audit_deny(
+        Record::new("llm")
+            .deny("upstream_error")
+            .identity(peer)
+            .right(LLM_TOOL, LLM_OP)
+            .request(&ctx.request_id)
+            .detail("path", path)
+            .detail("status", status.as_u16())
+            .detail("message", why.to_owned()),
+    )
+    .await;
+    ApiError::Upstream(status, why.to_owned())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What is measured while a response streams, recorded when it ends.
+struct Meter {
+    audit: Audit,
+    record: Option<Record>,
+    started: Instant,
+    first_byte: Option<Duration>,
+    bytes: u64,
+    sse: bool,
+    /// The current, incomplete SSE line.
+    line: Vec<u8>,
+    /// A non-streaming body, kept (up to a cap) to read its usage.
+    peek: Vec<u8>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    /// The real key, to make sure no response carries it.
+    key: Option<Arc<Vec<u8>>>,
+    /// The end of the previous frame, to catch the key across frames.
+    tail: Vec<u8>,
+    failed: Option<String>,
+}
+
+impl Meter {
+    fn observe(&mut self, chunk: &[u8]) {
+        if self.first_byte.is_none() {
+            self.first_byte = Some(self.started.elapsed());
+        }
+        self.bytes += chunk.len() as u64;
+        if self.sse {
+            for &b in chunk {
+                if b == b'\n' {
+                    let line = std::mem::take(&mut self.line);
+                    self.sse_line(&line);
+                } else if self.line.len() < 64 * 1024 {
+                    self.line.push(b);
+                }
+            }
+        } else if self.peek.len() < USAGE_PEEK {
+            self.peek
+                .extend_from_slice(&chunk[..chunk.len().min(USAGE_PEEK - self.peek.len())]);
+        }
+    }
+
+    fn sse_line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        if !contains(data, b"usage") {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+            return;
+        };
+        if let Some(n) = v["message"]["usage"]["input_tokens"].as_u64() {
+            self.input_tokens = Some(n);
+        }
+        if let Some(n) = v["usage"]["output_tokens"].as_u64() {
+            self.output_tokens = Some(n);
+        }
+    }
+
+    /// Whether `chunk` (with the previous frame's tail) holds the key.
+    fn leaks(&mut self, chunk: &[u8]) -> bool {
+        let Some(key) = self.key.clone() else {
+            return false;
+        };
+        let mut window = std::mem::take(&mut self.tail);
+        window.extend_from_slice(chunk);
+        let leak = contains(&window, &key);
+        let keep = key.len().saturating_sub(1).min(window.len());
+        self.tail = window[window.len() - keep..].to_vec();
+        leak
+    }
+
+    fn finish(&mut self, completed: bool) {
+        let Some(mut rec) = self.record.take() else {
+            return;
+        };
+        if !self.sse
+            && !self.peek.is_empty()
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.peek)
+        {
+            self.input_tokens = v["usage"]["input_tokens"].as_u64().or(self.input_tokens);
+            self.output_tokens = v["usage"]["output_tokens"].as_u64().or(self.output_tokens);
+        }
+        rec = rec
+            .detail("bytes", self.bytes)
+            .detail("ttfb_ms", self.first_byte.map(|d| d.as_secs_f64() * 1000.0))
+            .detail("duration_ms", self.started.elapsed().as_secs_f64() * 1000.0)
+            .detail("input_tokens", self.input_tokens)
+            .detail("output_tokens", self.output_tokens)
+            .detail("completed", completed);
+        if let Some(f) = self.failed.take() {
+            rec = rec.detail("failure", f);
+        }
+        let audit = self.audit.clone();
+        // Drop may run outside an async context only at shutdown.
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move { audit.log(rec).await });
+        }
+    }
+}
+
+/// The upstream body, passed on frame by frame while being measured.
+struct Metered {
+    inner: Incoming,
+    meter: Meter,
+    done: bool,
+}
+
+impl HttpBody for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                self.done = true;
+                self.meter.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                let Some(data) = frame.data_ref() else {
+                    // Trailers are not forwarded.
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
+                };
+                if self.meter.leaks(data) {
+                    self.done = true;
+                    self.meter.failed =
+                        Some("the upstream response contained the API key; stream cut".into());
+                    self.meter.finish(false);
+                    if self.meter.sse {
+                        return Poll::Ready(Some(Ok(Frame::data(sse_error(
+                            "the upstream response was withheld",
+                        )))));
+                    }
+                    return Poll::Ready(Some(Err("response withheld".into())));
+                }
+                let data = data.clone();
+                self.meter.observe(&data);
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                self.meter.failed = Some(format!("upstream stream failed: {e}"));
+                self.meter.finish(false);
+                if self.meter.sse {
+                    // Tell an SSE client in its own protocol, then end.
+                    Poll::Ready(Some(Ok(Frame::data(sse_error(
+                        "the upstream connection was lost mid-stream",
+                    )))))
+                } else {
+                    Poll::Ready(Some(Err(e.into())))
+                }
+            }
+        }
+    }
+}
+
+/// An SSE `error` event in the Anthropic shape.
+fn sse_error(message: &str) -> Bytes {
+    let ev =
+        serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}});
+    Bytes::from(format!("event: error\ndata: {ev}\n\n"))
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if self.inner.is_end_stream() {
+            // A sized body that was written out in full.
+            self.meter.finish(true);
+        } else {
+            // The client went away: the upstream request is dropped with us.
+            self.meter.failed = Some("the client went away; upstream request cancelled".into());
+            self.meter.finish(false);
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! The `/llm` proxy and the in-jail gateway, with real processes: the mock
+//! upstream, `lever broker`, `lever agent gateway`, and the official
+//! Anthropic Python SDK as the client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::Method;
+use lever_tests::broker::{
+    Agent, Broker, DEFAULT_AGENTS, Instance, mock_requests, start_gateway, start_mock,
+};
+use lever_tests::{run, workspace_root};
+use serde_json::{Value, json};
+
+const REAL_KEY: &str = "sk-ant-test-real-key";
+
+struct Setup {
+    inst: Instance,
+    b: Broker,
+    _mock: lever_tests::broker::Proc,
+    mock_url: String,
+    manager: Agent,
+    token: String,
+}
+
+fn setup(extra: &str) -> Setup {
+    // The mock needs the key before the instance exists: write it first in
+    // a scratch dir, then point the instance's upstream at the mock.
+    let scratch = lever_tests::TempDir::new("mock");
+    scratch.write("key", REAL_KEY, 0o600);
+    let (mock, mock_url) = start_mock(scratch.path(), "key");
+    std::mem::forget(scratch); // the mock process keeps using its cwd
+    let inst = Instance::new(DEFAULT_AGENTS, &format!("  upstream: {mock_url}\n{extra}"));
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, json!([{"tool": "llm", "op": "generate"}]));
+    Setup {
+        inst,
+        b,
+        _mock: mock,
+        mock_url,
+        manager,
+        token,
+    }
+}
+
+fn messages_body(prompt: &str, stream: bool) -> Value {
+    json!({"model": "claude-mock-1", "max_tokens": 32, "stream": stream,
+           "messages": [{"role": "user", "content": prompt}]})
+}
+
+/// A raw HTTP/1.1 request over mTLS straight to the broker: full control
+/// over the request line and headers. Returns the whole response text.
+fn raw_tls(s: &Setup, request: &str) -> String {
+    let tls = s.manager.tls();
+    let port = s.inst.jail_port;
+    s.b.rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let name = rustls_name("localhost");
+        let mut stream = tls.connector().connect(name, tcp).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+fn rustls_name(host: &str) -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap()
+}
+
+fn llm(
+    s: &Setup,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> lever_broker::client::Reply {
+    s.b.jail(&s.manager.tls(), Method::POST, path, headers, body)
+}
+
+#[test]
+fn the_official_python_sdk_streams_through_gateway_broker_and_upstream() {
+    let s = setup("");
+    let (_gw, gw_url) = start_gateway(s.inst.dir.path(), &s.manager, s.inst.jail_port);
+    let script = workspace_root().join("tests/py/anthropic_stream.py");
+    let out = run(Command::new("python3")
+        .arg(&script)
+        .arg(format!("{gw_url}/llm"))
+        .arg(&s.token));
+    assert_eq!(
+        out.code, 0,
+        "the SDK failed (pip install -r tests/requirements.txt):\n{}{}",
+        out.stdout, out.stderr
+    );
+    let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(v["text"], "word0 word1 word2 word3 ");
+    assert_eq!(v["usage"], json!({"input": 12, "output": 4}));
+    assert_eq!(v["bad"]["status"], 401);
+    assert_eq!(v["bad"]["type"], "authentication_error");
+    // The client never saw the real key, in headers or bodies.
+    assert!(!out.stdout.contains(REAL_KEY));
+    // The upstream saw the real key and never the token.
+    let seen = mock_requests(&s.b.rt, &s.mock_url);
+    assert_eq!(
+        seen.len(),
+        2,
+        "the bad-token call must not reach the upstream: {seen:?}"
+    );
+    for r in &seen {
+        assert_eq!(r["headers"]["x-api-key"], REAL_KEY);
+        assert!(r["headers"].get("authorization").is_none(), "{r}");
+        assert!(
+            !r.to_string().contains(&s.token[..32]),
+            "the token reached the upstream: {r}"
+        );
+        assert_eq!(r["path"], "/v1/messages");
+    }
+    // Every call is in the audit trail, with usage.
+    std::thread::sleep(Duration::from_millis(300));
+    let audit = std::fs::read_to_string(s.inst.audit_file()).unwrap();
+    let llm: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["event"] == "llm")
+        .collect();
+    let streamed = llm
+        .iter()
+        .find(|v| v["detail"]["stream"] == true)
+        .expect("a streamed llm record");
+    assert_eq!(streamed["identity"], "manager");
+    assert_eq!(streamed["detail"]["input_tokens"], 12);
+    assert_eq!(streamed["detail"]["output_tokens"], 4);
+    assert_eq!(streamed["detail"]["model"], "claude-mock-1");
+    assert_eq!(streamed["detail"]["completed"], true);
+    assert!(streamed["detail"]["ttfb_ms"].as_f64().is_some());
+    assert!(
+        llm.iter().any(|v| v["decision"] == "deny"),
+        "the bad token's denial is recorded"
+    );
+    assert!(!audit.contains(REAL_KEY) && !audit.contains(&s.token));
+}
+
+/// Reads an SSE stream from `stream`, noting when each `[sent_us=N]` stamp
+/// arrived; returns (sent, arrived) pairs in microseconds since the epoch.
+fn stamps(mut stream: impl Read, expect: usize) -> Vec<(u128, u128)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < expect && Instant::now() < deadline {
+        let n = stream.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros();
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let found: Vec<u128> = text
+            .split("[sent_us=")
+            .skip(1)
+            .filter_map(|s| s.split(']').next()?.parse().ok())
+            .collect();
+        for sent in found.into_iter().skip(out.len()) {
+            out.push((sent, now));
+        }
+    }
+    out
+}
+
+#[test]
+fn each_event_reaches_the_client_as_soon_as_it_leaves_the_upstream() {
+    let s = setup("");
+    let (_gw, gw_url) = start_gateway(s.inst.dir.path(), &s.manager, s.inst.jail_port);
+    let addr = gw_url.trim_start_matches("http://").to_owned();
+    let body = messages_body("go mock:events=8 gap_ms=100 stamp", true).to_string();
+    let mut tcp = TcpStream::connect(&addr).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        tcp,
+        "POST /llm/v1/messages HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nanthropic-version: 2023-06-01\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        s.token,
+        body.len()
+    )
+    .unwrap();
+    let got = stamps(tcp, 8);
+    assert_eq!(got.len(), 8, "not every event arrived: {got:?}");
+    for (i, (sent, arrived)) in got.iter().enumerate() {
+        let lag = arrived.saturating_sub(*sent);
+        assert!(
+            lag < 10_000,
+            "event {i} arrived {lag} us after leaving the upstream (a buffering proxy?): {got:?}"
+        );
+    }
+    // And they were really spread out, not all sent at the end.
+    assert!(got[7].0 - got[0].0 > 600_000, "{got:?}");
+}
+
+#[test]
+fn only_the_allow_listed_api_paths_are_proxied() {
+    let s = setup("");
+    let auth = format!("Bearer {}", s.token);
+    let h = [
+        ("authorization", auth.as_str()),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    for path in [
+        "/llm/v1/complete",
+        "/llm/v1/messages/batches",
+        "/llm/v1/models/../messages",
+        "/llm/v1/messages/%2e%2e/models",
+        "/llm/v1%2fmessages",
+        "/llm//v1/messages",
+        "/llm/v1/messages/",
+        "/llm/V1/messages",
+        "/llm/",
+    ] {
+        let r = llm(&s, path, &h, Some(messages_body("x", false)));
+        assert!(r.status == 404 || r.status == 400, "{path}: {}", r.status);
+        assert_eq!(
+            r.json()["type"],
+            "error",
+            "{path}: not Anthropic-shaped: {}",
+            r.error_message()
+        );
+    }
+    let r = llm(
+        &s,
+        "/llm/v1/messages?beta=true&redirect=http://evil",
+        &h,
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 400);
+    let r =
+        s.b.jail(&s.manager.tls(), Method::GET, "/llm/v1/messages", &h, None);
+    assert_eq!(r.status, 405);
+    // Claude Code's own query string is fine.
+    let r = llm(
+        &s,
+        "/llm/v1/messages?beta=true",
+        &h,
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    // Absolute-form targets never pick the upstream.
+    let body = messages_body("x", false).to_string();
+    let resp = raw_tls(
+        &s,
+        &format!(
+            "POST http://evil.example/llm/v1/messages HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            s.token,
+            body.len()
+        ),
+    );
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    let seen = mock_requests(&s.b.rt, &s.mock_url);
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the one allowed call reached the upstream: {seen:?}"
+    );
+    assert_eq!(seen[0]["query"], "beta=true");
+}
+
+#[test]
+fn credentials_and_proxy_headers_are_stripped_in_any_case() {
+    let s = setup("");
+    let body = messages_body("x", false).to_string();
+    let resp = raw_tls(
+        &s,
+        &format!(
+            "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nX-API-KEY: {t}\r\nAUTHORIZATION: bearer {t}\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nForwarded: for=1.2.3.4\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Host: evil.example\r\nVia: 1.1 evil\r\nCookie: session=1\r\nConnection: keep-alive, x-evil\r\nX-Evil: 1\r\nAnthropic-Version: 2023-06-01\r\nAnthropic-Beta: tools-2024\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len(),
+            t = s.token
+        ),
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = mock_requests(&s.b.rt, &s.mock_url);
+    let h = &seen[0]["headers"];
+    assert_eq!(h["x-api-key"], REAL_KEY);
+    assert_eq!(h["anthropic-version"], "2023-06-01");
+    assert_eq!(h["anthropic-beta"], "tools-2024");
+    for gone in [
+        "authorization",
+        "proxy-authorization",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "via",
+        "cookie",
+        "x-evil",
+    ] {
+        assert!(h.get(gone).is_none(), "{gone} reached the upstream: {h}");
+    }
+    // Two different credentials: refused before anything is sent.
+    let other =
+        s.b.token(&s.manager, json!([{"tool": "llm", "op": "generate"}]))
+            .0;
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &[
+            ("authorization", &format!("Bearer {}", s.token)),
+            ("x-api-key", &other),
+        ],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(mock_requests(&s.b.rt, &s.mock_url).len(), 1);
+}
+
+#[test]
+fn tokens_for_another_capability_or_another_cn_are_refused() {
+    let s = setup("");
+    let (db, _) = s.b.token(
+        &s.manager,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    );
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &[("x-api-key", &db)],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["type"], "permission_error");
+    // A grove replaying the manager's llm token.
+    let g1 = s.b.enrol("g1");
+    let r = s.b.jail(
+        &g1.tls(),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", &s.token)],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["type"], "permission_error");
+    // No token, a ticket, garbage.
+    for h in [
+        vec![],
+        vec![("x-api-key", "lvtk_00")],
+        vec![("authorization", "Bearer x.y.z")],
+    ] {
+        let r = llm(&s, "/llm/v1/messages", &h, Some(messages_body("x", false)));
+        assert_eq!(r.status, 401, "{h:?}");
+        assert_eq!(r.json()["error"]["type"], "authentication_error");
+    }
+    // After an epoch bump the token is dead.
+    s.b.admin(Method::POST, "/bump-epoch", Some(json!({})));
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &[("x-api-key", &s.token)],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 401);
+    assert!(
+        mock_requests(&s.b.rt, &s.mock_url).is_empty(),
+        "a refused call reached the upstream"
+    );
+}
+
+#[test]
+fn upstream_failures_reach_the_client_as_anthropic_errors_and_the_broker_stays_up() {
+    let s = setup("");
+    let h = [("x-api-key", s.token.as_str())];
+    // A 529 passes through as the upstream said it.
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &h,
+        Some(messages_body("mock:status=529", false)),
+    );
+    assert_eq!(r.status, 529);
+    assert_eq!(r.json()["error"]["type"], "overloaded_error");
+    // A mid-stream error event passes through in order.
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &h,
+        Some(messages_body("mock:events=5 error_after=2", true)),
+    );
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(
+        text.contains("word1") && !text.contains("word2") && text.contains("event: error"),
+        "{text}"
+    );
+    // A reset mid-stream ends the stream with an SSE error event.
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &h,
+        Some(messages_body("mock:events=5 reset_after=2", true)),
+    );
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(
+        text.contains("word1") && text.contains("event: error") && text.contains("api_error"),
+        "{text}"
+    );
+    assert!(!text.contains("message_stop"), "{text}");
+    // The broker is still up.
+    assert_eq!(s.b.admin(Method::GET, "/healthz", None).status, 200);
+    assert_eq!(
+        llm(&s, "/llm/v1/messages", &h, Some(messages_body("ok", false))).status,
+        200
+    );
+}
+
+#[test]
+fn an_unreachable_upstream_is_a_502_api_error() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let inst = Instance::new(
+        DEFAULT_AGENTS,
+        &format!("  upstream: http://127.0.0.1:{closed}\n"),
+    );
+    let b = inst.start();
+    let m = b.enrol("manager");
+    let (t, _) = b.token(&m, json!([{"tool": "llm", "op": "generate"}]));
+    let r = b.jail(
+        &m.tls(),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", &t)],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "api_error");
+    assert!(!String::from_utf8_lossy(&r.body).contains(REAL_KEY));
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_the_upstream_request() {
+    let s = setup("");
+    let body = messages_body("slow mock:events=50 gap_ms=100", true).to_string();
+    let tls = s.manager.tls();
+    let port = s.inst.jail_port;
+    let token = s.token.clone();
+    s.b.rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut stream = tls.connector().connect(rustls_name("localhost"), tcp).await.unwrap();
+        let req = format!(
+            "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let mut got = String::new();
+        while !got.contains("word1") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        drop(stream); // the client goes away after two events
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let seen = mock_requests(&s.b.rt, &s.mock_url);
+    let r = &seen[0];
+    let cancelled = r["cancelled_after"]
+        .as_u64()
+        .expect("the upstream saw no cancellation");
+    assert!(cancelled < 10, "the upstream kept streaming to nobody: {r}");
+    assert!(r.get("completed").is_none(), "{r}");
+}
+
+#[test]
+fn no_response_ever_carries_the_real_key() {
+    let s = setup("");
+    // A streaming answer is cut with an SSE error event before the key.
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &[("x-api-key", &s.token)],
+        Some(messages_body("mock:events=3 echo_key", true)),
+    );
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(!text.contains(REAL_KEY), "the key leaked to the client");
+    assert!(
+        text.contains("word1") && text.contains("withheld"),
+        "{text}"
+    );
+    // A plain answer is cut (the client sees a broken body, never the key).
+    let target = s.b.jail.clone();
+    let reply = s.b.rt.block_on(lever_broker::client::send(
+        &target,
+        Some(&s.manager.tls()),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", &s.token)],
+        Some(&messages_body("mock:events=3 echo_key", false)),
+    ));
+    if let Ok(r) = reply {
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains(REAL_KEY),
+            "the key leaked to the client"
+        );
+    }
+}
+
+#[test]
+fn a_subscription_instance_holds_no_key_and_proxies_nothing() {
+    let inst = Instance::new(
+        "manager: {image: img/x:1, llm_auth: subscription, credential_file: cred}\n",
+        "  llm_auth: subscription\n",
+    );
+    inst.dir.write("cred", "oauth", 0o600);
+    let b = inst.start();
+    let m = b.enrol("manager");
+    // Not even a token: llm/generate is not obtainable in subscription mode.
+    let r = b.obtain(&m, json!([{"tool": "llm", "op": "generate"}]));
+    assert_eq!(r.status, 403);
+    let r = b.jail(
+        &m.tls(),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", "x")],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 401);
+}
+
+#[test]
+fn the_gateway_refuses_non_loopback_binds_and_picks_up_a_renewed_certificate() {
+    let s = setup("");
+    let out = lever_tests::lever(
+        &[
+            "agent",
+            "--dir",
+            "/nonexistent",
+            "gateway",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+        s.inst.dir.path(),
+        s.inst.dir.path(),
+    );
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("must listen on loopback"),
+        "{}",
+        out.stderr
+    );
+    let (_gw, gw_url) = start_gateway(s.inst.dir.path(), &s.manager, s.inst.jail_port);
+    let target = lever_broker::client::Target::parse(&gw_url).unwrap();
+    let call = |b: &Broker| {
+        b.rt.block_on(lever_broker::client::send(
+            &target,
+            None,
+            Method::POST,
+            "/llm/v1/messages",
+            &[("x-api-key", &s.token)],
+            Some(&messages_body("x", false)),
+        ))
+        .unwrap()
+    };
+    assert_eq!(call(&s.b).status, 200);
+    // Renew: new key and certificate in the agent dir; revoke nothing. The
+    // next request uses the new pair (the old one would still work, so
+    // check the file is re-read by breaking it first).
+    let ad = s.inst.dir.join("agent-manager");
+    std::fs::write(ad.join("cert.pem"), "garbage").unwrap();
+    assert_eq!(
+        call(&s.b).status,
+        502,
+        "the gateway cached the old certificate"
+    );
+    let (key, csr) = lever_broker::client::key_and_csr("manager").unwrap();
+    let r = s.b.jail(
+        &s.manager.tls(),
+        Method::POST,
+        "/v1/renew",
+        &[],
+        Some(json!({"csr": csr})),
+    );
+    std::fs::write(
+        ad.join("cert.pem"),
+        r.json()["certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(ad.join("key.pem"), key).unwrap();
+    assert_eq!(call(&s.b).status, 200);
+}
