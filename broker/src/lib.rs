@@ -20,6 +20,7 @@ pub mod client;
 pub mod error;
 pub mod gateway;
 pub mod jail;
+pub mod limits;
 pub mod llm;
 pub mod mock_upstream;
 pub mod server;
@@ -52,6 +53,7 @@ pub struct Broker {
     root_public: token::PublicKey,
     pub audit: Audit,
     pub(crate) upstream: llm::Upstream,
+    pub limits: limits::Limits,
     tokens: Mutex<HashMap<String, Arc<CachedToken>>>,
     pub stats: Stats,
     /// A short random tag that prefixes request ids.
@@ -106,6 +108,7 @@ pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
         .map_err(|_| StartError::State("no randomness".into()))?;
     let root_public = root.public();
     let upstream = llm::Upstream::new(&config)?;
+    let config_limits = config.broker.rate_limits;
     let broker = Arc::new(Broker {
         config: Arc::new(config),
         state: loaded.state,
@@ -114,6 +117,7 @@ pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
         root_public,
         audit,
         upstream,
+        limits: limits::Limits::new(&config_limits),
         tokens: Mutex::new(HashMap::new()),
         stats: Stats::default(),
         instance_tag: lever_policy::hex::encode(&tag),

@@ -247,6 +247,29 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             return Err(ApiError::Token(d));
         }
     };
+    // Limits: after the caller is known, before any body is read.
+    let admitted = broker.limits.llm.admit(&peer).and_then(|permit| {
+        if let Some(b) = &broker.limits.llm_tokens {
+            b.check(&peer)?;
+        }
+        Ok(permit)
+    });
+    let permit = match admitted {
+        Ok(p) => p,
+        Err(e) => {
+            ctx.audit_deny(
+                Record::new("llm")
+                    .deny(e.code())
+                    .identity(&peer)
+                    .right(LLM_TOOL, LLM_OP)
+                    .token(verified.token_id.as_str())
+                    .request(&ctx.request_id)
+                    .detail("message", e.to_string()),
+            )
+            .await;
+            return Err(e);
+        }
+    };
     let upstream = &broker.upstream;
     let Some(key) = upstream.key.clone() else {
         return Err(ApiError::Forbidden(
@@ -367,6 +390,8 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         key: upstream.key_bytes.clone().map(Arc::new),
         tail: Vec::new(),
         failed: None,
+        budget: broker.limits.llm_tokens.clone().map(|b| (b, peer.clone())),
+        _permit: permit,
     };
     let body = Metered {
         inner: upstream_body,
@@ -431,6 +456,10 @@ struct Meter {
     /// The end of the previous frame, to catch the key across frames.
     tail: Vec<u8>,
     failed: Option<String>,
+    /// Where the tokens this call used are counted.
+    budget: Option<(Arc<crate::limits::Budget>, String)>,
+    /// Held while the response streams: the agent's in-flight slot.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Meter {
@@ -505,6 +534,12 @@ impl Meter {
             .detail("completed", completed);
         if let Some(f) = self.failed.take() {
             rec = rec.detail("failure", f);
+        }
+        if let Some((budget, agent)) = &self.budget {
+            budget.spend(
+                agent,
+                self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0),
+            );
         }
         let audit = self.audit.clone();
         // Drop may run outside an async context only at shutdown.

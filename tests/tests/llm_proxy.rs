@@ -596,3 +596,132 @@ fn the_gateway_refuses_non_loopback_binds_and_picks_up_a_renewed_certificate() {
     std::fs::write(ad.join("key.pem"), key).unwrap();
     assert_eq!(call(&s.b).status, 200);
 }
+
+#[test]
+fn the_request_rate_is_limited_per_agent_with_retry_after() {
+    let s = setup("  rate_limits: {llm: {per_minute: 60, burst: 2}}\n");
+    let h = [("x-api-key", s.token.as_str())];
+    assert_eq!(
+        llm(&s, "/llm/v1/messages", &h, Some(messages_body("a", false))).status,
+        200
+    );
+    assert_eq!(
+        llm(&s, "/llm/v1/messages", &h, Some(messages_body("b", false))).status,
+        200
+    );
+    let r = llm(&s, "/llm/v1/messages", &h, Some(messages_body("c", false)));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    let retry: u64 = r
+        .headers
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "retry-after {retry}");
+    // Another agent has its own allowance.
+    let g1 = s.b.enrol("g1");
+    let (t1, _) = s.b.token(&g1, json!([{"tool": "llm", "op": "generate"}]));
+    let r = s.b.jail(
+        &g1.tls(),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", &t1)],
+        Some(messages_body("d", false)),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        mock_requests(&s.b.rt, &s.mock_url).len(),
+        3,
+        "the limited call reached the upstream"
+    );
+}
+
+#[test]
+fn requests_in_flight_are_capped_per_agent() {
+    let s = setup("  rate_limits: {llm: {max_concurrent: 1}}\n");
+    let tls = s.manager.tls();
+    let port = s.inst.jail_port;
+    let token = s.token.clone();
+    let body = messages_body("slow mock:events=20 gap_ms=100", true).to_string();
+    // Hold one stream open on a raw connection.
+    let held = s.b.rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut stream = tls.connector().connect(rustls_name("localhost"), tcp).await.unwrap();
+        let req = format!(
+            "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        stream
+    });
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &[("x-api-key", &s.token)],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 429, "{}", r.error_message());
+    assert!(
+        r.error_message().contains("in flight"),
+        "{}",
+        r.error_message()
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &[("x-api-key", &s.token)],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "the slot was not released: {}",
+        r.error_message()
+    );
+}
+
+#[test]
+fn the_llm_token_budget_is_enforced_per_window() {
+    let s = setup("  rate_limits: {llm_tokens: {tokens: 20, window: 1h}}\n");
+    let h = [("x-api-key", s.token.as_str())];
+    // Each call uses 12 input + 3 output tokens (the mock's usage).
+    assert_eq!(
+        llm(&s, "/llm/v1/messages", &h, Some(messages_body("a", true))).status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        llm(&s, "/llm/v1/messages", &h, Some(messages_body("b", false))).status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let r = llm(&s, "/llm/v1/messages", &h, Some(messages_body("c", false)));
+    assert_eq!(r.status, 429, "{}", r.error_message());
+    assert!(
+        r.error_message().contains("budget"),
+        "{}",
+        r.error_message()
+    );
+    let retry: u64 = r
+        .headers
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry > 3000,
+        "retry-after {retry} should point at the window's end"
+    );
+}
