@@ -16,6 +16,7 @@ mod audit_cmd;
 mod backends;
 mod broker_cmd;
 mod common;
+mod demo;
 mod out;
 mod validate;
 
@@ -23,6 +24,7 @@ const AFTER_HELP: &str = "\
 Lever reads lever.yaml from the current directory only (never from a parent
 directory) unless -c FILE names one. Start with:
 
+  lever demo                the whole broker flow, offline, in one command
   lever validate            check ./lever.yaml and the files it names
   lever broker              run the broker (CA, tokens, audit) in the foreground
   lever admin register NAME a one-time enrolment ticket for an agent
@@ -94,6 +96,13 @@ enum Command {
         #[command(subcommand)]
         command: agent::AgentCommand,
     },
+    /// The whole broker flow, offline: enrol, stream an LLM call, a denial, the audit trail
+    #[command(after_help = demo::AFTER_HELP)]
+    Demo {
+        /// Keep the temporary instance directory
+        #[arg(long)]
+        keep: bool,
+    },
     /// An Anthropic-compatible mock upstream, for tests and the demo
     #[command(hide = true)]
     MockUpstream {
@@ -144,6 +153,7 @@ fn main() -> ExitCode {
             listen,
             expect_key_file,
         } => mock_upstream(listen, expect_key_file),
+        Command::Demo { keep } => demo::run(keep),
     }
 }
 
