@@ -358,11 +358,7 @@ async fn stream_message(
             .filter_map(|v| v["delta"]["text"].as_str().map(str::to_owned))
             .collect();
         for d in deltas.iter().skip(printed) {
-            let _ = write!(
-                stdout,
-                "    +{:>4} ms  {d}\n",
-                started.elapsed().as_millis()
-            );
+            let _ = writeln!(stdout, "    +{:>4} ms  {d}", started.elapsed().as_millis());
             let _ = stdout.flush();
             text.push_str(d);
         }
