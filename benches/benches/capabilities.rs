@@ -73,6 +73,7 @@ fn main() {
             epoch: broker.epoch(),
             expires_at: SystemTime::now() + Duration::from_secs(3600),
             delegation: None,
+            inherit_checks: &[],
         },
     )
     .unwrap()

@@ -272,7 +272,22 @@ fn tip(path: &Path) -> Result<(u64, String), String> {
         ));
     }
     let body = &tail[..tail.len() - 1];
-    let last = body.rsplit(|b| *b == b'\n').next().unwrap_or(body);
+    let mut lines = body.rsplit(|b| *b == b'\n');
+    let last = lines.next().unwrap_or(body);
+    // The last link must hold: the tip is where new records chain on, so
+    // an edited last line would otherwise go unnoticed for good.
+    if let Some(before) = lines
+        .next()
+        .filter(|_| start == 0 || body.len() > last.len())
+    {
+        let v: serde_json::Value = serde_json::from_slice(last).unwrap_or_default();
+        if v["prev"].as_str() != Some(sha256_hex(before).as_str()) {
+            return Err(format!(
+                "{}: the last line does not chain to the one before it (the trail was edited); check it with `lever audit verify`",
+                path.display()
+            ));
+        }
+    }
     let v: serde_json::Value = serde_json::from_slice(last)
         .map_err(|e| format!("{}: the last line is not JSON ({e})", path.display()))?;
     let seq = v["seq"]

@@ -303,6 +303,7 @@ async fn capabilities(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<
             epoch,
             expires_at: SystemTime::now() + config.broker.grant_ttl,
             delegation: None,
+            inherit_checks: &[],
         },
     )
     .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -413,7 +414,13 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
                 }
                 other => ApiError::Token(other),
             })?;
-        let mut chain: Vec<TokenId> = vec![parent.token_id.clone()];
+        // The parent's own (holder-appended) checks travel with the child:
+        // a restriction the replay could not see (a `reject if` on an
+        // argument the grants do not pin) still binds the delegate.
+        let holder_checks = parent.holder_checks().map_err(ApiError::Token)?;
+        // Every block of the parent as held (so revoking any of them, or
+        // the parent's own ancestors, kills the child).
+        let mut chain: Vec<TokenId> = parent.block_ids.clone();
         chain.extend(parent.ancestors.iter().cloned());
         let minted = token::mint(
             &broker.root,
@@ -423,6 +430,7 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
                 epoch,
                 expires_at: expires,
                 delegation: Some((me.identity.as_str(), &chain)),
+                inherit_checks: &holder_checks,
             },
         )
         .map_err(|e| ApiError::Internal(e.to_string()))?;

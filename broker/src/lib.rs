@@ -255,7 +255,12 @@ impl Broker {
             }
         };
         let verified = &entry.verified;
-        if self.state.is_identity_revoked(&verified.holder) {
+        if self.state.is_identity_revoked(&verified.holder)
+            || verified
+                .delegated_by
+                .as_deref()
+                .is_some_and(|d| self.state.is_identity_revoked(d))
+        {
             return Err(Denial::Revoked);
         }
         verified.check_standing(peer, SystemTime::now(), self.epoch(), |id| {
@@ -276,16 +281,11 @@ impl Broker {
     ) -> Result<Arc<Verified>, Denial> {
         let entry = self.standing(token, peer)?;
         let cacheable = entry.verified.block_ids.len() == 1;
-        let key = cacheable.then(|| {
-            let mut k = format!("{tool}\0{op}");
-            for (a, v) in args {
-                k.push('\0');
-                k.push_str(a);
-                k.push('\0');
-                k.push_str(v);
-            }
-            k
-        });
+        // A structured key (JSON of tool, op and the sorted arguments):
+        // distinct requests can never share one.
+        let key = cacheable
+            .then(|| serde_json::to_string(&(tool, op, args)).ok())
+            .flatten();
         if let Some(k) = &key
             && let Some(d) = entry.decisions.lock().ok().and_then(|m| m.get(k).cloned())
         {

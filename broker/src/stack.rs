@@ -236,8 +236,32 @@ pub async fn read_json<T: DeserializeOwned>(
             }
             Ok(Ok(c)) => c.to_bytes(),
         };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::BadRequest(format!("invalid JSON body: {}", unquote(&e.to_string())))
+    })
+}
+
+/// serde's messages quote the values they choke on; a value may be a
+/// token or a ticket sent in the wrong field, so quoted text is elided
+/// before the message reaches a response or the audit log.
+fn unquote(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut quoted = false;
+    for c in msg.chars() {
+        match c {
+            '"' if quoted => {
+                out.push_str("...\"");
+                quoted = false;
+            }
+            '"' => {
+                out.push('"');
+                quoted = true;
+            }
+            c if !quoted => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {

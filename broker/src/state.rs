@@ -30,6 +30,7 @@ pub(crate) const CA_CERT: &str = "ca.crt";
 pub(crate) const ROOT_KEY: &str = "root.key";
 pub(crate) const STATE: &str = "state.json";
 pub(crate) const AUDIT: &str = "audit.jsonl";
+pub(crate) const LOCK: &str = "lock";
 
 /// Consumed tickets are kept this long after expiry (for the audit's sake
 /// and to answer "already used" rather than "unknown").
@@ -90,6 +91,28 @@ pub(crate) enum TicketRefusal {
 pub(crate) struct State {
     dir: PathBuf,
     inner: Mutex<Persisted>,
+    /// Held (flock, exclusive) for the broker's lifetime: two brokers never
+    /// share a state dir.
+    _lock: File,
+}
+
+/// Takes the state dir's lock, or says who holds it.
+fn lock(dir: &Path) -> Result<File, StartError> {
+    let path = dir.join(LOCK);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        StartError::State(format!(
+            "{} is in use by another broker (its lock is held)",
+            dir.display()
+        ))
+    })?;
+    Ok(f)
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> StartError {
@@ -195,11 +218,17 @@ impl State {
             .filter(|n| dir.join(n).exists())
             .collect();
         if !exists || present.is_empty() {
+            if exists && fs::metadata(dir.join(AUDIT)).is_ok_and(|m| m.len() > 0) {
+                return Err(StartError::State(format!(
+                    "{} holds an audit trail but no state: the state was lost. Refusing to start over it (revocations and the epoch would be forgotten). Restore the state from a backup, or move the directory away to start over.",
+                    dir.display()
+                )));
+            }
             let other = exists
                 && fs::read_dir(dir)
                     .map_err(|e| io_err(dir, e))?
                     .filter_map(Result::ok)
-                    .any(|e| e.file_name() != AUDIT);
+                    .any(|e| e.file_name() != AUDIT && e.file_name() != LOCK);
             if other {
                 return Err(StartError::State(format!(
                     "{} is not empty but holds no broker state: refusing to initialize over it",
@@ -259,6 +288,7 @@ impl State {
             state: State {
                 dir: dir.to_path_buf(),
                 inner: Mutex::new(persisted),
+                _lock: lock(dir)?,
             },
             created: false,
         })
@@ -288,6 +318,7 @@ impl State {
             state: State {
                 dir: dir.to_path_buf(),
                 inner: Mutex::new(persisted),
+                _lock: lock(dir)?,
             },
             ca_key_pem: fresh.ca_key_pem,
             ca_cert_pem: fresh.ca_cert_pem,

@@ -160,6 +160,10 @@ pub struct Mint<'a> {
     /// For a delegated token: the delegator and the chain of ancestor ids
     /// (parent first).
     pub delegation: Option<(&'a str, &'a [TokenId])>,
+    /// Checks to carry over (a delegation inherits its parent's
+    /// holder-appended checks; see [`Verified::holder_checks`]). Checks can
+    /// only restrict.
+    pub inherit_checks: &'a [HolderCheck],
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +190,7 @@ pub enum Denial {
     ConstraintMismatch,
     AttenuationCheck,
     Delegated,
+    RequestTooLarge,
 }
 
 impl Denial {
@@ -204,6 +209,7 @@ impl Denial {
             Denial::ConstraintMismatch => "constraint_mismatch",
             Denial::AttenuationCheck => "attenuation_check_failed",
             Denial::Delegated => "delegated_token",
+            Denial::RequestTooLarge => "request_arguments_too_large",
         }
     }
 }
@@ -225,6 +231,9 @@ impl fmt::Display for Denial {
                 "a check added to the token by its holder refuses this request"
             }
             Denial::Delegated => "a delegated token cannot be delegated again",
+            Denial::RequestTooLarge => {
+                "the request has more or longer arguments than the broker judges"
+            }
         })
     }
 }
@@ -355,6 +364,9 @@ pub fn mint(root: &RootKey, m: &Mint<'_>) -> Result<Minted, TokenError> {
                 )
                 .map_err(build_err)?;
         }
+    }
+    for c in m.inherit_checks {
+        b = b.check(c.clone()).map_err(build_err)?;
     }
     let biscuit = b.build(&root.0).map_err(build_err)?;
     let token = biscuit.to_base64().map_err(build_err)?;
@@ -510,11 +522,19 @@ impl Verified {
     /// authority block, plus every check a holder appended. Call
     /// [`Verified::check_standing`] first.
     pub fn authorize(&self, req: &Request<'_>) -> Result<(), Denial> {
+        // Refuse, never truncate: a dropped argument would read as absent,
+        // and a holder's `reject if` on it would then fail open.
+        if req.args.len() > MAX_ARGS
+            || req
+                .args
+                .iter()
+                .any(|(k, v)| v.len() > MAX_ARG_LEN || k.len() > MAX_ARG_LEN)
+        {
+            return Err(Denial::RequestTooLarge);
+        }
         let mut map = BTreeMap::new();
-        for (k, v) in req.args.iter().take(MAX_ARGS) {
-            if v.len() <= MAX_ARG_LEN {
-                map.insert(MapKey::Str(k.clone()), Term::Str(v.clone()));
-            }
+        for (k, v) in req.args {
+            map.insert(MapKey::Str(k.clone()), Term::Str(v.clone()));
         }
         let epoch = i64::try_from(req.epoch).map_err(|_| Denial::Malformed)?;
         let facts = params(vec![
@@ -556,6 +576,25 @@ impl Verified {
     ) -> Result<(), Denial> {
         self.check_standing(req.peer, req.now, req.epoch, is_revoked)?;
         self.authorize(req)
+    }
+
+    /// The checks the holder appended (every block after the authority
+    /// block), to be carried into a delegated token. Only checks: facts and
+    /// rules of appended blocks never become authority facts. A block that
+    /// does not read back is refused (fail closed).
+    pub fn holder_checks(&self) -> Result<Vec<HolderCheck>, Denial> {
+        let mut out = Vec::new();
+        for i in 1..self.biscuit.block_count() {
+            let src = self
+                .biscuit
+                .print_block_source(i)
+                .map_err(|_| Denial::Malformed)?;
+            let block = biscuit_auth::builder::BlockBuilder::new()
+                .code(&src)
+                .map_err(|_| Denial::Malformed)?;
+            out.extend(block.checks);
+        }
+        Ok(out)
     }
 
     /// Proves that `grants` are no wider than this token, as used by its
@@ -650,6 +689,8 @@ pub fn unix_secs(t: SystemTime) -> u64 {
 
 /// The root public key type tokens are verified with.
 pub use biscuit_auth::PublicKey;
+/// A Datalog check, as carried from a parent token into a delegated one.
+pub use biscuit_auth::builder::Check as HolderCheck;
 /// Re-exported so holders and tests can pass parameters to [`attenuate`].
 pub use biscuit_auth::builder::Term as DatalogTerm;
 

@@ -382,3 +382,48 @@ fn slow_clients_are_cut_off() {
         "{text}"
     );
 }
+
+#[test]
+fn two_brokers_never_share_a_state_dir_and_lost_state_is_not_reinitialized() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let mut b = inst.start();
+    let err = inst.start_fails();
+    assert!(err.contains("in use by another broker"), "{err}");
+    b.admin(Method::POST, "/revoke", Some(json!({"identity": "g2"})));
+    b.kill();
+    // Everything but the audit trail lost: refuse, do not start over.
+    let sd = inst.state_dir();
+    for f in ["ca.key", "ca.crt", "root.key", "state.json"] {
+        std::fs::remove_file(sd.join(f)).unwrap();
+    }
+    let err = inst.start_fails();
+    assert!(err.contains("state was lost"), "{err}");
+}
+
+#[test]
+fn refusals_never_echo_the_values_they_choke_on() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let g1 = b.enrol("g1");
+    let (ticket, _) = b.register("g2");
+    // A ticket pasted where a number-typed or list-typed value goes.
+    let r = b.jail(
+        &g1.tls(),
+        Method::POST,
+        "/v1/capabilities",
+        &[],
+        Some(json!({"grants": ticket})),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains(&ticket),
+        "{}",
+        r.error_message()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !std::fs::read_to_string(inst.audit_file())
+            .unwrap()
+            .contains(&ticket[5..])
+    );
+}

@@ -133,6 +133,7 @@ fn forged_truncated_flipped_reordered_and_oversized_tokens_are_refused() {
             epoch: 1,
             expires_at: SystemTime::now() + Duration::from_secs(600),
             delegation: None,
+            inherit_checks: &[],
         },
     )
     .unwrap()
@@ -270,6 +271,7 @@ fn old_and_future_epochs_are_dead() {
             epoch: 3,
             expires_at: SystemTime::now() + Duration::from_secs(600),
             delegation: None,
+            inherit_checks: &[],
         },
     )
     .unwrap()
@@ -497,4 +499,101 @@ fn base64_url(b: &[u8]) -> String {
         s.push('=');
     }
     s
+}
+
+#[test]
+fn revoking_the_delegators_identity_kills_what_it_delegated() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    let g1 = b.enrol("g1");
+    let child = b.delegate(&m, &t, "g1", db("users")).json();
+    let child_token = child["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        code(&b.delegate(&g1, &child_token, "g2", db("users"))),
+        "delegated_token",
+        "the control verifies"
+    );
+    b.admin(
+        Method::POST,
+        "/revoke",
+        Some(json!({"identity": "manager"})),
+    );
+    let r = b.delegate(&g1, &child_token, "g2", db("users"));
+    assert_eq!(
+        (r.status.as_u16(), code(&r).as_str()),
+        (401, "token_revoked")
+    );
+}
+
+#[test]
+fn no_delegation_to_a_revoked_identity() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    b.admin(Method::POST, "/revoke", Some(json!({"identity": "g1"})));
+    let r = b.delegate(&m, &t, "g1", db("users"));
+    assert_eq!(
+        (r.status.as_u16(), code(&r).as_str()),
+        (403, "identity_revoked")
+    );
+}
+
+#[test]
+fn a_delegate_is_bound_by_the_delegators_own_checks() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    let att = token::attenuate(
+        &t,
+        "reject if args($m), $m.get(\"filter\") == \"evil\";",
+        HashMap::new(),
+    )
+    .unwrap();
+    let r = b.delegate(&m, &att, "g1", db("users"));
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    let root = RootKey::from_pem(&state_file(&inst.state_dir(), "root.key")).unwrap();
+    let v = token::verify(&root.public(), r.json()["token"].as_str().unwrap()).unwrap();
+    let args = |f: &str| -> std::collections::BTreeMap<String, String> {
+        [
+            ("table".to_owned(), "users".to_owned()),
+            ("filter".to_owned(), f.to_owned()),
+        ]
+        .into()
+    };
+    let epoch = b.admin(Method::GET, "/epoch", None).json()["epoch"]
+        .as_u64()
+        .unwrap();
+    fn req(a: &std::collections::BTreeMap<String, String>, epoch: u64) -> token::Request<'_> {
+        token::Request {
+            peer: "g1",
+            now: SystemTime::now(),
+            epoch,
+            tool: "db",
+            op: "read",
+            args: a,
+        }
+    }
+    assert!(v.authorize(&req(&args("fine"), epoch)).is_ok());
+    assert_eq!(
+        v.authorize(&req(&args("evil"), epoch)),
+        Err(token::Denial::AttenuationCheck)
+    );
+}
+
+#[test]
+fn tokens_and_tickets_are_not_interchangeable() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (_, t, _) = manager_token(&b);
+    let (ticket, ca) = b.register("g1");
+    // A token where a ticket goes.
+    let (r, _) = b.redeem(&t, &ca);
+    assert_eq!(r.status, 403);
+    // A ticket where a token goes.
+    let m = b.enrol("manager");
+    let r = b.delegate(&m, &ticket, "g1", db("users"));
+    assert_eq!(r.status, 401);
+    // The ticket still works for what it is for.
+    assert_eq!(b.redeem(&ticket, &ca).0.status, 200);
 }

@@ -725,3 +725,42 @@ fn the_llm_token_budget_is_enforced_per_window() {
         "retry-after {retry} should point at the window's end"
     );
 }
+
+#[test]
+fn a_cached_allow_is_withdrawn_by_revocation_and_epoch() {
+    let s = setup("");
+    let h = [("x-api-key", s.token.as_str())];
+    for _ in 0..3 {
+        assert_eq!(
+            llm(&s, "/llm/v1/messages", &h, Some(messages_body("x", false))).status,
+            200
+        );
+    }
+    let (t2, id2) =
+        s.b.token(&s.manager, json!([{"tool": "llm", "op": "generate"}]));
+    assert_eq!(
+        llm(
+            &s,
+            "/llm/v1/messages",
+            &[("x-api-key", &t2)],
+            Some(messages_body("x", false))
+        )
+        .status,
+        200
+    );
+    s.b.admin(Method::POST, "/revoke", Some(json!({"token_id": id2})));
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &[("x-api-key", &t2)],
+        Some(messages_body("x", false)),
+    );
+    assert_eq!(r.status, 401, "a revoked token was served from the cache");
+    s.b.admin(Method::POST, "/bump-epoch", Some(json!({})));
+    let r = llm(&s, "/llm/v1/messages", &h, Some(messages_body("x", false)));
+    assert_eq!(
+        r.status, 401,
+        "an old-epoch token was served from the cache"
+    );
+    assert_eq!(mock_requests(&s.b.rt, &s.mock_url).len(), 4);
+}

@@ -31,6 +31,7 @@ fn mint_for(root: &RootKey, holder: &str, grants: &[Grant], ttl: Duration) -> Mi
             epoch: EPOCH,
             expires_at: SystemTime::now() + ttl,
             delegation: None,
+            inherit_checks: &[],
         },
     )
     .unwrap()
@@ -127,7 +128,7 @@ fn pinned_constraints_must_match_exactly() {
             "{bad:?}"
         );
     }
-    // An over-long value is left out of Datalog, so its pin fails closed.
+    // An over-long value is refused outright, never truncated.
     let long = "u".repeat(MAX_ARG_LEN + 1);
     let root2 = RootKey::generate();
     let t2 = mint_for(
@@ -139,7 +140,7 @@ fn pinned_constraints_must_match_exactly() {
     .token;
     assert_eq!(
         judge(&root2, &t2, "g", "db", "read", &[("table", &long)]),
-        Err(Denial::ConstraintMismatch)
+        Err(Denial::RequestTooLarge)
     );
 }
 
@@ -542,6 +543,7 @@ fn delegated_tokens_carry_their_chain_and_cannot_be_delegated_again() {
             epoch: EPOCH,
             expires_at: SystemTime::now() + Duration::from_secs(60),
             delegation: Some(("grove-a", &chain)),
+            inherit_checks: &[],
         },
     )
     .unwrap();
@@ -638,4 +640,100 @@ fn base64_url(b: &[u8]) -> String {
         s.push('=');
     }
     s
+}
+
+#[test]
+fn a_delegate_inherits_the_holders_own_checks() {
+    let root = RootKey::generate();
+    let parent = db_token(&root);
+    // A restriction the replay cannot see: `filter` is not pinned.
+    let att = attenuate(
+        &parent.token,
+        "reject if args($m), $m.get(\"filter\") == \"evil\";",
+        HashMap::new(),
+    )
+    .unwrap();
+    let v = verify(&root.public(), &att).unwrap();
+    let now = SystemTime::now();
+    let g = [grant("db", "read", &[("table", "users")])];
+    let exp = v
+        .prove_covers("grove-a", &g, now, EPOCH, now + Duration::from_secs(60))
+        .unwrap();
+    let checks = v.holder_checks().unwrap();
+    assert_eq!(checks.len(), 1);
+    let chain = v.block_ids.clone();
+    let child = mint(
+        &root,
+        &Mint {
+            holder: "grove-b",
+            grants: &g,
+            epoch: EPOCH,
+            expires_at: exp,
+            delegation: Some(("grove-a", &chain)),
+            inherit_checks: &checks,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        judge(
+            &root,
+            &child.token,
+            "grove-b",
+            "db",
+            "read",
+            &[("table", "users")]
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        judge(
+            &root,
+            &child.token,
+            "grove-b",
+            "db",
+            "read",
+            &[("table", "users"), ("filter", "evil")]
+        ),
+        Err(Denial::AttenuationCheck),
+        "the delegate escaped its delegator's restriction"
+    );
+    // Facts an appended block carried are not inherited: only checks.
+    let widened = attenuate(&parent.token, "right(\"db\", \"write\");", HashMap::new()).unwrap();
+    assert!(
+        verify(&root.public(), &widened)
+            .unwrap()
+            .holder_checks()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn too_many_or_too_long_arguments_are_refused_not_dropped() {
+    let root = RootKey::generate();
+    let t = db_token(&root).token;
+    let v = verify(&root.public(), &t).unwrap();
+    let mut many: BTreeMap<String, String> = (0..=MAX_ARGS)
+        .map(|i| (format!("a{i:03}"), "x".into()))
+        .collect();
+    many.insert("table".into(), "users".into());
+    let r = Request {
+        peer: "grove-a",
+        now: SystemTime::now(),
+        epoch: EPOCH,
+        tool: "db",
+        op: "read",
+        args: &many,
+    };
+    assert_eq!(v.authorize(&r), Err(Denial::RequestTooLarge));
+    let long = args(&[("table", "users"), ("filter", &"f".repeat(MAX_ARG_LEN + 1))]);
+    let r = Request {
+        peer: "grove-a",
+        now: SystemTime::now(),
+        epoch: EPOCH,
+        tool: "db",
+        op: "read",
+        args: &long,
+    };
+    assert_eq!(v.authorize(&r), Err(Denial::RequestTooLarge));
 }
