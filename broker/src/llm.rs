@@ -33,8 +33,6 @@ use crate::stack::Ctx;
 
 /// Largest request body forwarded (images make prompts large).
 const MAX_REQUEST: usize = 32 * 1024 * 1024;
-/// Time for the upstream to send its response headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest non-streaming response kept aside for reading usage.
 const USAGE_PEEK: usize = 1024 * 1024;
 
@@ -76,6 +74,8 @@ pub struct Upstream {
     base: String,
     key: Option<HeaderValue>,
     key_bytes: Option<Vec<u8>>,
+    /// Time for the upstream to send its response headers.
+    header_timeout: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -146,6 +146,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             base: b.upstream.to_string(),
+            header_timeout: b.upstream_header_timeout,
             key_bytes: key.map(String::into_bytes),
             key: key_value,
         })
@@ -325,7 +326,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         .map_err(|e| ApiError::Internal(format!("building the upstream request: {e}")))?;
 
     let started = Instant::now();
-    let sent = tokio::time::timeout(HEADER_TIMEOUT, upstream.client.request(out)).await;
+    let sent = tokio::time::timeout(upstream.header_timeout, upstream.client.request(out)).await;
     let resp = match sent {
         Err(_) => {
             return Err(upstream_failure(

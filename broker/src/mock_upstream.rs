@@ -25,6 +25,8 @@ use tokio::net::TcpListener;
 use crate::body::ChannelBody;
 use crate::server::{Body, full};
 
+const MAX_SEEN: usize = 10_000;
+
 #[derive(Debug, Default)]
 struct Seen {
     requests: Vec<Value>,
@@ -168,7 +170,10 @@ async fn handle(
         })
         .collect();
     let index = seen.lock().map(|s| s.requests.len()).unwrap_or(0);
-    if let Ok(mut s) = seen.lock() {
+    // Keep the first requests only: under load the log must not grow without bound.
+    if let Ok(mut s) = seen.lock()
+        && s.requests.len() < MAX_SEEN
+    {
         s.requests.push(json!({
             "method": parts.method.as_str(),
             "path": parts.uri.path(),

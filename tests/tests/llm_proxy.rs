@@ -764,3 +764,32 @@ fn a_cached_allow_is_withdrawn_by_revocation_and_epoch() {
     );
     assert_eq!(mock_requests(&s.b.rt, &s.mock_url).len(), 4);
 }
+
+#[test]
+fn an_upstream_slow_to_answer_is_a_504_api_error() {
+    let s = setup("  upstream_header_timeout: 1s\n");
+    let started = Instant::now();
+    let r = llm(
+        &s,
+        "/llm/v1/messages",
+        &[("x-api-key", &s.token)],
+        Some(messages_body("mock:header_delay_ms=5000", false)),
+    );
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["type"], "api_error");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the timeout did not apply: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        llm(
+            &s,
+            "/llm/v1/messages",
+            &[("x-api-key", &s.token)],
+            Some(messages_body("fast", false))
+        )
+        .status,
+        200
+    );
+}

@@ -1146,6 +1146,14 @@ fn build_broker(
         Duration::from_secs(1),
         Duration::from_secs(30 * 86_400),
     );
+    let upstream_header_timeout = duration(
+        cx,
+        "broker.upstream_header_timeout",
+        b.upstream_header_timeout.as_deref(),
+        DEFAULT_UPSTREAM_HEADER_TIMEOUT,
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+    );
     let ticket_ttl = duration(
         cx,
         "broker.ticket_ttl",
@@ -1272,6 +1280,7 @@ fn build_broker(
         api_key_file,
         upstream: upstream?,
         upstream_ca_file,
+        upstream_header_timeout: upstream_header_timeout?,
         bind: bind?,
         jail_port: jail_port?,
         admin_bind: admin_bind?,

@@ -107,6 +107,7 @@ pub struct Broker {
     pub api_key_file: Option<PathBuf>,
     pub upstream: HttpUrl,
     pub upstream_ca_file: Option<PathBuf>,
+    pub upstream_header_timeout: Duration,
     pub bind: IpAddr,
     pub jail_port: u16,
     pub admin_bind: IpAddr,
@@ -254,6 +255,7 @@ pub(crate) const DEFAULT_UPSTREAM: &str = "https://api.anthropic.com";
 pub(crate) const DEFAULT_JAIL_PORT: u16 = 8443;
 pub(crate) const DEFAULT_ADMIN_PORT: u16 = 8444;
 pub(crate) const DEFAULT_GRANT_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_UPSTREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) const DEFAULT_TICKET_TTL: Duration = Duration::from_secs(10 * 60);
 pub(crate) const DEFAULT_MANAGER_IDENTITY: &str = "manager";
 pub(crate) const DEFAULT_STATE_DIR: &str = ".lever";

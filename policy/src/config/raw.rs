@@ -145,6 +145,9 @@ pub struct RawBroker {
     pub upstream: Option<String>,
     /// An extra trusted root (PEM) for the upstream, outside the tree.
     pub upstream_ca_file: Option<String>,
+    /// How long the upstream may take to send its response headers before
+    /// the caller gets a 504 (`10s`, `2m`). Default `120s`.
+    pub upstream_header_timeout: Option<String>,
     /// Address of the mTLS jail listener. Default `127.0.0.1`.
     pub bind: Option<String>,
     /// mTLS port the jail reaches the broker on. Default 8443.

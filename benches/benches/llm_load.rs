@@ -1,0 +1,594 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A load harness that cannot set up should stop loudly.
+
+//! Load harness for `/llm`: in one run, against the same mock upstream,
+//!
+//! - **direct**: plain HTTP to the upstream (the baseline);
+//! - **broker**: mTLS + capability token through `lever broker`;
+//! - **nginx** (Debian's): mTLS plus key injection in front of the same
+//!   upstream, the operator's alternative.
+//!
+//! It measures open-loop latency (from each request's *intended* send time,
+//! so a stall cannot hide) at 1,000 and 3,000 requests/s and reports p50/p99
+//! added over direct; closed-loop maximum throughput; time to first byte of
+//! streams; and the broker's RSS while it holds 1,000 open streams. The
+//! mock and the broker run as separate processes (this binary, re-executed
+//! in a role); everything shares the machine's cores, so the figures are an
+//! upper bound on what each proxy adds.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use lever_broker::client::{self, ClientTls, Target};
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+const KEY: &str = "sk-ant-bench-key";
+
+fn main() {
+    match std::env::var("LEVER_BENCH_ROLE").as_deref() {
+        Ok("mock") => return role_mock(),
+        Ok("broker") => return role_broker(),
+        _ => {}
+    }
+    let quick =
+        std::env::args().any(|a| a == "--quick") || std::env::var_os("LEVER_BENCH_QUICK").is_some();
+    raise_fd_limit();
+    let secs = if quick { 1 } else { 5 };
+    println!(
+        "llm load ({} mode: {secs}s per point)",
+        if quick { "quick" } else { "full" }
+    );
+    let dir = std::env::temp_dir().join(format!("lever-bench-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("ws")).unwrap();
+    write(&dir.join("key"), KEY, 0o600);
+    let (mock_port, jail, admin, nginx_port) = (free_port(), free_port(), free_port(), free_port());
+    write(
+        &dir.join("lever.yaml"),
+        &format!(
+            "name: load\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1}}\nbroker:\n  api_key_file: key\n  upstream: http://127.0.0.1:{mock_port}\n  jail_port: {jail}\n  admin_port: {admin}\n  rate_limits: {{llm: {{per_minute: 1000000, burst: 100000, max_concurrent: 10000}}}}\n"
+        ),
+        0o644,
+    );
+    let exe = std::env::current_exe().unwrap();
+    let _mock = Proc(
+        Command::new(&exe)
+            .env("LEVER_BENCH_ROLE", "mock")
+            .env("MOCK_PORT", mock_port.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let broker = Proc(
+        Command::new(&exe)
+            .env("LEVER_BENCH_ROLE", "broker")
+            .env("BROKER_CONFIG", dir.join("lever.yaml"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin_t = Target {
+        https: false,
+        host: "127.0.0.1".into(),
+        port: admin,
+    };
+    let jail_t = Target {
+        https: true,
+        host: "localhost".into(),
+        port: jail,
+    };
+    rt.block_on(wait_up(&admin_t, "/healthz"));
+    rt.block_on(wait_tcp(mock_port));
+
+    // Enrol one agent and take a token, as `lever agent` would.
+    let (ca, tls, token) = rt.block_on(async {
+        let r = client::send(
+            &admin_t,
+            None,
+            http::Method::POST,
+            "/bootstrap",
+            &[],
+            Some(&json!({})),
+        )
+        .await
+        .unwrap();
+        let v = r.json();
+        let (ticket, ca) = (
+            v["ticket"].as_str().unwrap().to_owned(),
+            v["ca"].as_str().unwrap().to_owned(),
+        );
+        let (key, csr) = client::key_and_csr("manager").unwrap();
+        let anon = ClientTls::new(&ca, None).unwrap();
+        let r = client::send(
+            &jail_t,
+            Some(&anon),
+            http::Method::POST,
+            "/v1/enrol",
+            &[],
+            Some(&json!({"ticket": ticket, "csr": csr})),
+        )
+        .await
+        .unwrap();
+        let cert = r.json()["certificate"].as_str().unwrap().to_owned();
+        let tls = ClientTls::new(&ca, Some((&cert, &key))).unwrap();
+        let r = client::send(
+            &jail_t,
+            Some(&tls),
+            http::Method::POST,
+            "/v1/capabilities",
+            &[],
+            Some(&json!({"grants": [{"tool": "llm", "op": "generate"}]})),
+        )
+        .await
+        .unwrap();
+        (ca, tls, r.json()["token"].as_str().unwrap().to_owned())
+    });
+
+    let nginx = start_nginx(&dir, nginx_port, mock_port, &ca);
+    if nginx.is_some() {
+        rt.block_on(wait_tcp(nginx_port));
+    } else {
+        println!("  nginx: not installed (apt-get install nginx-light); its column is left out");
+    }
+
+    let direct = Arc::new(TargetSpec {
+        port: mock_port,
+        tls: None,
+        path: "/v1/messages",
+        auth: ("x-api-key", KEY.to_owned()),
+    });
+    let through = Arc::new(TargetSpec {
+        port: jail,
+        tls: Some(tls.clone()),
+        path: "/llm/v1/messages",
+        auth: ("x-api-key", token.clone()),
+    });
+    let via_nginx = Arc::new(TargetSpec {
+        port: nginx_port,
+        tls: Some(tls.clone()),
+        path: "/llm/v1/messages",
+        auth: ("x-unused", String::new()),
+    });
+    let mut targets = vec![("direct", direct.clone()), ("broker", through.clone())];
+    if nginx.is_some() {
+        targets.push(("nginx", via_nginx.clone()));
+    }
+
+    println!("\n  open loop (latency from the intended send time; 64 keep-alive connections)");
+    for rate in [1000u64, 3000] {
+        let mut base = (0u64, 0u64);
+        for (name, t) in &targets {
+            let pool = rt.block_on(Pool::new(t.clone(), 64));
+            rt.block_on(open_loop(&pool, rate / 10, Duration::from_millis(300))); // warm up
+            let lats = rt.block_on(open_loop(&pool, rate, Duration::from_secs(secs)));
+            let (p50, p99) = (pct(&lats, 50.0), pct(&lats, 99.0));
+            if *name == "direct" {
+                base = (p50, p99);
+                println!(
+                    "    {rate:>5} req/s  {name:<7} p50 {p50:>6} us  p99 {p99:>6} us  ({} requests)",
+                    lats.len()
+                );
+            } else {
+                println!(
+                    "    {rate:>5} req/s  {name:<7} p50 {p50:>6} us  p99 {p99:>6} us  => added p50 {:>6} us, p99 {:>6} us",
+                    p50.saturating_sub(base.0),
+                    p99.saturating_sub(base.1)
+                );
+            }
+        }
+    }
+
+    println!("\n  closed loop (64 workers, as fast as each answers)");
+    let mut base_rps = 0.0;
+    for (name, t) in &targets {
+        let pool = rt.block_on(Pool::new(t.clone(), 64));
+        let rps = rt.block_on(closed_loop(&pool, 64, Duration::from_secs(secs)));
+        if *name == "direct" {
+            base_rps = rps;
+            println!("    {name:<7} {rps:>9.0} req/s");
+        } else {
+            println!(
+                "    {name:<7} {rps:>9.0} req/s  ({:.2}x direct)",
+                rps / base_rps
+            );
+        }
+    }
+
+    println!("\n  time to first byte of a stream (new connection each, median of 20)");
+    for (name, t) in &targets {
+        let mut v: Vec<u64> = (0..20).map(|_| rt.block_on(ttfb(t))).collect();
+        v.sort_unstable();
+        println!("    {name:<7} {:>6} us", v[v.len() / 2]);
+    }
+
+    println!("\n  broker memory with 1,000 open streams");
+    let before = rss_kib(broker.0.id());
+    let held = rt.block_on(hold_streams(&through, 1000));
+    let during = rss_kib(broker.0.id());
+    println!(
+        "    {held} streams open: broker RSS {:.1} MiB (idle {:.1} MiB, {:.1} KiB per stream)",
+        during as f64 / 1024.0,
+        before as f64 / 1024.0,
+        (during.saturating_sub(before)) as f64 / held.max(1) as f64
+    );
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+struct TargetSpec {
+    port: u16,
+    tls: Option<ClientTls>,
+    path: &'static str,
+    auth: (&'static str, String),
+}
+
+fn body(stream: bool, prompt: &str) -> Bytes {
+    Bytes::from(
+        json!({"model": "claude-mock-1", "max_tokens": 16, "stream": stream, "messages": [{"role": "user", "content": prompt}]})
+            .to_string(),
+    )
+}
+
+fn request(t: &TargetSpec, stream: bool, prompt: &str) -> Request<Full<Bytes>> {
+    let mut b = Request::post(t.path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .header("anthropic-version", "2023-06-01");
+    if !t.auth.1.is_empty() {
+        b = b.header(t.auth.0, t.auth.1.as_str());
+    }
+    b.body(Full::new(body(stream, prompt))).unwrap()
+}
+
+async fn connect(t: &TargetSpec) -> SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.port))
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    match &t.tls {
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let s = tls.connector().connect(name, tcp).await.unwrap();
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send
+        }
+        None => {
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send
+        }
+    }
+}
+
+/// Keep-alive connections, each used by one request at a time.
+struct Pool {
+    spec: Arc<TargetSpec>,
+    free: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    slots: Semaphore,
+}
+
+impl Pool {
+    async fn new(spec: Arc<TargetSpec>, n: usize) -> Arc<Pool> {
+        let mut free = Vec::new();
+        for _ in 0..n {
+            free.push(connect(&spec).await);
+        }
+        Arc::new(Pool {
+            spec,
+            free: Mutex::new(free),
+            slots: Semaphore::new(n),
+        })
+    }
+
+    async fn call(&self) {
+        let _slot = self.slots.acquire().await.unwrap();
+        let mut s = self.free.lock().unwrap().pop().unwrap();
+        if s.ready().await.is_err() {
+            s = connect(&self.spec).await;
+        }
+        let resp = s
+            .send_request(request(&self.spec, false, "load"))
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+        let _ = resp.into_body().collect().await.unwrap();
+        self.free.lock().unwrap().push(s);
+    }
+}
+
+async fn open_loop(pool: &Arc<Pool>, rate: u64, dur: Duration) -> Vec<u64> {
+    let n = (rate as f64 * dur.as_secs_f64()) as u64;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let lats = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let start = tokio::time::Instant::now() + Duration::from_millis(10);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let at = start + period * u32::try_from(i).unwrap();
+        tokio::time::sleep_until(at).await;
+        let (pool, lats) = (pool.clone(), lats.clone());
+        tasks.push(tokio::spawn(async move {
+            pool.call().await;
+            lats.lock().unwrap().push(at.elapsed().as_micros() as u64);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut v = Arc::try_unwrap(lats).unwrap().into_inner().unwrap();
+    v.sort_unstable();
+    v
+}
+
+async fn closed_loop(pool: &Arc<Pool>, workers: usize, dur: Duration) -> f64 {
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadline = Instant::now() + dur;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (pool, done) = (pool.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                pool.call().await;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(std::sync::atomic::Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn ttfb(t: &TargetSpec) -> u64 {
+    let start = Instant::now();
+    let mut s = connect(t).await;
+    let resp = s
+        .send_request(request(t, true, "mock:events=3"))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let _ = body.frame().await;
+    let us = start.elapsed().as_micros() as u64;
+    while body.frame().await.is_some() {}
+    us
+}
+
+/// Opens `n` streams that stay open (the mock pauses 20 s mid-stream) and
+/// returns how many reached their first byte.
+async fn hold_streams(t: &Arc<TargetSpec>, n: usize) -> usize {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(n);
+    let hold = Arc::new(tokio::sync::Notify::new());
+    for _ in 0..n {
+        let (t, tx, hold) = (t.clone(), tx.clone(), hold.clone());
+        tokio::spawn(async move {
+            let mut s = connect(&t).await;
+            let resp = s
+                .send_request(request(&t, true, "mock:events=2 gap_ms=20000"))
+                .await
+                .unwrap();
+            let mut body = resp.into_body();
+            let _ = body.frame().await;
+            let _ = tx.send(()).await;
+            hold.notified().await;
+            drop(body);
+        });
+    }
+    drop(tx);
+    let mut got = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(())) => got += 1,
+            _ => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    got
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p / 100.0) as usize).min(sorted.len() - 1)]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write(path: &std::path::Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if let Some(max) = l.maximum {
+        l.current = Some(max.min(65_536));
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
+async fn wait_up(t: &Target, path: &str) {
+    for _ in 0..200 {
+        if client::send(t, None, http::Method::GET, path, &[], None)
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{path} never came up");
+}
+
+async fn wait_tcp(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("port {port} never opened");
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first: nginx's master then takes its workers down with it
+        // (SIGKILL would orphan them).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for c in der.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                b64.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|l| std::str::from_utf8(l).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+/// nginx with mTLS (client certificates from the broker CA) and key
+/// injection, proxying to the mock with keep-alive upstream connections.
+fn start_nginx(dir: &std::path::Path, port: u16, mock: u16, ca_pem: &str) -> Option<Proc> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let sd = dir.join(".lever");
+    let ca =
+        lever_broker::ca::Ca::load(&std::fs::read_to_string(sd.join("ca.key")).unwrap(), ca_pem)
+            .unwrap();
+    let (chain, key, _) = ca.issue_server().unwrap();
+    let nd = dir.join("nginx");
+    std::fs::create_dir_all(nd.join("logs")).unwrap();
+    write(
+        &nd.join("srv.pem"),
+        &chain
+            .iter()
+            .map(|c| pem("CERTIFICATE", c.as_ref()))
+            .collect::<String>(),
+        0o644,
+    );
+    write(
+        &nd.join("srv.key"),
+        &pem("PRIVATE KEY", key.secret_der()),
+        0o600,
+    );
+    write(&nd.join("ca.pem"), ca_pem, 0o644);
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr error;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp;\n  upstream mock {{ server 127.0.0.1:{mock}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{port} ssl;\n    ssl_protocols TLSv1.3;\n    ssl_certificate {d}/srv.pem;\n    ssl_certificate_key {d}/srv.key;\n    ssl_client_certificate {d}/ca.pem;\n    ssl_verify_client on;\n    location /llm/ {{\n      proxy_pass http://mock/;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Authorization \"\";\n      proxy_set_header x-api-key \"{KEY}\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+        d = nd.display()
+    );
+    write(&nd.join("nginx.conf"), &conf, 0o644);
+    std::fs::create_dir_all(nd.join("tmp")).unwrap();
+    let child = Command::new(nginx)
+        .args([
+            "-p",
+            &nd.display().to_string(),
+            "-c",
+            &nd.join("nginx.conf").display().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    Some(Proc(child))
+}
+
+fn role_mock() {
+    let port: u16 = std::env::var("MOCK_PORT").unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        lever_broker::mock_upstream::serve(l, Some(KEY.to_owned())).await;
+    });
+}
+
+fn role_broker() {
+    let path = std::env::var("BROKER_CONFIG").unwrap();
+    let cfg = lever_policy::config::load(
+        std::path::Path::new(&path),
+        &lever_policy::config::Env::from_process(),
+    )
+    .unwrap()
+    .config;
+    let broker = lever_broker::open(cfg).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(lever_broker::run(broker)).unwrap();
+}
