@@ -149,7 +149,7 @@ async fn bump_epoch(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
     })?;
     broker
         .audit
-        .log(
+        .log_durable(
             Record::new("bump_epoch")
                 .allow()
                 .request(&ctx.request_id)

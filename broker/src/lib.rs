@@ -66,11 +66,13 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// A verified token and, for single-block tokens, the Datalog decisions
-/// already taken for it. A single-block token's decision depends only on
-/// the request and on holder, epoch and expiry, which are checked in Rust
-/// on every call; a token with holder-appended blocks may carry time
-/// checks, so its decisions are never cached.
+/// A verified token and, for tokens the broker minted directly (one block,
+/// not delegated), the Datalog decisions already taken for it. Such a
+/// token's decision depends only on the request and on holder, epoch and
+/// expiry, which are checked in Rust on every call. A token with
+/// holder-appended blocks, or a delegated one (which may carry checks
+/// inherited from its parent, time checks among them), is judged afresh
+/// every time.
 struct CachedToken {
     verified: Arc<Verified>,
     decisions: Mutex<HashMap<String, Result<(), Denial>>>,
@@ -280,7 +282,8 @@ impl Broker {
         args: &std::collections::BTreeMap<String, String>,
     ) -> Result<Arc<Verified>, Denial> {
         let entry = self.standing(token, peer)?;
-        let cacheable = entry.verified.block_ids.len() == 1;
+        let cacheable =
+            entry.verified.block_ids.len() == 1 && entry.verified.delegated_by.is_none();
         // A structured key (JSON of tool, op and the sorted arguments):
         // distinct requests can never share one.
         let key = cacheable

@@ -3,7 +3,9 @@
 //! parent. Pure: the caller supplies the clock, the epoch and the
 //! revocation list.
 //!
-//! The authority block carries only facts (no rules):
+//! The authority block of a token the broker mints directly carries only
+//! facts (no rules, no checks); a delegated token's may also carry the
+//! checks its parent's holder appended (never facts or rules from them):
 //!
 //! ```text
 //! holder("grove-a");                 // the certificate CN it is bound to
@@ -40,10 +42,10 @@ pub const MAX_TOKEN_CHARS: usize = 8 * 1024;
 pub const MAX_BLOCKS: usize = 8;
 /// Most grants in one token.
 pub const MAX_GRANTS: usize = 64;
-/// Most string arguments passed to Datalog for one request.
+/// Most string arguments judged for one request; more are refused.
 pub const MAX_ARGS: usize = 64;
-/// Longest argument value passed to Datalog (longer values are left out,
-/// so a pin on them fails closed).
+/// Longest argument key or value judged; a request with a longer one is
+/// refused (never truncated).
 pub const MAX_ARG_LEN: usize = 4096;
 
 /// Datalog run limits: generous for our tiny programs, but bounded, and

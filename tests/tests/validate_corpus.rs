@@ -1024,6 +1024,14 @@ const CASES: &[Case] = &[
         message: "missing required key",
     },
     Case {
+        name: "audit file inside the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  telemetry: {audit_file: ws/audit.jsonl}\n",
+        setup: none,
+        line: 7,
+        path: "broker.telemetry.audit_file",
+        message: "inside the tree",
+    },
+    Case {
         name: "OTLP endpoint not a URL",
         yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  telemetry: {otlp_endpoint: 'collector:4318'}\n",
         setup: none,
