@@ -183,6 +183,7 @@ fn writer(
 ) {
     let mut last_sync = Instant::now();
     let mut dirty = false;
+    let mut pending: Vec<u8> = Vec::with_capacity(BATCH);
     loop {
         let msg = if dirty {
             // Wake up to fsync even when nothing new arrives.
@@ -229,15 +230,21 @@ fn writer(
                 };
                 prev = sha256_hex(text.as_bytes());
                 text.push('\n');
-                if let Err(e) = file.write_all(text.as_bytes()) {
-                    eprintln!(
-                        "lever broker: cannot write the audit log {}: {e}",
-                        path.display()
-                    );
+                pending.extend_from_slice(text.as_bytes());
+                // One write per burst rather than per record: write when the
+                // queue is drained (or the batch is large).
+                if rx.is_empty() || pending.len() >= BATCH {
+                    write_out(&mut file, &mut pending, &path);
+                    dirty = true;
                 }
-                dirty = true;
+                if dirty && last_sync.elapsed() >= FSYNC_EVERY {
+                    let _ = file.sync_data();
+                    dirty = false;
+                    last_sync = Instant::now();
+                }
             }
             Msg::Flush(done) => {
+                write_out(&mut file, &mut pending, &path);
                 let _ = file.sync_data();
                 dirty = false;
                 last_sync = Instant::now();
@@ -245,7 +252,24 @@ fn writer(
             }
         }
     }
+    write_out(&mut file, &mut pending, &path);
     let _ = file.sync_data();
+}
+
+/// Largest batch of records written at once.
+const BATCH: usize = 64 * 1024;
+
+fn write_out(file: &mut File, pending: &mut Vec<u8>, path: &Path) {
+    if pending.is_empty() {
+        return;
+    }
+    if let Err(e) = file.write_all(pending) {
+        eprintln!(
+            "lever broker: cannot write the audit log {}: {e}",
+            path.display()
+        );
+    }
+    pending.clear();
 }
 
 /// The last sequence number and the hash of the last line of an audit file
