@@ -133,18 +133,32 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
             return Err(ApiError::Ticket(msg));
         }
     };
-    let (cert, not_after) = broker.ca.issue_client(&identity, &body.csr, serial)?;
-    broker
-        .audit
-        .log_durable(
-            Record::new("enrol")
-                .allow()
-                .identity(&identity)
-                .request(&ctx.request_id)
-                .detail("serial", serial)
-                .detail("not_after", rfc3339(not_after)),
-        )
-        .await;
+    issue_certificate(ctx, "enrol", &identity, &body.csr, serial).await
+}
+
+/// Signs a client certificate for `identity` from `csr`, records it, and
+/// answers with the certificate and the CA to pin. An enrolment's record
+/// is durable before the answer (the ticket is spent); a renewal's is not.
+async fn issue_certificate(
+    ctx: &Ctx<'_>,
+    event: &'static str,
+    identity: &str,
+    csr: &str,
+    serial: u64,
+) -> Result<Response<Body>, ApiError> {
+    let broker = ctx.broker;
+    let (cert, not_after) = broker.ca.issue_client(identity, csr, serial)?;
+    let rec = Record::new(event)
+        .allow()
+        .identity(identity)
+        .request(&ctx.request_id)
+        .detail("serial", serial)
+        .detail("not_after", rfc3339(not_after));
+    if event == "enrol" {
+        broker.audit.log_durable(rec).await;
+    } else {
+        broker.audit.log(rec).await;
+    }
     ok(json!({
         "identity": identity,
         "certificate": cert,
@@ -175,24 +189,7 @@ async fn renew(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
         })
     })?;
     // The CSR's own CN is ignored: the certificate is for the peer.
-    let (cert, not_after) = ctx.broker.ca.issue_client(&identity, &body.csr, serial)?;
-    ctx.broker
-        .audit
-        .log(
-            Record::new("renew")
-                .allow()
-                .identity(&identity)
-                .request(&ctx.request_id)
-                .detail("serial", serial)
-                .detail("not_after", rfc3339(not_after)),
-        )
-        .await;
-    ok(json!({
-        "identity": identity,
-        "certificate": cert,
-        "ca": ctx.broker.ca.cert_pem(),
-        "expires_at": rfc3339(not_after),
-    }))
+    issue_certificate(ctx, "renew", &identity, &body.csr, serial).await
 }
 
 #[derive(Deserialize)]
