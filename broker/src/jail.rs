@@ -323,8 +323,16 @@ async fn capabilities(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<
 
 /// The bearer token of a request, from `Authorization: Bearer`.
 pub fn bearer<B>(req: &Request<B>) -> Result<String, ApiError> {
-    let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
-    let v = values.next().ok_or(ApiError::NoToken)?;
+    bearer_of(req.headers())?.ok_or(ApiError::NoToken)
+}
+
+/// The `Authorization: Bearer` token of a request, if it sends one: the
+/// one parser of that header. Two headers, or another scheme, are refused.
+pub fn bearer_of(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
     if values.next().is_some() {
         return Err(ApiError::BadRequest(
             "more than one Authorization header".into(),
@@ -335,7 +343,7 @@ pub fn bearer<B>(req: &Request<B>) -> Result<String, ApiError> {
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ApiError::NoToken);
     }
-    Ok(token.trim().to_owned())
+    Ok(Some(token.trim().to_owned()))
 }
 
 #[derive(Deserialize)]

@@ -162,40 +162,24 @@ struct Peek {
 /// The capability token of an `/llm` request: `Authorization: Bearer` or
 /// `x-api-key`, exactly one value (both only if equal).
 fn llm_token(headers: &HeaderMap) -> Result<String, ApiError> {
-    let mut found: Option<String> = None;
-    let mut offer = |v: String| -> Result<(), ApiError> {
-        match &found {
-            Some(f) if *f != v => Err(ApiError::BadRequest(
-                "conflicting credentials in Authorization and x-api-key".into(),
-            )),
-            _ => {
-                found = Some(v);
-                Ok(())
-            }
+    let bearer = crate::jail::bearer_of(headers)?;
+    let mut keys = headers.get_all("x-api-key").iter();
+    let key = match (keys.next(), keys.next()) {
+        (None, _) => None,
+        (Some(k), None) => Some(k.to_str().map_err(|_| ApiError::NoToken)?.trim().to_owned()),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "more than one x-api-key header".into(),
+            ));
         }
     };
-    let auth: Vec<&HeaderValue> = headers
-        .get_all(http::header::AUTHORIZATION)
-        .iter()
-        .collect();
-    let keys: Vec<&HeaderValue> = headers.get_all("x-api-key").iter().collect();
-    if auth.len() > 1 || keys.len() > 1 {
-        return Err(ApiError::BadRequest(
-            "more than one credential header".into(),
-        ));
+    match (bearer, key) {
+        (Some(b), Some(k)) if b != k => Err(ApiError::BadRequest(
+            "conflicting credentials in Authorization and x-api-key".into(),
+        )),
+        (Some(t), _) | (None, Some(t)) => Ok(t),
+        (None, None) => Err(ApiError::NoToken),
     }
-    if let Some(a) = auth.first() {
-        let s = a.to_str().map_err(|_| ApiError::NoToken)?;
-        let (scheme, t) = s.split_once(' ').ok_or(ApiError::NoToken)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(ApiError::NoToken);
-        }
-        offer(t.trim().to_owned())?;
-    }
-    if let Some(k) = keys.first() {
-        offer(k.to_str().map_err(|_| ApiError::NoToken)?.trim().to_owned())?;
-    }
-    found.ok_or(ApiError::NoToken)
 }
 
 /// The API path of an `/llm/...` request, refusing any trick.
