@@ -91,6 +91,29 @@ fn obtain_only_what_obtain_and_allowed_values_permit() {
     assert_eq!(v.token_id.as_str(), r["token_id"].as_str().unwrap());
 }
 
+/// A db/read token pinned to `users` for the manager, minted directly with
+/// `root` at `epoch` (as only the holder of a root key could).
+fn manager_db_token(root: &RootKey, epoch: u64) -> String {
+    let grants = [Grant {
+        tool: "db".into(),
+        op: "read".into(),
+        constraints: [("table".to_owned(), "users".to_owned())].into(),
+    }];
+    token::mint(
+        root,
+        &Mint {
+            holder: "manager",
+            grants: &grants,
+            epoch,
+            expires_at: SystemTime::now() + Duration::from_secs(600),
+            delegation: None,
+            inherit_checks: &[],
+        },
+    )
+    .unwrap()
+    .token
+}
+
 /// The manager's db/read token, pinned to `users`.
 fn manager_token(b: &Broker) -> (lever_tests::broker::Agent, String, String) {
     let m = b.enrol("manager");
@@ -121,23 +144,7 @@ fn forged_truncated_flipped_reordered_and_oversized_tokens_are_refused() {
     );
 
     // Forged: the right facts, signed by another root key.
-    let forged = token::mint(
-        &RootKey::generate(),
-        &Mint {
-            holder: "manager",
-            grants: &[Grant {
-                tool: "db".into(),
-                op: "read".into(),
-                constraints: [("table".to_owned(), "users".to_owned())].into(),
-            }],
-            epoch: 1,
-            expires_at: SystemTime::now() + Duration::from_secs(600),
-            delegation: None,
-            inherit_checks: &[],
-        },
-    )
-    .unwrap()
-    .token;
+    let forged = manager_db_token(&RootKey::generate(), 1);
     let data = good.trim_end_matches('=');
     let mut flipped = data.as_bytes().to_vec();
     let mid = flipped.len() / 2;
@@ -259,23 +266,7 @@ fn old_and_future_epochs_are_dead() {
     // A token of a future epoch, signed with the real root key (as if it
     // had leaked), is refused too: the epoch must be equal, not "at least".
     let root = RootKey::from_pem(&state_file(&inst.state_dir(), "root.key")).unwrap();
-    let future = token::mint(
-        &root,
-        &Mint {
-            holder: "manager",
-            grants: &[Grant {
-                tool: "db".into(),
-                op: "read".into(),
-                constraints: [("table".to_owned(), "users".to_owned())].into(),
-            }],
-            epoch: 3,
-            expires_at: SystemTime::now() + Duration::from_secs(600),
-            delegation: None,
-            inherit_checks: &[],
-        },
-    )
-    .unwrap()
-    .token;
+    let future = manager_db_token(&root, 3);
     let r = b.delegate(&m, &future, "g1", db("users"));
     assert_eq!(
         (r.status.as_u16(), code(&r).as_str()),
