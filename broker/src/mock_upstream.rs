@@ -35,24 +35,60 @@ struct Seen {
 /// Serves until the task is dropped. `expect_key`: the only `x-api-key`
 /// accepted.
 pub async fn serve(listener: TcpListener, expect_key: Option<String>) {
+    serve_with(listener, expect_key, None).await;
+}
+
+/// Like [`serve`]; with `tls`, speaks HTTPS and offers HTTP/2 and
+/// HTTP/1.1 by ALPN (as the real API does).
+pub async fn serve_with(
+    listener: TcpListener,
+    expect_key: Option<String>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let expect_key = Arc::new(expect_key);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (seen, expect_key) = (seen.clone(), expect_key.clone());
+        let (seen, expect_key, acceptor) = (seen.clone(), expect_key.clone(), acceptor.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let (seen, expect_key) = (seen.clone(), expect_key.clone());
                 async move { Ok::<_, Infallible>(handle(req, &seen, expect_key.as_deref()).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let auto =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            match acceptor {
+                Some(a) => {
+                    if let Ok(stream) = a.accept(tcp).await {
+                        let _ = auto.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+                None => {
+                    let _ = auto.serve_connection(TokioIo::new(tcp), svc).await;
+                }
+            }
         });
     }
+}
+
+/// A TLS server configuration from PEM files, offering h2 and http/1.1.
+pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = crate::ca::pem_certs(cert_pem)?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
@@ -175,6 +211,7 @@ async fn handle(
         && s.requests.len() < MAX_SEEN
     {
         s.requests.push(json!({
+            "version": format!("{:?}", parts.version),
             "method": parts.method.as_str(),
             "path": parts.uri.path(),
             "query": parts.uri.query(),

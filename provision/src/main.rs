@@ -112,6 +112,12 @@ enum Command {
         /// Answer 401 unless x-api-key equals this file's contents
         #[arg(long, value_name = "FILE")]
         expect_key_file: Option<PathBuf>,
+        /// Serve HTTPS (h2 and http/1.1) with this certificate chain (PEM)
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) for --tls-cert
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<PathBuf>,
     },
     /// Check the audit trail's hash chain, or follow it
     Audit {
@@ -152,7 +158,9 @@ fn main() -> ExitCode {
         Command::MockUpstream {
             listen,
             expect_key_file,
-        } => mock_upstream(listen, expect_key_file),
+            tls_cert,
+            tls_key,
+        } => mock_upstream(listen, expect_key_file, tls_cert.zip(tls_key)),
         Command::Demo { keep } => demo::run(keep),
     }
 }
@@ -162,7 +170,27 @@ pub(crate) fn config_path(explicit: Option<PathBuf>) -> PathBuf {
     explicit.unwrap_or_else(|| PathBuf::from(lever_policy::config::CONFIG_FILE))
 }
 
-fn mock_upstream(listen: std::net::SocketAddr, expect_key_file: Option<PathBuf>) -> ExitCode {
+fn mock_upstream(
+    listen: std::net::SocketAddr,
+    expect_key_file: Option<PathBuf>,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> ExitCode {
+    let tls = match tls {
+        None => None,
+        Some((c, k)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+            };
+            match read(&c)
+                .and_then(|c| read(&k).map(|k| (c, k)))
+                .and_then(|(c, k)| lever_broker::mock_upstream::tls_config(&c, &k))
+            {
+                Ok(cfg) => Some(cfg),
+                Err(e) => return common::fail(&e),
+            }
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let key = match expect_key_file.map(std::fs::read_to_string).transpose() {
         Ok(k) => k.map(|k| k.trim().to_owned()),
         Err(e) => return common::fail(&format!("reading the key file: {e}")),
@@ -180,9 +208,9 @@ fn mock_upstream(listen: std::net::SocketAddr, expect_key_file: Option<PathBuf>)
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        out::println(&format!("lever mock-upstream ready: http://{addr}"));
+        out::println(&format!("lever mock-upstream ready: {scheme}://{addr}"));
         tokio::select! {
-            _ = lever_broker::mock_upstream::serve(listener, key) => {}
+            _ = lever_broker::mock_upstream::serve_with(listener, key, tls) => {}
             _ = tokio::signal::ctrl_c() => {}
         }
         ExitCode::SUCCESS

@@ -793,3 +793,108 @@ fn an_upstream_slow_to_answer_is_a_504_api_error() {
         200
     );
 }
+
+/// A CA and a `localhost` server certificate for an HTTPS mock upstream:
+/// (CA PEM, certificate PEM, key PEM).
+fn upstream_pki() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "upstream test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn an_https_upstream_is_verified_and_spoken_to_over_http2() {
+    let scratch = lever_tests::TempDir::new("tls-mock");
+    let (ca, cert, key) = upstream_pki();
+    scratch.write("key", REAL_KEY, 0o600);
+    scratch.write("srv.pem", &cert, 0o644);
+    scratch.write("srv.key", &key, 0o600);
+    let ca_path = scratch.write("ca.pem", &ca, 0o644);
+    let (child, line) = lever_tests::broker::spawn_ready(
+        &[
+            "mock-upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--expect-key-file",
+            "key",
+            "--tls-cert",
+            "srv.pem",
+            "--tls-key",
+            "srv.key",
+        ],
+        scratch.path(),
+        "lever mock-upstream ready",
+    );
+    let _mock = lever_tests::broker::Proc(child);
+    let port = line.rsplit(':').next().unwrap().to_owned();
+    let url = format!("https://localhost:{port}");
+
+    // Trusting the extra CA: the call works, and it went over HTTP/2.
+    let inst = Instance::new(
+        DEFAULT_AGENTS,
+        &format!(
+            "  upstream: {url}\n  upstream_ca_file: {}\n",
+            ca_path.display()
+        ),
+    );
+    let b = inst.start();
+    let m = b.enrol("manager");
+    let (t, _) = b.token(&m, json!([{"tool": "llm", "op": "generate"}]));
+    for stream in [false, true] {
+        let r = b.jail(
+            &m.tls(),
+            Method::POST,
+            "/llm/v1/messages",
+            &[("x-api-key", &t)],
+            Some(messages_body("tls", stream)),
+        );
+        assert_eq!(r.status, 200, "{}", r.error_message());
+        assert!(String::from_utf8_lossy(&r.body).contains("word2"));
+    }
+    let mock_tls = lever_broker::client::ClientTls::new(&ca, None).unwrap();
+    let mock_target = lever_broker::client::Target::parse(&url).unwrap();
+    let seen_by_mock = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(lever_broker::client::send(
+            &mock_target,
+            Some(&mock_tls),
+            Method::GET,
+            "/_mock/requests",
+            &[],
+            None,
+        ))
+        .unwrap()
+        .json()
+    };
+    let seen = seen_by_mock(&b.rt);
+    assert_eq!(seen[0]["version"], "HTTP/2.0", "{seen}");
+    assert_eq!(seen[0]["headers"]["x-api-key"], REAL_KEY);
+    drop(b);
+
+    // Without it, the upstream's certificate is not trusted: 502, no key sent.
+    let inst2 = Instance::new(DEFAULT_AGENTS, &format!("  upstream: {url}\n"));
+    let b2 = inst2.start();
+    let m2 = b2.enrol("manager");
+    let (t2, _) = b2.token(&m2, json!([{"tool": "llm", "op": "generate"}]));
+    let r = b2.jail(
+        &m2.tls(),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", &t2)],
+        Some(messages_body("tls", false)),
+    );
+    assert_eq!(r.status, 502, "{}", r.error_message());
+    assert_eq!(r.json()["error"]["type"], "api_error");
+    assert_eq!(
+        seen_by_mock(&b2.rt).as_array().unwrap().len(),
+        2,
+        "a request reached an untrusted upstream"
+    );
+}
