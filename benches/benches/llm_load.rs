@@ -165,13 +165,15 @@ fn main() {
         targets.push(("nginx", via_nginx.clone()));
     }
 
-    println!("\n  open loop (latency from the intended send time; 64 keep-alive connections)");
+    println!(
+        "\n  open loop (latency from the intended send time, kept by a thread; 64 keep-alive connections)"
+    );
     for rate in [1000u64, 3000] {
         let mut base = (0u64, 0u64);
         for (name, t) in &targets {
             let pool = rt.block_on(Pool::new(t.clone(), 64));
-            rt.block_on(open_loop(&pool, rate / 10, Duration::from_millis(300))); // warm up
-            let lats = rt.block_on(open_loop(&pool, rate, Duration::from_secs(secs)));
+            open_loop(&rt, &pool, rate / 10, Duration::from_millis(300)); // warm up
+            let lats = open_loop(&rt, &pool, rate, Duration::from_secs(secs));
             let (p50, p99) = (pct(&lats, 50.0), pct(&lats, 99.0));
             if *name == "direct" {
                 base = (p50, p99);
@@ -312,24 +314,42 @@ impl Pool {
     }
 }
 
-async fn open_loop(pool: &Arc<Pool>, rate: u64, dur: Duration) -> Vec<u64> {
+/// Sends `rate` requests per second for `dur`, each at its intended time,
+/// and returns the latencies (µs, sorted) measured from that intended time.
+/// The schedule is kept by a dedicated thread with `thread::sleep` (tens of
+/// microseconds of jitter), not by the async timer (1 ms granularity).
+fn open_loop(rt: &tokio::runtime::Runtime, pool: &Arc<Pool>, rate: u64, dur: Duration) -> Vec<u64> {
     let n = (rate as f64 * dur.as_secs_f64()) as u64;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let lats = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
-    let start = tokio::time::Instant::now() + Duration::from_millis(10);
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let at = start + period * u32::try_from(i).unwrap();
-        tokio::time::sleep_until(at).await;
-        let (pool, lats) = (pool.clone(), lats.clone());
-        tasks.push(tokio::spawn(async move {
-            pool.call().await;
-            lats.lock().unwrap().push(at.elapsed().as_micros() as u64);
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let handle = rt.handle().clone();
+    let start = Instant::now() + Duration::from_millis(10);
+    let tasks: Vec<tokio::task::JoinHandle<()>> = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut tasks = Vec::with_capacity(n as usize);
+                for i in 0..n {
+                    let at = start + period * u32::try_from(i).unwrap_or(u32::MAX);
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    let (pool, lats) = (pool.clone(), lats.clone());
+                    tasks.push(handle.spawn(async move {
+                        pool.call().await;
+                        lats.lock().unwrap().push(at.elapsed().as_micros() as u64);
+                    }));
+                }
+                tasks
+            })
+            .join()
+            .unwrap()
+    });
+    rt.block_on(async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
     let mut v = Arc::try_unwrap(lats).unwrap().into_inner().unwrap();
     v.sort_unstable();
     v
