@@ -153,6 +153,26 @@ impl Upstream {
     }
 }
 
+/// Just the usage of a response (the rest is skipped, not built).
+#[derive(Deserialize, Default)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Usage,
+}
+
+#[derive(Deserialize, Default)]
+struct Usage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+/// The usage-bearing fields of an SSE event.
+#[derive(Deserialize)]
+struct SseUsage {
+    message: Option<UsageOnly>,
+    usage: Option<Usage>,
+}
+
 #[derive(Deserialize, Default)]
 struct Peek {
     model: Option<String>,
@@ -475,13 +495,15 @@ impl Meter {
         if !contains(data, b"usage") {
             return;
         }
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        // `message_start` carries message.usage.input_tokens;
+        // `message_delta` carries the cumulative usage.output_tokens.
+        let Ok(v) = serde_json::from_slice::<SseUsage>(data) else {
             return;
         };
-        if let Some(n) = v["message"]["usage"]["input_tokens"].as_u64() {
+        if let Some(n) = v.message.and_then(|m| m.usage.input_tokens) {
             self.input_tokens = Some(n);
         }
-        if let Some(n) = v["usage"]["output_tokens"].as_u64() {
+        if let Some(n) = v.usage.and_then(|u| u.output_tokens) {
             self.output_tokens = Some(n);
         }
     }
@@ -505,10 +527,10 @@ impl Meter {
         };
         if !self.sse
             && !self.peek.is_empty()
-            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.peek)
+            && let Ok(v) = serde_json::from_slice::<UsageOnly>(&self.peek)
         {
-            self.input_tokens = v["usage"]["input_tokens"].as_u64().or(self.input_tokens);
-            self.output_tokens = v["usage"]["output_tokens"].as_u64().or(self.output_tokens);
+            self.input_tokens = v.usage.input_tokens.or(self.input_tokens);
+            self.output_tokens = v.usage.output_tokens.or(self.output_tokens);
         }
         rec = rec
             .detail("bytes", self.bytes)

@@ -78,13 +78,13 @@ pub enum Listener {
     Admin,
 }
 
-/// Serves the jail listener until the task is dropped.
-pub async fn serve_jail(
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    broker: Arc<Broker>,
-    limits: Limits,
-) {
+/// Accepts connections under the listener's cap and hands each, with its
+/// permit, to `serve` on a task of its own. Runs until the task is dropped.
+async fn accept_loop<F, Fut>(listener: TcpListener, limits: Limits, serve: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -99,10 +99,24 @@ pub async fn serve_jail(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let tls = tls.clone();
-        let broker = broker.clone();
+        let fut = serve(tcp, remote);
         tokio::spawn(async move {
             let _permit = permit;
+            fut.await;
+        });
+    }
+}
+
+/// Serves the jail listener until the task is dropped.
+pub async fn serve_jail(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    broker: Arc<Broker>,
+    limits: Limits,
+) {
+    accept_loop(listener, limits, move |tcp, remote| {
+        let (tls, broker) = (tls.clone(), broker.clone());
+        async move {
             let Ok(Ok(stream)) =
                 tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await
             else {
@@ -121,31 +135,20 @@ pub async fn serve_jail(
                 limits,
             };
             serve_http(TokioIo::new(stream), conn, broker).await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Serves the admin listener (plain HTTP, loopback only) until dropped.
 pub async fn serve_admin(listener: TcpListener, broker: Arc<Broker>, limits: Limits) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if !remote.ip().is_loopback() {
-            // Unreachable with a loopback bind; refuse anyway.
-            continue;
-        }
+    accept_loop(listener, limits, move |tcp, remote| {
         let broker = broker.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
+            if !remote.ip().is_loopback() {
+                // Unreachable with a loopback bind; refuse anyway.
+                return;
+            }
             let conn = Conn {
                 listener: Listener::Admin,
                 remote,
@@ -153,8 +156,9 @@ pub async fn serve_admin(listener: TcpListener, broker: Arc<Broker>, limits: Lim
                 limits,
             };
             serve_http(TokioIo::new(tcp), conn, broker).await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn serve_http<I>(io: I, conn: Conn, broker: Arc<Broker>)
