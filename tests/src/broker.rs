@@ -80,32 +80,11 @@ impl Instance {
 
     /// Starts `lever broker` and waits for its ready line.
     pub fn start(&self) -> Broker {
-        let mut child = Command::new(lever_bin())
-            .args(["broker", "-c", "lever.yaml"])
-            .current_dir(self.dir.path())
-            .env("HOME", self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("lever broker ready") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the broker did not become ready:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let (child, _) = spawn_ready(
+            &["broker", "-c", "lever.yaml"],
+            self.dir.path(),
+            "lever broker ready",
+        );
         Broker {
             child: Some(child),
             admin: Target {
