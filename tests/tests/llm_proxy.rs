@@ -73,6 +73,31 @@ fn raw_tls(s: &Setup, request: &str) -> String {
     })
 }
 
+/// Connects to the broker's jail port over mTLS as `tls` and writes a raw
+/// streaming `/llm/v1/messages` request; the caller reads the answer.
+async fn open_llm_stream(
+    tls: lever_broker::client::ClientTls,
+    port: u16,
+    token: &str,
+    body: &str,
+) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
+    use tokio::io::AsyncWriteExt;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut stream = tls
+        .connector()
+        .connect(rustls_name("localhost"), tcp)
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    stream
+}
+
 fn rustls_name(host: &str) -> rustls::pki_types::ServerName<'static> {
     rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap()
 }
@@ -452,14 +477,8 @@ fn a_client_that_goes_away_cancels_the_upstream_request() {
     let port = s.inst.jail_port;
     let token = s.token.clone();
     s.b.rt.block_on(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut stream = tls.connector().connect(rustls_name("localhost"), tcp).await.unwrap();
-        let req = format!(
-            "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(req.as_bytes()).await.unwrap();
+        use tokio::io::AsyncReadExt;
+        let mut stream = open_llm_stream(tls, port, &token, &body).await;
         let mut buf = vec![0u8; 8192];
         let mut got = String::new();
         while !got.contains("word1") {
@@ -649,14 +668,8 @@ fn requests_in_flight_are_capped_per_agent() {
     let body = messages_body("slow mock:events=20 gap_ms=100", true).to_string();
     // Hold one stream open on a raw connection.
     let held = s.b.rt.block_on(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut stream = tls.connector().connect(rustls_name("localhost"), tcp).await.unwrap();
-        let req = format!(
-            "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(req.as_bytes()).await.unwrap();
+        use tokio::io::AsyncReadExt;
+        let mut stream = open_llm_stream(tls, port, &token, &body).await;
         let mut buf = vec![0u8; 4096];
         let n = stream.read(&mut buf).await.unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
