@@ -13,7 +13,9 @@
 //! streams; and the broker's RSS while it holds 1,000 open streams. The
 //! mock and the broker run as separate processes (this binary, re-executed
 //! in a role); everything shares the machine's cores, so the figures are an
-//! upper bound on what each proxy adds.
+//! upper bound on what each proxy adds. `LEVER_BENCH_WORKERS=N` gives the
+//! broker N runtime workers instead of one per core (nginx runs one worker
+//! process here).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -606,9 +608,13 @@ fn role_broker() {
     .unwrap()
     .config;
     let broker = lever_broker::open(cfg).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("LEVER_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b.worker_threads(n);
+    }
+    let rt = b.enable_all().build().unwrap();
     rt.block_on(lever_broker::run(broker)).unwrap();
 }

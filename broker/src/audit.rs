@@ -155,6 +155,25 @@ impl Audit {
         self.flush().await;
     }
 
+    /// Like [`Audit::log`], from code that cannot wait (a body's `Drop`):
+    /// hands the record over at once, or, when the channel is full, on a
+    /// task that waits for room. Nothing is dropped either way.
+    pub fn log_now(&self, r: Record) {
+        match self.tx.try_send(Msg::Record(Box::new(r))) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                let tx = self.tx.clone();
+                // Outside a runtime only at shutdown, when nothing is left
+                // to write to.
+                if let Ok(h) = tokio::runtime::Handle::try_current() {
+                    h.spawn(async move {
+                        let _ = tx.send(msg).await;
+                    });
+                }
+            }
+        }
+    }
+
     /// Like [`Audit::log`], from blocking code.
     pub fn log_blocking(&self, r: Record) {
         let _ = self.tx.blocking_send(Msg::Record(Box::new(r)));
@@ -184,6 +203,7 @@ fn writer(
     let mut last_sync = Instant::now();
     let mut dirty = false;
     let mut pending: Vec<u8> = Vec::with_capacity(BATCH);
+    let mut batch = 0usize;
     loop {
         let msg = if dirty {
             // Wake up to fsync even when nothing new arrives.
@@ -233,9 +253,16 @@ fn writer(
                 pending.extend_from_slice(text.as_bytes());
                 // One write per burst rather than per record: write when the
                 // queue is drained (or the batch is large).
+                batch += 1;
                 if rx.is_empty() || pending.len() >= BATCH {
                     write_out(&mut file, &mut pending, &path);
                     dirty = true;
+                    if batch > 1 {
+                        // Under load: let the next records gather rather
+                        // than have every sender wake this thread.
+                        std::thread::sleep(GATHER);
+                    }
+                    batch = 0;
                 }
                 if dirty && last_sync.elapsed() >= FSYNC_EVERY {
                     let _ = file.sync_data();
@@ -255,6 +282,9 @@ fn writer(
     write_out(&mut file, &mut pending, &path);
     let _ = file.sync_data();
 }
+
+/// How long the writer lets records gather when they arrive in bursts.
+const GATHER: Duration = Duration::from_millis(1);
 
 /// Largest batch of records written at once.
 const BATCH: usize = 64 * 1024;

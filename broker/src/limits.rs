@@ -63,9 +63,13 @@ impl Lane {
                 .in_flight
                 .lock()
                 .map_err(|_| ApiError::Internal("limits poisoned".into()))?;
-            m.entry(agent.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.max_concurrent as usize)))
-                .clone()
+            match m.get(agent) {
+                Some(s) => s.clone(),
+                None => m
+                    .entry(agent.to_owned())
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.max_concurrent as usize)))
+                    .clone(),
+            }
         };
         sem.try_acquire_owned().map_err(|_| {
             ApiError::RateLimited(

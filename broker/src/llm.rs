@@ -392,8 +392,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         peek: Vec::new(),
         input_tokens: None,
         output_tokens: None,
-        key: upstream.key_bytes.clone().map(Arc::new),
-        tail: Vec::new(),
+        scan: upstream.key_bytes.clone().map(KeyScan::new),
         failed: None,
         budget: broker.limits.llm_tokens.clone().map(|b| (b, peer.clone())),
         _permit: permit,
@@ -439,7 +438,51 @@ async fn upstream_failure(
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
+}
+
+/// Looks for the real key in a body that arrives in frames, including an
+/// occurrence split across frames.
+struct KeyScan {
+    key: Vec<u8>,
+    /// The last `key.len() - 1` bytes seen.
+    tail: Vec<u8>,
+}
+
+impl KeyScan {
+    fn new(key: Vec<u8>) -> KeyScan {
+        KeyScan {
+            key,
+            tail: Vec::new(),
+        }
+    }
+
+    /// Whether the key ends in `chunk`.
+    fn leaks(&mut self, chunk: &[u8]) -> bool {
+        let keep = self.key.len().saturating_sub(1);
+        // Across the seam: the previous tail and the chunk's first bytes.
+        if !self.tail.is_empty() {
+            let head = &chunk[..chunk.len().min(keep)];
+            let mut seam = Vec::with_capacity(self.tail.len() + head.len());
+            seam.extend_from_slice(&self.tail);
+            seam.extend_from_slice(head);
+            if contains(&seam, &self.key) {
+                return true;
+            }
+        }
+        if contains(chunk, &self.key) {
+            return true;
+        }
+        if chunk.len() >= keep {
+            self.tail.clear();
+            self.tail.extend_from_slice(&chunk[chunk.len() - keep..]);
+        } else {
+            self.tail.extend_from_slice(chunk);
+            let excess = self.tail.len().saturating_sub(keep);
+            self.tail.drain(..excess);
+        }
+        false
+    }
 }
 
 /// What is measured while a response streams, recorded when it ends.
@@ -456,10 +499,8 @@ struct Meter {
     peek: Vec<u8>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
-    /// The real key, to make sure no response carries it.
-    key: Option<Arc<Vec<u8>>>,
-    /// The end of the previous frame, to catch the key across frames.
-    tail: Vec<u8>,
+    /// Makes sure no response carries the real key.
+    scan: Option<KeyScan>,
     failed: Option<String>,
     /// Where the tokens this call used are counted.
     budget: Option<(Arc<crate::limits::Budget>, String)>,
@@ -508,19 +549,6 @@ impl Meter {
         }
     }
 
-    /// Whether `chunk` (with the previous frame's tail) holds the key.
-    fn leaks(&mut self, chunk: &[u8]) -> bool {
-        let Some(key) = self.key.clone() else {
-            return false;
-        };
-        let mut window = std::mem::take(&mut self.tail);
-        window.extend_from_slice(chunk);
-        let leak = contains(&window, &key);
-        let keep = key.len().saturating_sub(1).min(window.len());
-        self.tail = window[window.len() - keep..].to_vec();
-        leak
-    }
-
     fn finish(&mut self, completed: bool) {
         let Some(mut rec) = self.record.take() else {
             return;
@@ -548,11 +576,7 @@ impl Meter {
                 self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0),
             );
         }
-        let audit = self.audit.clone();
-        // Drop may run outside an async context only at shutdown.
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(async move { audit.log(rec).await });
-        }
+        self.audit.log_now(rec);
     }
 }
 
@@ -594,7 +618,7 @@ impl HttpBody for Metered {
                     // Trailers are not forwarded.
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
                 };
-                if self.meter.leaks(data) {
+                if self.meter.scan.as_mut().is_some_and(|s| s.leaks(data)) {
                     self.done = true;
                     self.meter.failed =
                         Some("the upstream response contained the API key; stream cut".into());
@@ -646,6 +670,58 @@ impl Drop for Metered {
             // The client went away: the upstream request is dropped with us.
             self.meter.failed = Some("the client went away; upstream request cancelled".into());
             self.meter.finish(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyScan;
+
+    const KEY: &[u8] = b"sk-ant-real-0123456789";
+
+    fn body() -> Vec<u8> {
+        let mut b = b"data: {\"text\": \"".to_vec();
+        b.extend_from_slice(KEY);
+        b.extend_from_slice(b"\"}\n\n");
+        b
+    }
+
+    #[test]
+    fn finds_the_key_split_anywhere_across_frames() {
+        let body = body();
+        // Two frames, split at every position.
+        for cut in 0..=body.len() {
+            let mut s = KeyScan::new(KEY.to_vec());
+            let found = s.leaks(&body[..cut]) || s.leaks(&body[cut..]);
+            assert!(found, "missed with a cut at {cut}");
+        }
+        // One byte per frame.
+        let mut s = KeyScan::new(KEY.to_vec());
+        assert!(body.iter().any(|b| s.leaks(std::slice::from_ref(b))));
+        // Three frames around the key.
+        let at = body.len() - KEY.len() - 4;
+        for a in at..at + KEY.len() {
+            for b in a..at + KEY.len() + 1 {
+                let mut s = KeyScan::new(KEY.to_vec());
+                let found = s.leaks(&body[..a]) || s.leaks(&body[a..b]) || s.leaks(&body[b..]);
+                assert!(found, "missed with cuts at {a} and {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_without_the_key_passes_whatever_its_framing() {
+        // All but the key's last byte, then something else.
+        let mut body = body();
+        let i = body.windows(KEY.len()).position(|w| w == KEY).unwrap_or(0);
+        body[i + KEY.len() - 1] = b'X';
+        for cut in 0..=body.len() {
+            let mut s = KeyScan::new(KEY.to_vec());
+            assert!(
+                !s.leaks(&body[..cut]) && !s.leaks(&body[cut..]),
+                "cut {cut}"
+            );
         }
     }
 }

@@ -67,7 +67,8 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
         peer: None,
         audited: AtomicBool::new(false),
     };
-    let route = format!("{} {}", req.method(), req.uri().path());
+    // Kept for the rescue layer; formatted only when a request fails.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     let result = match conn.listener {
         Listener::Admin => match admin_guard(&req) {
             Ok(()) => admin::route(&ctx, req).await,
@@ -80,7 +81,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     };
     let mut resp = match result {
         Ok(r) => r,
-        Err(e) => rescue(&ctx, &route, e).await,
+        Err(e) => rescue(&ctx, &format!("{method} {}", uri.path()), e).await,
     };
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
         resp.headers_mut().insert("x-request-id", v);
