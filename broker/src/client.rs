@@ -137,9 +137,28 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: Option<&serde_json::Value>,
 ) -> Result<Reply, ClientError> {
+    let json = body.map(|b| Bytes::from(b.to_string()));
     tokio::time::timeout(
         TIMEOUT,
-        send_inner(target, tls, method, path, headers, body),
+        send_inner(target, tls, method, path, headers, json, true),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(TIMEOUT))?
+}
+
+/// Like [`send`], with a body of any bytes and only the headers given
+/// (no `content-type` of its own).
+pub async fn send_bytes(
+    target: &Target,
+    tls: Option<&ClientTls>,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Reply, ClientError> {
+    tokio::time::timeout(
+        TIMEOUT,
+        send_inner(target, tls, method, path, headers, Some(body), false),
     )
     .await
     .map_err(|_| ClientError::Timeout(TIMEOUT))?
@@ -151,19 +170,21 @@ async fn send_inner(
     method: Method,
     path: &str,
     headers: &[(&str, &str)],
-    body: Option<&serde_json::Value>,
+    body: Option<Bytes>,
+    json: bool,
 ) -> Result<Reply, ClientError> {
     let addr = format!("{}:{}", bracket(&target.host), target.port);
     let tcp = TcpStream::connect(&addr)
         .await
         .map_err(|e| ClientError::Connect(addr.clone(), e.to_string()))?;
     let _ = tcp.set_nodelay(true);
-    let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let has_body = body.is_some();
+    let bytes = body.unwrap_or_default();
     let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header(http::header::HOST, addr.as_str());
-    if body.is_some() {
+    if has_body && json {
         req = req.header(http::header::CONTENT_TYPE, "application/json");
     }
     for (k, v) in headers {

@@ -58,6 +58,10 @@ pub enum ApiError {
     BodyTooLarge(usize),
     #[error("request body not received in time")]
     BodyTimeout,
+    #[error("this request needs the Mcp-Session-Id header from `initialize`")]
+    SessionRequired,
+    #[error("unknown or expired MCP session: initialize again")]
+    SessionUnknown,
     #[error("unsupported content type (send application/json)")]
     UnsupportedMediaType,
     #[error("{1}")]
@@ -90,7 +94,8 @@ impl ApiError {
             | ApiError::UnknownAgent(_)
             | ApiError::Forbidden(_)
             | ApiError::Ticket(_) => StatusCode::FORBIDDEN,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::SessionRequired => StatusCode::BAD_REQUEST,
+            ApiError::SessionUnknown => StatusCode::NOT_FOUND,
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -114,6 +119,8 @@ impl ApiError {
             ApiError::Token(d) => d.code(),
             ApiError::Ticket(_) => "ticket_refused",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::SessionRequired => "session_required",
+            ApiError::SessionUnknown => "session_unknown",
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::BodyTimeout => "body_timeout",
             ApiError::UnsupportedMediaType => "unsupported_media_type",

@@ -56,6 +56,7 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             provision(ctx, req).await
         }
         p if p.starts_with("/llm/") => crate::llm::proxy(ctx, req).await,
+        "/mcp" => crate::mcp::handle(ctx, req).await,
         _ => Err(ApiError::NotFound(path)),
     }
 }

@@ -22,6 +22,7 @@ pub mod gateway;
 pub mod jail;
 pub mod limits;
 pub mod llm;
+pub mod mcp;
 pub mod mock_upstream;
 pub mod server;
 pub mod stack;
@@ -54,6 +55,9 @@ pub struct Broker {
     pub audit: Audit,
     pub(crate) upstream: llm::Upstream,
     pub limits: limits::Limits,
+    /// The supervised tool backends behind `/mcp`.
+    pub tools: mcp::Backends,
+    pub(crate) mcp_sessions: mcp::Sessions,
     tokens: Mutex<HashMap<String, Arc<CachedToken>>>,
     pub stats: Stats,
     /// A short random tag that prefixes request ids.
@@ -111,6 +115,7 @@ pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
     let root_public = root.public();
     let upstream = llm::Upstream::new(&config)?;
     let config_limits = config.broker.rate_limits;
+    let tools = mcp::Backends::new(&config.broker.tools, &config.root);
     let broker = Arc::new(Broker {
         config: Arc::new(config),
         state: loaded.state,
@@ -120,6 +125,8 @@ pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
         audit,
         upstream,
         limits: limits::Limits::new(&config_limits),
+        tools,
+        mcp_sessions: mcp::Sessions::default(),
         tokens: Mutex::new(HashMap::new()),
         stats: Stats::default(),
         instance_tag: lever_policy::hex::encode(&tag),
@@ -160,6 +167,9 @@ pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
     let tls_config = tls::server_config(&broker.ca, cert.clone())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
 
+    // Tool backends first: they are killed with the broker.
+    let (stop_tools, tools_stopped) = tokio::sync::watch::channel(false);
+    let supervisors = broker.tools.start(&tools_stopped);
     let jail_task = tokio::spawn(server::serve_jail(
         jail,
         acceptor,
@@ -200,6 +210,10 @@ pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
     jail_task.abort();
     admin_task.abort();
     rotate.abort();
+    stop_tools.send_replace(true);
+    for s in supervisors {
+        let _ = s.await;
+    }
     broker.audit.log(Record::new("broker_stop")).await;
     broker.audit.flush().await;
     Ok(())

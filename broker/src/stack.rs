@@ -118,12 +118,16 @@ async fn rescue(ctx: &Ctx<'_>, route: &str, e: ApiError) -> Response<Body> {
         ctx.broker.audit.log(rec).await;
     }
     // Denials are answered in the caller's protocol.
-    let body = if route
-        .split_whitespace()
-        .nth(1)
-        .is_some_and(|p| p.starts_with("/llm/"))
-    {
+    let path = route.split_whitespace().nth(1).unwrap_or("");
+    let body = if path.starts_with("/llm/") {
         serde_json::json!({"type": "error", "error": {"type": e.anthropic_type(), "message": message}})
+    } else if path == "/mcp" {
+        crate::mcp::rpc_error(
+            &serde_json::Value::Null,
+            crate::mcp::code_of(&e),
+            &message,
+            Some(serde_json::json!({"reason": e.code()})),
+        )
     } else {
         serde_json::json!({"error": {"code": e.code(), "message": message}})
     };

@@ -24,6 +24,15 @@ pub fn free_ports() -> (u16, u16) {
     )
 }
 
+/// One free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// An instance directory with a config, a key file and the tree.
 #[derive(Debug)]
 pub struct Instance {
@@ -33,8 +42,9 @@ pub struct Instance {
 }
 
 /// The config used unless a test gives its own `broker:`-less body: a
-/// manager that may delegate db/read to g1, groves g1 and g2, a db tool
-/// pinned to users/orders.
+/// manager that may delegate db/read to g1, groves g1 and g2, and (from
+/// [`Instance::new`]) the real `lever-tool-db` over a demo database, its
+/// tables pinned to users/orders.
 pub const DEFAULT_AGENTS: &str = "\
 manager:
   image: img/x:1
@@ -59,8 +69,15 @@ impl Instance {
         let (jail_port, admin_port) = free_ports();
         dir.write("key", "sk-ant-test-real-key", 0o600);
         dir.mkdir("ws");
+        let made = crate::run(
+            Command::new(crate::tool_db_bin())
+                .args(["--init-demo", "--database"])
+                .arg(dir.join("data.db")),
+        );
+        assert_eq!(made.code, 0, "{}", made.stderr);
+        let tool_port = free_port();
         let yaml = format!(
-            "name: t\nbackend: qemu\ntree: ws\n{agents}broker:\n  api_key_file: key\n  jail_port: {jail_port}\n  admin_port: {admin_port}\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:1\n      operations: [{{name: read}}]\n      allowed_values: {{table: [users, orders]}}\n{broker_extra}"
+            "name: t\nbackend: qemu\ntree: ws\n{agents}broker:\n  api_key_file: key\n  jail_port: {jail_port}\n  admin_port: {admin_port}\n  tools:\n    - name: db\n      command: [lever-tool-db, --database, data.db, --tables, 'users,orders']\n      backend: 127.0.0.1:{tool_port}\n      operations: [{{name: read, args: [table, filter]}}]\n      allowed_values: {{table: [users, orders]}}\n{broker_extra}"
         );
         dir.write("lever.yaml", yaml, 0o644);
         Instance {
@@ -80,13 +97,14 @@ impl Instance {
 
     /// Starts `lever broker` and waits for its ready line.
     pub fn start(&self) -> Broker {
-        let (child, _) = spawn_ready(
+        let (child, _, log) = spawn_ready_logged(
             &["broker", "-c", "lever.yaml"],
             self.dir.path(),
             "lever broker ready",
         );
         Broker {
             child: Some(child),
+            log,
             admin: Target {
                 https: false,
                 host: "127.0.0.1".into(),
@@ -122,6 +140,8 @@ impl Instance {
 #[derive(Debug)]
 pub struct Broker {
     child: Option<Child>,
+    /// The broker's stderr (its tool backends write there too).
+    pub log: Log,
     pub admin: Target,
     pub jail: Target,
     pub rt: tokio::runtime::Runtime,
@@ -143,6 +163,16 @@ impl Agent {
 }
 
 impl Broker {
+    /// The broker's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What the broker and its tool backends wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.log.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     /// `kill -9`, no warning.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -321,7 +351,22 @@ impl Broker {
 }
 
 impl Drop for Broker {
+    /// SIGTERM, so the broker stops its tool backends; SIGKILL if it has
+    /// not exited within 5 s.
     fn drop(&mut self) {
+        if let Some(c) = &mut self.child
+            && let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         self.kill();
     }
 }
@@ -339,6 +384,15 @@ pub fn state_file(dir: &Path, name: &str) -> String {
 /// Spawns `lever ARGS` and waits for the line starting with `ready`;
 /// returns the process and that line.
 pub fn spawn_ready(args: &[&str], cwd: &Path, ready: &str) -> (Child, String) {
+    let (child, line, _) = spawn_ready_logged(args, cwd, ready);
+    (child, line)
+}
+
+/// What a process wrote to stderr so far (the first 64 KiB).
+pub type Log = std::sync::Arc<std::sync::Mutex<String>>;
+
+/// [`spawn_ready`], also returning the process's stderr as it comes.
+pub fn spawn_ready_logged(args: &[&str], cwd: &Path, ready: &str) -> (Child, String, Log) {
     let mut child = Command::new(lever_bin())
         .args(args)
         .current_dir(cwd)
@@ -349,6 +403,20 @@ pub fn spawn_ready(args: &[&str], cwd: &Path, ready: &str) -> (Child, String) {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    // Drained all along, so a chatty process never blocks on a full pipe.
+    let stderr = child.stderr.take().unwrap();
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = errors.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(mut s) = sink.lock()
+                && s.len() < 64 * 1024
+            {
+                s.push_str(&line);
+                s.push('\n');
+            }
+        }
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     let ready = ready.to_owned();
     std::thread::spawn(move || {
@@ -359,13 +427,14 @@ pub fn spawn_ready(args: &[&str], cwd: &Path, ready: &str) -> (Child, String) {
         }
     });
     match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(line) => (child, line),
+        Ok(line) => (child, line, errors),
         Err(_) => {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
             panic!(
                 "{args:?} did not become ready:\n{}",
-                String::from_utf8_lossy(&out.stderr)
+                errors.lock().map(|s| s.clone()).unwrap_or_default()
             );
         }
     }

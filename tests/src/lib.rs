@@ -37,6 +37,18 @@ pub fn lever_bin() -> PathBuf {
     bin
 }
 
+/// The `lever-tool-db` binary of this build, beside `lever` (built by
+/// `cargo test --workspace` for the tool crate's own tests).
+pub fn tool_db_bin() -> PathBuf {
+    let bin = lever_bin().with_file_name("lever-tool-db");
+    assert!(
+        bin.exists(),
+        "no lever-tool-db binary at {}: run the suite with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
 /// A directory under the system temp dir, removed on drop.
 #[derive(Debug)]
 pub struct TempDir {

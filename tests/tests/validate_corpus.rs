@@ -98,11 +98,19 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "unknown key in a tool",
-        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      timeout: 5\n",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      retries: 5\n",
+        setup: none,
+        line: 12,
+        path: "broker.tools[0].retries",
+        message: "unknown key `retries`",
+    },
+    Case {
+        name: "tool timeout out of range",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      timeout: 10ms\n",
         setup: none,
         line: 12,
         path: "broker.tools[0].timeout",
-        message: "unknown key `timeout`",
+        message: "out of range",
     },
     Case {
         name: "unknown key in rate_limits",

@@ -938,6 +938,14 @@ fn build_tools(cx: &mut Sink<'_>, raw: Vec<RawTool>) -> (Vec<Tool>, Vec<Declared
             allowed_values.insert(key, set);
         }
 
+        let timeout = duration(
+            cx,
+            &child_key(&base, "timeout"),
+            t.timeout.as_deref(),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        );
         let transport = match (command, transport, backend) {
             (Some(command), Transport::Http, Some(backend)) => {
                 Some(ToolTransport::Http { command, backend })
@@ -945,7 +953,7 @@ fn build_tools(cx: &mut Sink<'_>, raw: Vec<RawTool>) -> (Vec<Tool>, Vec<Declared
             (Some(command), Transport::Stdio, _) => Some(ToolTransport::Stdio { command }),
             _ => None,
         };
-        if let (Some(name), Some(transport)) = (name, transport)
+        if let (Some(name), Some(transport), Some(timeout)) = (name, transport, timeout)
             && !operations.is_empty()
         {
             out.push(Tool {
@@ -953,6 +961,7 @@ fn build_tools(cx: &mut Sink<'_>, raw: Vec<RawTool>) -> (Vec<Tool>, Vec<Declared
                 transport,
                 operations,
                 allowed_values,
+                timeout,
             });
         }
     }

@@ -144,6 +144,8 @@ pub struct Tool {
     /// Keys pinned at mint, each to one of these values. A key listed here
     /// is required in every token for this tool.
     pub allowed_values: BTreeMap<String, BTreeSet<String>>,
+    /// Longest a call may take.
+    pub timeout: Duration,
 }
 
 impl Tool {

@@ -196,6 +196,9 @@ pub struct RawTool {
     pub operations: Option<Vec<RawOperation>>,
     /// Constraint keys pinned at mint, each to one of these values.
     pub allowed_values: Option<BTreeMap<String, Vec<String>>>,
+    /// Longest a call may take before the agent gets an error (default
+    /// `30s`, `100ms` to `1h`).
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

@@ -1,0 +1,723 @@
+//! Tool backends: the MCP servers of `broker.tools`, supervised.
+//!
+//! Each backend is a child process in a process group of its own, started
+//! with the broker, spoken to over MCP streamable HTTP on its loopback
+//! `backend` address (`transport: http`, `-backend ADDR` appended to its
+//! command) or over stdin/stdout (`transport: stdio`). The broker is its one
+//! client: it initializes it, reads its tool list, and forwards the calls
+//! agents are allowed to make. When the process dies, the calls in flight
+//! get an error at once and it is restarted with backoff; when the broker
+//! stops, the whole process group is killed.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use lever_policy::config::{Tool, ToolTransport};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{oneshot, watch};
+
+/// Largest response accepted from a backend (one JSON-RPC message).
+pub const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+/// The protocol version the broker asks its backends for.
+const BACKEND_VERSION: &str = "2025-11-25";
+/// Time for a started backend to answer `initialize`.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Restart backoff: doubles from the first to the last, and starts over
+/// once a backend has stayed up for `STABLE`.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const STABLE: Duration = Duration::from_secs(10);
+/// How long a call waits for a backend that is (re)starting.
+const WAIT_FOR_START: Duration = Duration::from_secs(3);
+
+/// Why a call did not produce a backend answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// Not running (starting, restarting, or failing to start).
+    Unavailable,
+    /// It stopped while the call was in flight.
+    Died,
+    Timeout(Duration),
+    TooLarge,
+    /// It answered something that is not a JSON-RPC response.
+    Protocol(String),
+}
+
+impl CallError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            CallError::Unavailable => "backend_unavailable",
+            CallError::Died => "backend_died",
+            CallError::Timeout(_) => "backend_timeout",
+            CallError::TooLarge => "backend_response_too_large",
+            CallError::Protocol(_) => "backend_protocol_error",
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unavailable => {
+                f.write_str("the tool backend is not running (it is being restarted)")
+            }
+            CallError::Died => f.write_str("the tool backend stopped during the call"),
+            CallError::Timeout(d) => {
+                write!(f, "the tool did not answer within {} ms", d.as_millis())
+            }
+            CallError::TooLarge => {
+                write!(f, "the tool's response is larger than {MAX_RESPONSE} bytes")
+            }
+            CallError::Protocol(why) => write!(f, "the tool backend broke the protocol: {why}"),
+        }
+    }
+}
+
+/// All backends of an instance, by tool name.
+#[derive(Debug, Default)]
+pub struct Backends {
+    by_name: HashMap<String, Arc<Backend>>,
+}
+
+impl Backends {
+    /// The backends of `tools`, run in `root` (the instance root, so
+    /// relative paths in their commands mean what they mean in lever.yaml).
+    pub fn new(tools: &[Tool], root: &std::path::Path) -> Backends {
+        Backends {
+            by_name: tools
+                .iter()
+                .map(|t| (t.name.to_string(), Arc::new(Backend::new(t, root))))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, tool: &str) -> Option<&Arc<Backend>> {
+        self.by_name.get(tool)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.by_name.values()
+    }
+
+    /// Starts a supervisor per backend; they run until `stop` turns true,
+    /// then kill their process groups.
+    pub fn start(&self, stop: &watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        self.by_name
+            .values()
+            .map(|b| tokio::spawn(b.clone().supervise(stop.clone())))
+            .collect()
+    }
+}
+
+/// One supervised backend.
+pub struct Backend {
+    pub name: String,
+    root: std::path::PathBuf,
+    spec: ToolTransport,
+    pub timeout: Duration,
+    live: watch::Sender<Option<Arc<Live>>>,
+    /// The tools it listed when last started (kept across restarts).
+    tools: Mutex<Vec<Value>>,
+    pub restarts: AtomicU64,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    fn new(t: &Tool, root: &std::path::Path) -> Backend {
+        Backend {
+            name: t.name.to_string(),
+            root: root.to_path_buf(),
+            spec: t.transport.clone(),
+            timeout: t.timeout,
+            live: watch::channel(None).0,
+            tools: Mutex::new(Vec::new()),
+            restarts: AtomicU64::new(0),
+        }
+    }
+
+    /// The backend's tool named `op`, as it last listed it.
+    pub fn tool(&self, op: &str) -> Option<Value> {
+        let tools = self.tools.lock().ok()?;
+        tools
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some(op))
+            .cloned()
+    }
+
+    /// The pid of the running process, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.live.borrow().as_ref().map(|l| l.pid)
+    }
+
+    /// Sends one request and waits for its response (the whole JSON-RPC
+    /// response object), within the tool's timeout. Dropping the future
+    /// cancels the request at the backend.
+    pub async fn call(&self, method: &str, params: Value) -> Result<Value, CallError> {
+        let started = Instant::now();
+        let live = self.running(WAIT_FOR_START.min(self.timeout)).await?;
+        let left = self.timeout.saturating_sub(started.elapsed());
+        let mut dead = live.dead.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(left, live.request(method, params)) => match r {
+                Err(_) => Err(CallError::Timeout(self.timeout)),
+                Ok(r) => r,
+            },
+            _ = dead.wait_for(|d| *d) => Err(CallError::Died),
+        }
+    }
+
+    /// The live connection, waiting up to `wait` for one.
+    async fn running(&self, wait: Duration) -> Result<Arc<Live>, CallError> {
+        let mut rx = self.live.subscribe();
+        let found = tokio::time::timeout(wait, rx.wait_for(|l| l.is_some())).await;
+        match found {
+            Ok(Ok(l)) => l.clone().ok_or(CallError::Unavailable),
+            _ => Err(CallError::Unavailable),
+        }
+    }
+
+    async fn supervise(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let started = Instant::now();
+            match self.start().await {
+                Ok((mut child, live)) => {
+                    self.live.send_replace(Some(live.clone()));
+                    let exited = tokio::select! {
+                        s = child.wait() => Some(s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())),
+                        _ = stop.wait_for(|s| *s) => None,
+                    };
+                    let Some(status) = exited else {
+                        self.live.send_replace(None);
+                        live.kill();
+                        let _ = child.wait().await;
+                        return;
+                    };
+                    self.live.send_replace(None);
+                    // Whatever it left behind goes with it.
+                    live.kill();
+                    self.restarts.fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "lever broker: tool `{}` exited ({status}); restarting",
+                        self.name
+                    );
+                }
+                Err(e) => eprintln!("lever broker: tool `{}` did not start: {e}", self.name),
+            }
+            if started.elapsed() >= STABLE {
+                backoff = BACKOFF_FIRST;
+            }
+            let stopped = tokio::select! {
+                _ = tokio::time::sleep(backoff) => false,
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            if stopped {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Starts the process and initializes it.
+    async fn start(&self) -> Result<(Child, Arc<Live>), String> {
+        let argv = self.spec.command();
+        let Some((program, args)) = argv.split_first() else {
+            return Err("empty command".into());
+        };
+        let mut cmd = Command::new(resolve(program));
+        cmd.args(args)
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| {
+                matches!(
+                    k.to_str(),
+                    Some("PATH" | "HOME" | "LANG" | "LC_ALL" | "TMPDIR" | "USER" | "TZ")
+                )
+            }))
+            .current_dir(&self.root)
+            .process_group(0)
+            .kill_on_drop(true)
+            .stderr(Stdio::inherit());
+        match &self.spec {
+            ToolTransport::Http { backend, .. } => {
+                // A stale process on the address would answer in its place.
+                if tokio::net::TcpStream::connect(backend).await.is_ok() {
+                    return Err(format!("something already listens on {backend}"));
+                }
+                cmd.arg("-backend")
+                    .arg(backend.to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null());
+            }
+            ToolTransport::Stdio { .. } => {
+                cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+            }
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("{program}: {e}"))?;
+        let pid = child.id().unwrap_or(0);
+        let (dead, _) = watch::channel(false);
+        let conn = match &self.spec {
+            ToolTransport::Http { backend, .. } => {
+                let deadline = Instant::now() + READY_TIMEOUT;
+                loop {
+                    if let Ok(Some(s)) = child.try_wait() {
+                        return Err(format!("exited before listening ({s})"));
+                    }
+                    if tokio::net::TcpStream::connect(backend).await.is_ok() {
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        kill_group(pid);
+                        return Err(format!("did not listen on {backend} in time"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Conn::Http(Box::new(HttpConn::new(&format!("http://{backend}/mcp"))))
+            }
+            ToolTransport::Stdio { .. } => {
+                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                    return Err("no stdio pipes".into());
+                };
+                Conn::Stdio(StdioConn::new(stdin, stdout, dead.clone()))
+            }
+        };
+        let live = Arc::new(Live {
+            pid,
+            conn,
+            next_id: AtomicU64::new(1),
+            dead,
+        });
+        let ready = tokio::time::timeout(READY_TIMEOUT, self.initialize(&live)).await;
+        match ready {
+            Ok(Ok(())) => Ok((child, live)),
+            Ok(Err(e)) => {
+                live.kill();
+                Err(e)
+            }
+            Err(_) => {
+                live.kill();
+                Err("did not answer `initialize` in time".into())
+            }
+        }
+    }
+
+    async fn initialize(&self, live: &Arc<Live>) -> Result<(), String> {
+        let init = live
+            .request(
+                "initialize",
+                json!({
+                    "protocolVersion": BACKEND_VERSION,
+                    "capabilities": {},
+                    "clientInfo": {"name": "lever-broker", "version": env!("CARGO_PKG_VERSION")},
+                }),
+            )
+            .await
+            .map_err(|e| format!("initialize: {e}"))?;
+        let result = init.get("result").ok_or_else(|| {
+            format!(
+                "initialize failed: {}",
+                init.get("error").unwrap_or(&Value::Null)
+            )
+        })?;
+        if let (Conn::Http(h), Some(v)) = (
+            &live.conn,
+            result.get("protocolVersion").and_then(Value::as_str),
+        ) && let Ok(v) = HeaderValue::from_str(v)
+            && let Ok(mut slot) = h.version.lock()
+        {
+            *slot = Some(v);
+        }
+        live.notify("notifications/initialized", json!({})).await;
+        let mut tools = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..32 {
+            let params = match &cursor {
+                Some(c) => json!({"cursor": c}),
+                None => json!({}),
+            };
+            let page = live
+                .request("tools/list", params)
+                .await
+                .map_err(|e| format!("tools/list: {e}"))?;
+            let result = page.get("result").ok_or("tools/list failed")?;
+            if let Some(list) = result.get("tools").and_then(Value::as_array) {
+                tools.extend(list.iter().cloned());
+            }
+            cursor = result
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        if let Ok(mut t) = self.tools.lock() {
+            *t = tools;
+        }
+        Ok(())
+    }
+}
+
+/// A command without a `/` is looked up next to the running executable
+/// first (where `lever-tool-db` is installed beside `lever`), then on PATH.
+fn resolve(program: &str) -> std::ffi::OsString {
+    if !program.contains('/')
+        && let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+        && dir.join(program).is_file()
+    {
+        return dir.join(program).into_os_string();
+    }
+    program.into()
+}
+
+fn kill_group(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// A started, initialized backend process.
+struct Live {
+    pid: u32,
+    conn: Conn,
+    next_id: AtomicU64,
+    /// Turns true when the process is gone.
+    dead: watch::Sender<bool>,
+}
+
+enum Conn {
+    Http(Box<HttpConn>),
+    Stdio(StdioConn),
+}
+
+impl Live {
+    fn kill(&self) {
+        self.dead.send_replace(true);
+        kill_group(self.pid);
+    }
+
+    async fn request(self: &Arc<Self>, method: &str, params: Value) -> Result<Value, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let msg = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        // If the caller goes away first, tell the backend to stop working.
+        let mut guard = CancelOnDrop {
+            live: Some(self.clone()),
+            id,
+        };
+        let r = match &self.conn {
+            Conn::Http(h) => h.request(&msg, id).await,
+            Conn::Stdio(s) => s.request(&msg, id).await,
+        };
+        guard.live = None;
+        r
+    }
+
+    async fn notify(&self, method: &str, params: Value) {
+        let msg = json!({"jsonrpc": "2.0", "method": method, "params": params});
+        match &self.conn {
+            Conn::Http(h) => h.notify(&msg).await,
+            Conn::Stdio(s) => s.send(&msg).await,
+        }
+    }
+}
+
+struct CancelOnDrop {
+    live: Option<Arc<Live>>,
+    id: u64,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(live) = self.live.take() else { return };
+        if let Conn::Stdio(s) = &live.conn
+            && let Ok(mut p) = s.pending.lock()
+        {
+            p.remove(&self.id);
+        }
+        let id = self.id;
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                live.notify(
+                    "notifications/cancelled",
+                    json!({"requestId": id, "reason": "the agent cancelled the call or went away"}),
+                )
+                .await;
+            });
+        }
+    }
+}
+
+/// Whether `msg` is the response to request `id`.
+fn is_response_to(msg: &Value, id: u64) -> bool {
+    msg.get("method").is_none()
+        && msg.get("id").and_then(Value::as_u64) == Some(id)
+        && (msg.get("result").is_some() || msg.get("error").is_some())
+}
+
+/// MCP streamable HTTP to a loopback backend.
+struct HttpConn {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: http::Uri,
+    session: Mutex<Option<HeaderValue>>,
+    version: Mutex<Option<HeaderValue>>,
+}
+
+impl HttpConn {
+    fn new(url: &str) -> HttpConn {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        HttpConn {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(http),
+            url: url.parse().unwrap_or_default(),
+            session: Mutex::new(None),
+            version: Mutex::new(None),
+        }
+    }
+
+    fn post(&self, msg: &Value) -> Result<Request<Full<Bytes>>, CallError> {
+        let mut b = Request::post(self.url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json, text/event-stream");
+        if let Some(s) = self.session.lock().ok().and_then(|s| s.clone()) {
+            b = b.header("mcp-session-id", s);
+        }
+        if let Some(v) = self.version.lock().ok().and_then(|v| v.clone()) {
+            b = b.header("mcp-protocol-version", v);
+        }
+        b.body(Full::new(Bytes::from(msg.to_string())))
+            .map_err(|e| CallError::Protocol(e.to_string()))
+    }
+
+    async fn notify(&self, msg: &Value) {
+        if let Ok(req) = self.post(msg)
+            && let Ok(resp) = self.client.request(req).await
+        {
+            let _ = resp.into_body().collect().await;
+        }
+    }
+
+    async fn request(&self, msg: &Value, id: u64) -> Result<Value, CallError> {
+        let resp = self
+            .client
+            .request(self.post(msg)?)
+            .await
+            .map_err(|_| CallError::Died)?;
+        if resp.status() != StatusCode::OK {
+            return Err(CallError::Protocol(format!("HTTP {}", resp.status())));
+        }
+        if let Some(s) = resp.headers().get("mcp-session-id")
+            && let Ok(mut slot) = self.session.lock()
+        {
+            *slot = Some(s.clone());
+        }
+        let sse = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let mut body = resp.into_body();
+        if !sse {
+            let bytes = http_body_util::Limited::new(body, MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        CallError::TooLarge
+                    } else {
+                        CallError::Died
+                    }
+                })?
+                .to_bytes();
+            let v: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| CallError::Protocol(format!("not JSON: {e}")))?;
+            return if is_response_to(&v, id) {
+                Ok(v)
+            } else {
+                Err(CallError::Protocol(
+                    "not the response to the request".into(),
+                ))
+            };
+        }
+        // An SSE stream: events until the one that answers `id`.
+        let mut seen = 0usize;
+        let mut line: Vec<u8> = Vec::new();
+        let mut data: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| CallError::Died)?;
+            let Some(chunk) = frame.data_ref() else {
+                continue;
+            };
+            seen += chunk.len();
+            if seen > MAX_RESPONSE {
+                return Err(CallError::TooLarge);
+            }
+            for &b in chunk.iter() {
+                if b != b'\n' {
+                    line.push(b);
+                    continue;
+                }
+                let l = std::mem::take(&mut line);
+                let l = l.strip_suffix(b"\r").unwrap_or(&l);
+                if l.is_empty() {
+                    // End of an event.
+                    if !data.is_empty() {
+                        let ev = std::mem::take(&mut data);
+                        if let Ok(v) = serde_json::from_slice::<Value>(&ev)
+                            && is_response_to(&v, id)
+                        {
+                            return Ok(v);
+                        }
+                    }
+                } else if let Some(d) = l.strip_prefix(b"data:") {
+                    if !data.is_empty() {
+                        data.push(b'\n');
+                    }
+                    data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+                }
+            }
+        }
+        Err(CallError::Died)
+    }
+}
+
+/// Calls waiting for their response, by request id.
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, CallError>>>>>;
+
+/// MCP over a child's stdin/stdout: one JSON message per line.
+struct StdioConn {
+    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
+    pending: Pending,
+}
+
+impl StdioConn {
+    fn new(stdin: ChildStdin, stdout: ChildStdout, dead: watch::Sender<bool>) -> StdioConn {
+        let pending: Pending = Arc::default();
+        let (replies_tx, mut replies_rx) = tokio::sync::mpsc::channel::<Value>(16);
+        let reader_pending = pending.clone();
+        tokio::spawn(async move {
+            let mut out = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match read_line(&mut out, &mut buf).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(too_large) => {
+                        // A message over the cap: fail the calls waiting and
+                        // stop the backend (its stream can no longer be trusted).
+                        if let Ok(mut p) = reader_pending.lock() {
+                            for (_, tx) in p.drain() {
+                                let _ = tx.send(Err(too_large.clone()));
+                            }
+                        }
+                        break;
+                    }
+                }
+                let Ok(msg) = serde_json::from_slice::<Value>(&buf) else {
+                    continue;
+                };
+                if let (Some(_), Some(id)) = (msg.get("method"), msg.get("id")) {
+                    // A request from the backend (sampling, roots...): the
+                    // broker offers none of these.
+                    let _ = replies_tx.try_send(json!({
+                        "jsonrpc": "2.0", "id": id,
+                        "error": {"code": -32601, "message": "not supported through the Lever broker"},
+                    }));
+                    continue;
+                }
+                if let Some(id) = msg.get("id").and_then(Value::as_u64)
+                    && let Some(tx) = reader_pending.lock().ok().and_then(|mut p| p.remove(&id))
+                {
+                    let _ = tx.send(Ok(msg));
+                }
+            }
+            // Output closed: the process is gone or going.
+            dead.send_replace(true);
+            if let Ok(mut p) = reader_pending.lock() {
+                p.clear();
+            }
+        });
+        let stdin = Arc::new(tokio::sync::Mutex::new(stdin));
+        // Replies to the backend's own requests go out through the same pipe.
+        let replies_stdin = stdin.clone();
+        tokio::spawn(async move {
+            while let Some(r) = replies_rx.recv().await {
+                write_line(&replies_stdin, &r).await;
+            }
+        });
+        StdioConn { stdin, pending }
+    }
+
+    async fn send(&self, msg: &Value) {
+        write_line(&self.stdin, msg).await;
+    }
+
+    async fn request(&self, msg: &Value, id: u64) -> Result<Value, CallError> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(id, tx);
+        }
+        self.send(msg).await;
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Died),
+        }
+    }
+}
+
+async fn write_line(stdin: &tokio::sync::Mutex<ChildStdin>, msg: &Value) {
+    let mut line = msg.to_string().into_bytes();
+    line.push(b'\n');
+    let mut w = stdin.lock().await;
+    let _ = w.write_all(&line).await;
+    let _ = w.flush().await;
+}
+
+/// Reads one line (without its `\n`) into `buf`, refusing one longer than
+/// [`MAX_RESPONSE`]. `Ok(false)` at the end of the stream.
+async fn read_line(r: &mut BufReader<ChildStdout>, buf: &mut Vec<u8>) -> Result<bool, CallError> {
+    loop {
+        let chunk = match r.fill_buf().await {
+            Ok(c) => c,
+            Err(_) => return Ok(false),
+        };
+        if chunk.is_empty() {
+            return Ok(false);
+        }
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        if buf.len() + take > MAX_RESPONSE {
+            return Err(CallError::TooLarge);
+        }
+        buf.extend_from_slice(&chunk[..take]);
+        r.consume(if done { take + 1 } else { take });
+        if done {
+            return Ok(true);
+        }
+    }
+}

@@ -1,0 +1,852 @@
+//! `/mcp` with real processes: `lever broker`, its supervised tool backends
+//! (`lever-tool-db`, and `@modelcontextprotocol/server-everything` from npm
+//! over stdio and over HTTP), `lever agent gateway`, and the official MCP
+//! Python SDK as the client. Protocol edge cases are sent raw over mTLS.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use lever_broker::client::{self, Reply};
+use lever_tests::broker::{Agent, Broker, DEFAULT_AGENTS, Instance, free_port, start_gateway};
+use lever_tests::{run, workspace_root};
+use serde_json::{Value, json};
+
+const USERS: &str = r#"[{"tool": "db", "op": "read", "constraints": {"table": "users"}}]"#;
+
+fn users() -> Value {
+    serde_json::from_str(USERS).unwrap()
+}
+
+/// The official SDK, through `url`, with `token`, making `calls`.
+fn sdk(url: &str, token: &str, calls: Value) -> Value {
+    let script = workspace_root().join("tests/py/mcp_client.py");
+    let plan = json!({"url": url, "token": token, "calls": calls});
+    let out = run(Command::new("python3").arg(&script).arg(plan.to_string()));
+    assert_eq!(
+        out.code, 0,
+        "the MCP SDK failed (pip install -r tests/requirements.txt):\n{}{}",
+        out.stdout, out.stderr
+    );
+    serde_json::from_str(out.stdout.trim()).unwrap()
+}
+
+fn everything_dir() -> PathBuf {
+    let d =
+        workspace_root().join("tests/node/node_modules/@modelcontextprotocol/server-everything");
+    assert!(
+        d.join("dist/index.js").exists(),
+        "server-everything is not installed: npm install --prefix tests/node (.ci/run does it)"
+    );
+    d
+}
+
+/// Raw MCP over mTLS straight to the broker.
+struct Raw<'a> {
+    b: &'a Broker,
+    agent: &'a Agent,
+    token: String,
+}
+
+impl Raw<'_> {
+    fn post(&self, session: Option<&str>, msg: Value) -> Reply {
+        let auth = format!("Bearer {}", self.token);
+        let mut h = vec![("authorization", auth.as_str())];
+        if let Some(s) = session {
+            h.push(("mcp-session-id", s));
+        }
+        self.b
+            .jail(&self.agent.tls(), Method::POST, "/mcp", &h, Some(msg))
+    }
+
+    fn send(&self, method: Method, headers: &[(&str, &str)], body: Bytes) -> Reply {
+        self.b
+            .rt
+            .block_on(client::send_bytes(
+                &self.b.jail,
+                Some(&self.agent.tls()),
+                method,
+                "/mcp",
+                headers,
+                body,
+            ))
+            .unwrap()
+    }
+
+    fn initialize(&self, version: &str) -> (String, Value) {
+        let r = self.post(
+            None,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": version, "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "0"}}}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let sid = r.headers["mcp-session-id"].to_str().unwrap().to_owned();
+        (sid, r.json())
+    }
+
+    fn call(&self, sid: &str, name: &str, args: Value) -> Value {
+        let r = self.post(
+            Some(sid),
+            json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                   "params": {"name": name, "arguments": args}}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    }
+}
+
+fn audit_lines(inst: &Instance) -> Vec<Value> {
+    std::fs::read_to_string(inst.audit_file())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits (bounded) until the audit file holds a line matching `f`.
+fn wait_audit(inst: &Instance, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(v) = audit_lines(inst).into_iter().find(&f) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no such audit record");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pids of the direct children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// Waits until the broker's tools answer (the backend is up).
+fn wait_tool_ready(raw: &Raw<'_>, sid: &str, name: &str, args: Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = raw.call(sid, name, args.clone());
+        if v["error"]["data"]["reason"] != "backend_unavailable" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "the backend never came up: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_official_sdk_reads_the_db_through_the_gateway_and_a_pinned_table_holds() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, token_id) = b.token(&manager, users());
+    let (_gw, gw_url) = start_gateway(inst.dir.path(), &manager, inst.jail_port);
+    let v = sdk(
+        &format!("{gw_url}/mcp"),
+        &token,
+        json!([
+            {"name": "db_read", "arguments": {"table": "users", "filter": "Grace"}},
+            {"name": "db_read", "arguments": {"table": "orders"}},
+            {"name": "db_read", "arguments": {"table": "secrets"}},
+        ]),
+    );
+    assert_eq!(v["server"], "lever-broker");
+    assert_eq!(v["protocol"], "2025-11-25");
+    assert_eq!(v["tools"], json!(["db_read"]));
+    let calls = v["calls"].as_array().unwrap();
+    assert_eq!(calls[0]["ok"], true, "{v}");
+    assert_eq!(calls[0]["is_error"], false, "{v}");
+    assert!(
+        calls[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("grace@example.com"),
+        "{v}"
+    );
+    for c in &calls[1..] {
+        assert_eq!(c["ok"], false, "{v}");
+        assert_eq!(c["error"]["code"], -32001, "{v}");
+        assert_eq!(c["error"]["data"]["reason"], "constraint_mismatch", "{v}");
+        assert!(
+            c["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("table=users"),
+            "{v}"
+        );
+    }
+    // The tool saw the allowed call and nothing else.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.stderr().contains("read table=\"users\"") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = b.stderr();
+    assert!(log.contains("read table=\"users\": 1 rows"), "{log}");
+    assert!(
+        !log.contains("table=\"orders\"") && !log.contains("table=\"secrets\""),
+        "{log}"
+    );
+    // Audited: allow and deny, with constraints and a digest, not the arguments.
+    let allow = wait_audit(&inst, |l| l["event"] == "tool" && l["decision"] == "allow");
+    assert_eq!(allow["identity"], "manager");
+    assert_eq!(allow["token_id"], token_id.as_str());
+    assert_eq!(
+        (allow["tool"].as_str(), allow["op"].as_str()),
+        (Some("db"), Some("read"))
+    );
+    assert_eq!(allow["constraints"], json!({"table": "users"}));
+    assert_eq!(allow["detail"]["outcome"], "ok");
+    assert_eq!(allow["detail"]["args_sha256"].as_str().unwrap().len(), 64);
+    assert!(allow["detail"]["backend_ms"].as_f64().is_some());
+    let deny = wait_audit(&inst, |l| {
+        l["event"] == "tool" && l["decision"] == "deny" && l["constraints"]["table"] == "orders"
+    });
+    assert_eq!(deny["reason"], "constraint_mismatch");
+    let text = std::fs::read_to_string(inst.audit_file()).unwrap();
+    assert!(
+        !text.contains("Grace"),
+        "raw arguments reached the audit log"
+    );
+    assert!(!text.contains(&token), "a token reached the audit log");
+}
+
+#[test]
+fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, users());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token,
+    };
+    let (sid, _) = raw.initialize("2025-06-18");
+    let ok = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
+    assert!(
+        ok["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("ada@"),
+        "{ok}"
+    );
+    for args in [
+        json!({}),
+        json!({"table": null}),
+        json!({"table": ["users"]}),
+        json!({"table": {"name": "users"}}),
+        json!({"table": 1}),
+        json!({"table": "users "}),
+        json!({"table": "USERS"}),
+        json!({"table": "users\u{0000}"}),
+        json!({"table": "users;orders"}),
+        json!({"table": "orders", "Table": "users"}),
+    ] {
+        let v = raw.call(&sid, "db_read", args.clone());
+        assert_eq!(v["error"]["code"], -32001, "{args} -> {v}");
+        assert_eq!(v["id"], 7);
+    }
+    // Names that are not a configured tool/operation.
+    for name in [
+        "db",
+        "db_",
+        "db_write",
+        "_read",
+        "db_read_x",
+        "db.read",
+        "llm_generate",
+    ] {
+        let v = raw.call(&sid, name, json!({"table": "users"}));
+        assert_eq!(v["error"]["code"], -32602, "{name} -> {v}");
+    }
+    // Arguments that are not an object.
+    let r = raw.post(
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+               "params": {"name": "db_read", "arguments": ["users"]}}),
+    );
+    assert_eq!(r.json()["error"]["code"], -32602);
+    let log = b.stderr();
+    assert_eq!(log.matches("lever-tool-db: read").count(), 1, "{log}");
+}
+
+#[test]
+fn a_token_for_another_tool_or_only_for_llm_sees_and_calls_nothing() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (llm_only, _) = b.token(&manager, json!([{"tool": "llm", "op": "generate"}]));
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token: llm_only,
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    let r = raw.post(
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    );
+    assert_eq!(r.json()["result"]["tools"], json!([]));
+    let v = raw.call(&sid, "db_read", json!({"table": "users"}));
+    assert_eq!(v["error"]["code"], -32001, "{v}");
+    assert_eq!(v["error"]["data"]["reason"], "not_granted", "{v}");
+    // Another agent's token, presented by the manager: refused outright.
+    let g1 = b.enrol("g1");
+    let (theirs, _) = b.token(&g1, users());
+    let raw2 = Raw {
+        b: &b,
+        agent: &manager,
+        token: theirs,
+    };
+    let r = raw2.post(
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
+    );
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], -32001);
+    assert_eq!(r.json()["error"]["data"]["reason"], "token_wrong_holder");
+}
+
+#[test]
+fn sessions_versions_and_unsupported_messages_get_clear_answers() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, users());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token: token.clone(),
+    };
+    // Version negotiation: a known version is echoed, an unknown one gets ours.
+    for (asked, got) in [
+        ("2025-03-26", "2025-03-26"),
+        ("2025-06-18", "2025-06-18"),
+        ("2025-11-25", "2025-11-25"),
+        ("1999-01-01", "2025-11-25"),
+    ] {
+        let (_, v) = raw.initialize(asked);
+        assert_eq!(v["result"]["protocolVersion"], got);
+        assert_eq!(v["result"]["capabilities"]["tools"]["listChanged"], false);
+    }
+    let (sid, _) = raw.initialize("2025-11-25");
+    let ping = json!({"jsonrpc": "2.0", "id": "p", "method": "ping"});
+    assert_eq!(
+        raw.post(Some(&sid), ping.clone()).json()["result"],
+        json!({})
+    );
+    // No session, an unknown one, another identity's: 400, 404, 404.
+    assert_eq!(raw.post(None, ping.clone()).status, 400);
+    assert_eq!(
+        raw.post(Some("0123456789abcdef0123456789abcdef"), ping.clone())
+            .status,
+        404
+    );
+    let g1 = b.enrol("g1");
+    let (g1_token, _) = b.token(
+        &g1,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "orders"}}]),
+    );
+    let other = Raw {
+        b: &b,
+        agent: &g1,
+        token: g1_token,
+    };
+    let r = other.post(Some(&sid), ping.clone());
+    assert_eq!(r.status, 404, "another identity used the manager's session");
+    assert_eq!(r.json()["error"]["data"]["reason"], "session_unknown");
+    // An unsupported MCP-Protocol-Version header.
+    let auth = format!("Bearer {token}");
+    let r = raw.send(
+        Method::POST,
+        &[
+            ("authorization", &auth),
+            ("mcp-session-id", &sid),
+            ("mcp-protocol-version", "1999-01-01"),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(ping.to_string()),
+    );
+    assert_eq!(r.status, 400);
+    // Notifications are accepted with 202 and no body.
+    let r = raw.post(
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    );
+    assert_eq!(r.status, 202);
+    assert!(r.body.is_empty());
+    // Methods the broker does not serve.
+    for m in [
+        "resources/list",
+        "prompts/list",
+        "sampling/createMessage",
+        "tools/delete",
+    ] {
+        let r = raw.post(Some(&sid), json!({"jsonrpc": "2.0", "id": 9, "method": m}));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["error"]["code"], -32601, "{m}");
+    }
+    // Batches, non-objects, wrong versions, bad ids, bad JSON.
+    let bad: [(&str, i64); 6] = [
+        (r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#, -32600),
+        (r#""ping""#, -32600),
+        (r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#, -32600),
+        (r#"{"jsonrpc":"2.0","id":{"x":1},"method":"ping"}"#, -32600),
+        (r#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#, -32600),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"ping""#, -32700),
+    ];
+    for (body, code) in bad {
+        let r = raw.send(
+            Method::POST,
+            &[
+                ("authorization", &auth),
+                ("mcp-session-id", &sid),
+                ("content-type", "application/json"),
+            ],
+            Bytes::from(body),
+        );
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.json()["error"]["code"], code, "{body}");
+    }
+    // Wrong content type, an oversized body, a browser, GET, no token.
+    let r = raw.send(
+        Method::POST,
+        &[
+            ("authorization", &auth),
+            ("mcp-session-id", &sid),
+            ("content-type", "text/plain"),
+        ],
+        Bytes::from(ping.to_string()),
+    );
+    assert_eq!(r.status, 415);
+    let huge = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "db_read", "arguments": {"table": "users", "filter": "x".repeat(1_100_000)}}});
+    let r = raw.post(Some(&sid), huge);
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["jsonrpc"], "2.0");
+    let r = raw.send(
+        Method::POST,
+        &[
+            ("authorization", &auth),
+            ("origin", "https://evil.example"),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(ping.to_string()),
+    );
+    assert_eq!(r.status, 403);
+    let r = raw.send(
+        Method::GET,
+        &[("authorization", &auth), ("mcp-session-id", &sid)],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 405);
+    let r = raw.send(
+        Method::POST,
+        &[
+            ("mcp-session-id", &sid),
+            ("content-type", "application/json"),
+        ],
+        Bytes::from(ping.to_string()),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["data"]["reason"], "token_required");
+    // DELETE ends the session; it is unknown afterwards.
+    let r = raw.send(Method::DELETE, &[("mcp-session-id", &sid)], Bytes::new());
+    assert_eq!(r.status, 200);
+    assert_eq!(raw.post(Some(&sid), ping).status, 404);
+}
+
+#[test]
+fn revoked_and_epoch_bumped_tokens_lose_the_tools_at_once() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, token_id) = b.token(&manager, users());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token,
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    let v = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
+    assert!(v["result"].is_object(), "{v}");
+    let r = b.admin(Method::POST, "/revoke", Some(json!({"token_id": token_id})));
+    assert_eq!(r.status, 200);
+    let r = raw.post(
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+               "params": {"name": "db_read", "arguments": {"table": "users"}}}),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["data"]["reason"], "token_revoked");
+    let (token2, _) = b.token(&manager, users());
+    let raw2 = Raw {
+        b: &b,
+        agent: &manager,
+        token: token2,
+    };
+    assert!(raw2.call(&sid, "db_read", json!({"table": "users"}))["result"].is_object());
+    assert_eq!(
+        b.admin(Method::POST, "/bump-epoch", Some(json!({}))).status,
+        200
+    );
+    let r = raw2.post(
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["data"]["reason"], "token_stale_epoch");
+}
+
+#[test]
+fn tool_calls_are_rate_limited_per_agent() {
+    let inst = Instance::new(
+        DEFAULT_AGENTS,
+        "  rate_limits: {tools: {per_minute: 2, burst: 2, max_concurrent: 4}}\n",
+    );
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, users());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token,
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    let first = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
+    assert!(first["result"].is_object(), "{first}");
+    let mut limited = None;
+    for _ in 0..3 {
+        let v = raw.call(&sid, "db_read", json!({"table": "users"}));
+        if v["error"]["code"] == -32002 {
+            limited = Some(v);
+            break;
+        }
+    }
+    let v = limited.expect("never rate limited");
+    assert!(
+        v["error"]["data"]["retry_after_secs"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    // Another agent has its own allowance.
+    let g1 = b.enrol("g1");
+    let (t, _) = b.token(&g1, users());
+    let raw2 = Raw {
+        b: &b,
+        agent: &g1,
+        token: t,
+    };
+    let (sid2, _) = raw2.initialize("2025-11-25");
+    assert!(raw2.call(&sid2, "db_read", json!({"table": "users"}))["result"].is_object());
+}
+
+fn everything_tools(transport: &str) -> String {
+    let dir = everything_dir();
+    let command = if transport == "stdio" {
+        format!("[node, '{}', stdio]", dir.join("dist/index.js").display())
+    } else {
+        format!(
+            "['{}']",
+            workspace_root()
+                .join("tests/node/everything-http.sh")
+                .display()
+        )
+    };
+    let backend = if transport == "http" {
+        format!(", backend: '127.0.0.1:{}'", free_port())
+    } else {
+        String::new()
+    };
+    format!(
+        "    - {{name: everything, transport: {transport}, command: {command}{backend}, timeout: 1500ms, operations: [{{name: echo}}, {{name: get-sum}}, {{name: trigger-long-running-operation}}]}}\n"
+    )
+}
+
+const EVERYTHING_AGENTS: &str = "\
+manager:
+  image: img/x:1
+  obtain:
+    - {tool: db, op: read}
+    - {tool: everything, op: echo}
+    - {tool: everything, op: get-sum}
+    - {tool: everything, op: trigger-long-running-operation}
+";
+
+fn everything_grants() -> Value {
+    json!([
+        {"tool": "everything", "op": "echo"},
+        {"tool": "everything", "op": "get-sum"},
+        {"tool": "everything", "op": "trigger-long-running-operation"},
+    ])
+}
+
+fn third_party_behind_the_broker(transport: &str) {
+    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools(transport));
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, everything_grants());
+    let (_gw, gw_url) = start_gateway(inst.dir.path(), &manager, inst.jail_port);
+    // Wait for the backend through the raw client, then the SDK.
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token: token.clone(),
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+    let v = sdk(
+        &format!("{gw_url}/mcp"),
+        &token,
+        json!([
+            {"name": "everything_echo", "arguments": {"message": "hello through lever"}},
+            {"name": "everything_get-sum", "arguments": {"a": 2, "b": 40}},
+            {"name": "db_read", "arguments": {"table": "users"}},
+        ]),
+    );
+    assert_eq!(
+        v["tools"],
+        json!([
+            "everything_echo",
+            "everything_get-sum",
+            "everything_trigger-long-running-operation"
+        ]),
+        "{v}"
+    );
+    let calls = v["calls"].as_array().unwrap();
+    assert!(
+        calls[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("hello through lever"),
+        "{v}"
+    );
+    assert!(calls[1]["text"].as_str().unwrap().contains("42"), "{v}");
+    assert_eq!(calls[2]["error"]["data"]["reason"], "not_granted", "{v}");
+}
+
+#[test]
+fn server_everything_over_stdio_behind_the_broker() {
+    third_party_behind_the_broker("stdio");
+}
+
+#[test]
+fn server_everything_over_http_behind_the_broker() {
+    third_party_behind_the_broker("http");
+}
+
+#[test]
+fn a_backend_killed_mid_call_errors_and_is_back_within_two_seconds() {
+    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools("stdio"));
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, everything_grants());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token,
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+    let everything = children(b.pid().unwrap())
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.contains("server-everything"))
+        })
+        .expect("no server-everything process");
+    // A long call, and the backend killed while it runs.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = Command::new("kill")
+            .args(["-9", &everything.to_string()])
+            .status();
+        Instant::now()
+    });
+    let started = Instant::now();
+    let v = raw.call(
+        &sid,
+        "everything_trigger-long-running-operation",
+        json!({"duration": 1.2, "steps": 2}),
+    );
+    let killed_at = killer.join().unwrap();
+    assert_eq!(v["error"]["code"], -32003, "{v}");
+    assert_eq!(v["error"]["data"]["reason"], "backend_died", "{v}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1100),
+        "the call waited past the death"
+    );
+    // Back, and serving, within 2 s of the kill.
+    let deadline = killed_at + Duration::from_secs(2);
+    loop {
+        let v = raw.call(&sid, "everything_echo", json!({"message": "again"}));
+        if v["result"].is_object() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not back within 2 s: {v}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(b.stderr().contains("tool `everything` exited"));
+}
+
+#[test]
+fn a_cancelled_call_returns_at_once() {
+    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools("stdio"));
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, everything_grants());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token,
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+    let started = Instant::now();
+    let v = std::thread::scope(|s| {
+        let call = s.spawn(|| {
+            raw.call(
+                &sid,
+                "everything_trigger-long-running-operation",
+                json!({"duration": 1.4, "steps": 2}),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let r = raw.post(
+            Some(&sid),
+            json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                   "params": {"requestId": 7, "reason": "changed my mind"}}),
+        );
+        assert_eq!(r.status, 202);
+        call.join().unwrap()
+    });
+    assert_eq!(v["error"]["code"], -32800, "{v}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    let rec = wait_audit(&inst, |l| {
+        l["event"] == "tool" && l["detail"]["outcome"] == "cancelled"
+    });
+    assert_eq!(rec["op"], "trigger-long-running-operation");
+}
+
+#[test]
+fn a_backend_that_does_not_answer_in_time_is_a_timeout_not_a_hang() {
+    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools("stdio"));
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, everything_grants());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token,
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+    let started = Instant::now();
+    // 10 s of work against a 1.5 s tool timeout.
+    let v = raw.call(
+        &sid,
+        "everything_trigger-long-running-operation",
+        json!({"duration": 10, "steps": 2}),
+    );
+    let took = started.elapsed();
+    assert_eq!(v["error"]["data"]["reason"], "backend_timeout", "{v}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // The backend is still usable afterwards.
+    let v = raw.call(&sid, "everything_echo", json!({"message": "still here"}));
+    assert!(v["result"].is_object(), "{v}");
+}
+
+#[test]
+fn an_oversized_tool_response_is_refused_and_the_broker_stays_up() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    // A 3 MiB row: the tool's answer (text plus structured copy) passes 4 MiB.
+    let out = run(Command::new("python3").arg("-c").arg(format!(
+        "import sqlite3; c = sqlite3.connect('{}'); c.execute(\"insert into users values (9, ?, 'big@example.com')\", ('x' * (3 * 1024 * 1024),)); c.commit()",
+        inst.dir.join("data.db").display()
+    )));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, users());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token,
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    let v = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
+    assert_eq!(
+        v["error"]["data"]["reason"], "backend_response_too_large",
+        "{v}"
+    );
+    let v = raw.call(&sid, "db_read", json!({"table": "users", "filter": "Ada"}));
+    assert!(v["result"].is_object(), "{v}");
+}
+
+#[test]
+fn stopping_the_broker_stops_its_backends() {
+    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools("http"));
+    let mut b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, everything_grants());
+    let raw = Raw {
+        b: &b,
+        agent: &manager,
+        token,
+    };
+    let (sid, _) = raw.initialize("2025-11-25");
+    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+    // The http backend is a shell wrapper exec'ing node: its whole group.
+    let pids = children(b.pid().unwrap());
+    assert!(pids.len() >= 2, "expected two backends, got {pids:?}");
+    let broker_pid = b.pid().unwrap();
+    drop(raw);
+    let term = Command::new("kill")
+        .args(["-TERM", &broker_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "backends outlived the broker: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.kill();
+}

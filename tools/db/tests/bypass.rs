@@ -1,0 +1,141 @@
+//! The tool on its own, as something that got past the broker would reach
+//! it: over stdio and over HTTP, it still reads only its listed tables.
+//! (Building this test is also what has `cargo test --workspace` build the
+//! `lever-tool-db` binary the end-to-end tests start.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lever-tool-db");
+
+fn demo_db(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("lever-tool-db-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("demo.db");
+    let st = Command::new(BIN)
+        .args(["--init-demo", "--database"])
+        .arg(&db)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    db
+}
+
+fn call(table: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+           "params": {"name": "read", "arguments": {"table": table}}})
+}
+
+#[test]
+fn over_stdio_only_listed_tables_are_readable() {
+    let db = demo_db("stdio");
+    let mut child = Command::new(BIN)
+        .args(["--stdio", "--tables", "users", "--database"])
+        .arg(&db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut ask = |msg: Value| -> Value {
+        writeln!(stdin, "{msg}").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let init = ask(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                          "params": {"protocolVersion": "2025-06-18", "capabilities": {}}}));
+    assert_eq!(init["result"]["protocolVersion"], "2025-06-18");
+    let list = ask(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}));
+    assert_eq!(
+        list["result"]["tools"][0]["inputSchema"]["properties"]["table"]["enum"],
+        json!(["users"])
+    );
+    let ok = ask(call("users"));
+    assert_eq!(ok["result"]["isError"], false, "{ok}");
+    assert_eq!(
+        ok["result"]["structuredContent"]["rows"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    for t in ["orders", "secrets", "sqlite_master", "users --"] {
+        let r = ask(call(t));
+        assert_eq!(r["result"]["isError"], true, "{t}: {r}");
+        assert!(!r.to_string().contains("launch code"), "{r}");
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn over_http_only_listed_tables_are_readable_and_only_on_loopback() {
+    let db = demo_db("http");
+    let refused = Command::new(BIN)
+        .args([
+            "-backend",
+            "0.0.0.0:3999",
+            "--tables",
+            "users",
+            "--database",
+        ])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("loopback"));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .args([
+            "-backend",
+            &format!("127.0.0.1:{port}"),
+            "--tables",
+            "users,orders",
+            "--database",
+        ])
+        .arg(&db)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let post = |msg: &Value| -> String {
+        for _ in 0..200 {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let body = msg.to_string();
+                write!(
+                    s,
+                    "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                let mut text = String::new();
+                s.read_to_string(&mut text).unwrap();
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the tool never listened");
+    };
+    assert!(post(&call("orders")).contains("bombe"));
+    let secret = post(&call("secrets"));
+    assert!(
+        secret.contains("\"isError\":true") && !secret.contains("launch code"),
+        "{secret}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
