@@ -1,8 +1,10 @@
 //! `lever demo`: the whole broker flow, offline, in one command. A broker
 //! on a temporary state dir, an Anthropic-compatible mock upstream holding
 //! a placeholder key, a demo agent enrolled with a one-time ticket, a
-//! streamed LLM call through the in-jail gateway, a denied call, and the
-//! audit trail. Every part is the real one except the upstream.
+//! streamed LLM call through the in-jail gateway, a denied call, MCP tool
+//! calls to `lever-tool-db` (one allowed, one outside the token's pinned
+//! table), and the audit trail. Every part is the real one except the
+//! upstream.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -35,11 +37,18 @@ manager:
 groves:
   - name: scratch
     dir: scratch
+    obtain: [{tool: db, op: read}]
 broker:
   api_key_file: secrets/anthropic-key
   upstream: http://{UPSTREAM}
   jail_port: {JAIL}
   admin_port: {ADMIN}
+  tools:
+    - name: db
+      command: [lever-tool-db, --database, data.db, --tables, 'users,orders']
+      backend: 127.0.0.1:{TOOL}
+      operations: [{name: read, args: [table, filter]}]
+      allowed_values: {table: [users, orders]}
 ";
 
 const DEMO_KEY: &str = "sk-ant-demo-placeholder-key-never-leaves-the-host";
@@ -108,15 +117,38 @@ async fn demo(dir: &Path) -> Result<(), String> {
     write_file(&dir.join("secrets/anthropic-key"), DEMO_KEY, 0o600).map_err(|x| e(&x))?;
     println!("    key file  secrets/anthropic-key (0600, host-side only)");
 
-    step.say("the broker, on a fresh state dir");
-    let (jail, admin) = (
+    step.say("a first-party tool: lever-tool-db over a demo SQLite database");
+    let tool_bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.join("lever-tool-db")))
+        .filter(|p| p.is_file())
+        .ok_or(
+            "lever-tool-db is not installed beside lever (`cargo build --release` builds both)",
+        )?;
+    let made = std::process::Command::new(&tool_bin)
+        .args(["--init-demo", "--database"])
+        .arg(dir.join("data.db"))
+        .output()
+        .map_err(|x| e(&x))?;
+    if !made.status.success() {
+        return Err(format!(
+            "lever-tool-db --init-demo: {}",
+            String::from_utf8_lossy(&made.stderr).trim()
+        ));
+    }
+    println!("    data.db   tables users, orders (allow-listed) and secrets (not)");
+
+    step.say("the broker, on a fresh state dir, supervising the tool");
+    let (jail, admin, tool) = (
+        free_port().map_err(|x| e(&x))?,
         free_port().map_err(|x| e(&x))?,
         free_port().map_err(|x| e(&x))?,
     );
     let text = CONFIG
         .replace("{UPSTREAM}", &mock_addr.to_string())
         .replace("{JAIL}", &jail.to_string())
-        .replace("{ADMIN}", &admin.to_string());
+        .replace("{ADMIN}", &admin.to_string())
+        .replace("{TOOL}", &tool.to_string());
     write_file(&dir.join("lever.yaml"), &text, 0o644).map_err(|x| e(&x))?;
     let loaded =
         config::load(&dir.join("lever.yaml"), &Env::from_process()).map_err(|r| r.to_string())?;
@@ -279,6 +311,59 @@ async fn demo(dir: &Path) -> Result<(), String> {
         return Err("a forged token was accepted".into());
     }
 
+    step.say("the agent obtains a db/read capability pinned to table `users`");
+    let r = client::send(
+        &jail_t,
+        Some(&tls),
+        Method::POST,
+        "/v1/capabilities",
+        &[],
+        Some(&json!({"grants": [{"tool": "db", "op": "read", "constraints": {"table": "users"}}]})),
+    )
+    .await
+    .map_err(|x| e(&x))?;
+    let db_token = str_of(&r.json(), "token")?;
+    println!("    token     {}… (db/read, table=users)", &db_token[..16]);
+
+    step.say("MCP through the gateway: initialize, tools/list, tools/call db_read {table: users}");
+    let gw_t = Target {
+        https: false,
+        host: "127.0.0.1".into(),
+        port: gw_addr.port(),
+    };
+    let mcp = Mcp::open(&gw_t, &db_token).await?;
+    println!(
+        "    session   {}…  tools {}",
+        &mcp.session[..8],
+        mcp.tools.join(", ")
+    );
+    let v = mcp
+        .call_when_ready("db_read", json!({"table": "users", "filter": "a"}))
+        .await?;
+    let rows = v["result"]["structuredContent"]["rows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if rows.is_empty() {
+        return Err(format!("the allowed tool call failed: {v}"));
+    }
+    for row in &rows {
+        println!("    row       {row}");
+    }
+
+    step.say("a denied tool call: the same token asks for table `orders`");
+    let v = mcp.call("db_read", json!({"table": "orders"})).await?;
+    println!(
+        "    JSON-RPC error {}: {}",
+        v["error"]["code"],
+        v["error"]["message"].as_str().unwrap_or("")
+    );
+    if v["error"]["code"] != -32001 {
+        return Err(format!(
+            "a call outside the pinned table was not denied: {v}"
+        ));
+    }
+
     step.say("the audit trail (hash-chained; `lever audit verify` checks it)");
     broker.audit.flush().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -293,6 +378,93 @@ async fn demo(dir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A minimal MCP client over the gateway (the tests use the official SDK).
+struct Mcp {
+    target: Target,
+    auth: String,
+    session: String,
+    tools: Vec<String>,
+}
+
+impl Mcp {
+    async fn post(&self, session: bool, msg: Value) -> Result<client::Reply, String> {
+        let mut h = vec![("authorization", self.auth.as_str())];
+        if session {
+            h.push(("mcp-session-id", self.session.as_str()));
+        }
+        client::send(&self.target, None, Method::POST, "/mcp", &h, Some(&msg))
+            .await
+            .map_err(|x| x.to_string())
+    }
+
+    async fn open(target: &Target, token: &str) -> Result<Mcp, String> {
+        let mut m = Mcp {
+            target: target.clone(),
+            auth: format!("Bearer {token}"),
+            session: String::new(),
+            tools: Vec::new(),
+        };
+        let r = m
+            .post(
+                false,
+                json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                    "protocolVersion": "2025-11-25", "capabilities": {},
+                    "clientInfo": {"name": "lever-demo", "version": env!("CARGO_PKG_VERSION")}}}),
+            )
+            .await?;
+        m.session = r
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| format!("initialize failed: {}", String::from_utf8_lossy(&r.body)))?
+            .to_owned();
+        m.post(
+            true,
+            json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        )
+        .await?;
+        let list = m
+            .post(
+                true,
+                json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+            )
+            .await?
+            .json();
+        m.tools = list["result"]["tools"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(m)
+    }
+
+    async fn call(&self, name: &str, arguments: Value) -> Result<Value, String> {
+        Ok(self
+            .post(
+                true,
+                json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                       "params": {"name": name, "arguments": arguments}}),
+            )
+            .await?
+            .json())
+    }
+
+    /// Calls, waiting (up to 15 s) while the tool backend is still starting.
+    async fn call_when_ready(&self, name: &str, arguments: Value) -> Result<Value, String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = self.call(name, arguments.clone()).await?;
+            if v["error"]["data"]["reason"] != "backend_unavailable" || Instant::now() > deadline {
+                return Ok(v);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 fn str_of(v: &Value, k: &str) -> Result<String, String> {
@@ -396,6 +568,13 @@ fn print_audit(path: &PathBuf) -> Result<(), String> {
                 d["input_tokens"],
                 d["output_tokens"],
                 d["ttfb_ms"].as_f64().unwrap_or(0.0)
+            ),
+            Some("tool") => format!(
+                "{}/{} {} {}",
+                v["tool"].as_str().unwrap_or(""),
+                v["op"].as_str().unwrap_or(""),
+                v["constraints"],
+                d["outcome"].as_str().unwrap_or("")
             ),
             Some("mint") => format!(
                 "token {}…",

@@ -15,6 +15,11 @@ fn the_demo_runs_offline_end_to_end() {
         "checked: the client never saw the key; the upstream saw the key and never the token",
         "401 {\"error\":",
         "authentication_error",
+        "tools db_read",
+        "grace@example.com",
+        "JSON-RPC error -32001: your capability token for db/read pins table=users",
+        "db/read {\"table\":\"users\"} ok",
+        "deny   constraint_mismatch    db/read {\"table\":\"orders\"}",
         "chain intact",
         "demo complete",
     ] {
@@ -28,4 +33,11 @@ fn the_demo_runs_offline_end_to_end() {
         !out.stdout.contains("sk-ant-demo-placeholder"),
         "the demo printed its key"
     );
+    // The tool itself saw only the allowed call.
+    assert!(
+        out.stderr.contains("read table=\"users\""),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("table=\"orders\""), "{}", out.stderr);
 }
