@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 const MAX_FILTER: usize = 1024;
 
 #[derive(Debug)]
-pub(crate) struct Db {
+pub struct Db {
     conn: Mutex<Connection>,
     tables: Vec<String>,
     max_rows: usize,
@@ -22,11 +22,11 @@ pub(crate) struct Db {
 
 /// A refusal or failure, told to the agent as a tool error.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct ReadError(pub(crate) String);
+pub struct ReadError(pub String);
 
 impl Db {
     /// Opens `path` read-only (it must exist).
-    pub(crate) fn open(path: &Path, tables: Vec<String>, max_rows: usize) -> Result<Db, String> {
+    pub fn open(path: &Path, tables: Vec<String>, max_rows: usize) -> Result<Db, String> {
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -42,7 +42,7 @@ impl Db {
     }
 
     /// The MCP description of `read`.
-    pub(crate) fn tool(&self) -> Value {
+    pub fn tool(&self) -> Value {
         json!({
             "name": "read",
             "title": "Read rows",
@@ -64,7 +64,7 @@ impl Db {
     }
 
     /// Runs `read` with the call's arguments.
-    pub(crate) fn read(&self, args: &Map<String, Value>) -> Result<Value, ReadError> {
+    pub fn read(&self, args: &Map<String, Value>) -> Result<Value, ReadError> {
         for k in args.keys() {
             if k != "table" && k != "filter" {
                 return Err(ReadError(format!(
@@ -158,7 +158,7 @@ fn cell(v: ValueRef<'_>) -> Value {
 
 /// Creates the demo database (`users`, `orders`, and a `secrets` table no
 /// allow-list should name) unless `path` exists.
-pub(crate) fn init_demo(path: &Path) -> Result<bool, String> {
+pub fn init_demo(path: &Path) -> Result<bool, String> {
     if path.exists() {
         return Ok(false);
     }
