@@ -36,7 +36,11 @@ fn main() {
     std::fs::create_dir_all(dir.join("ws")).unwrap();
     std::fs::write(dir.join("key"), "sk-ant-bench").unwrap();
     std::fs::set_permissions(dir.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let ports = [free_port(), free_port(), free_port()];
+    let ports = [
+        lever_benches::setup::free_port(),
+        lever_benches::setup::free_port(),
+        lever_benches::setup::free_port(),
+    ];
     std::fs::write(
         dir.join("lever.yaml"),
         format!(
@@ -206,14 +210,6 @@ fn main() {
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A TLS 1.3 server with a certificate from the same CA that answers every

@@ -17,7 +17,7 @@
 //! broker N runtime workers instead of one per core (nginx runs one worker
 //! process here).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use lever_benches::setup::{Proc, enrol, free_port, role_broker};
 use lever_broker::client::{self, ClientTls, Target};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -94,48 +94,11 @@ fn main() {
     rt.block_on(wait_tcp(mock_port));
 
     // Enrol one agent and take a token, as `lever agent` would.
-    let (ca, tls, token) = rt.block_on(async {
-        let r = client::send(
-            &admin_t,
-            None,
-            http::Method::POST,
-            "/bootstrap",
-            &[],
-            Some(&json!({})),
-        )
-        .await
-        .unwrap();
-        let v = r.json();
-        let (ticket, ca) = (
-            v["ticket"].as_str().unwrap().to_owned(),
-            v["ca"].as_str().unwrap().to_owned(),
-        );
-        let (key, csr) = client::key_and_csr("manager").unwrap();
-        let anon = ClientTls::new(&ca, None).unwrap();
-        let r = client::send(
-            &jail_t,
-            Some(&anon),
-            http::Method::POST,
-            "/v1/enrol",
-            &[],
-            Some(&json!({"ticket": ticket, "csr": csr})),
-        )
-        .await
-        .unwrap();
-        let cert = r.json()["certificate"].as_str().unwrap().to_owned();
-        let tls = ClientTls::new(&ca, Some((&cert, &key))).unwrap();
-        let r = client::send(
-            &jail_t,
-            Some(&tls),
-            http::Method::POST,
-            "/v1/capabilities",
-            &[],
-            Some(&json!({"grants": [{"tool": "llm", "op": "generate"}]})),
-        )
-        .await
-        .unwrap();
-        (ca, tls, r.json()["token"].as_str().unwrap().to_owned())
-    });
+    let (ca, tls, token) = rt.block_on(enrol(
+        &admin_t,
+        &jail_t,
+        json!([{"tool": "llm", "op": "generate"}]),
+    ));
 
     let nginx = start_nginx(&dir, nginx_port, mock_port, &ca);
     if nginx.is_some() {
@@ -256,28 +219,7 @@ fn request(t: &TargetSpec, stream: bool, prompt: &str) -> Request<Full<Bytes>> {
 }
 
 async fn connect(t: &TargetSpec) -> SendRequest<Full<Bytes>> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.port))
-        .await
-        .unwrap();
-    tcp.set_nodelay(true).unwrap();
-    match &t.tls {
-        Some(tls) => {
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let s = tls.connector().connect(name, tcp).await.unwrap();
-            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            send
-        }
-        None => {
-            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            send
-        }
-    }
+    lever_benches::setup::connect(t.port, t.tls.as_ref()).await
 }
 
 /// Keep-alive connections, each used by one request at a time.
@@ -442,14 +384,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write(path: &std::path::Path, text: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).unwrap();
@@ -489,26 +423,6 @@ async fn wait_tcp(port: u16) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("port {port} never opened");
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SIGTERM first: nginx's master then takes its workers down with it
-        // (SIGKILL would orphan them).
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
@@ -597,24 +511,4 @@ fn role_mock() {
             .unwrap();
         lever_broker::mock_upstream::serve(l, Some(KEY.to_owned())).await;
     });
-}
-
-fn role_broker() {
-    let path = std::env::var("BROKER_CONFIG").unwrap();
-    let cfg = lever_policy::config::load(
-        std::path::Path::new(&path),
-        &lever_policy::config::Env::from_process(),
-    )
-    .unwrap()
-    .config;
-    let broker = lever_broker::open(cfg).unwrap();
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("LEVER_BENCH_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        b.worker_threads(n);
-    }
-    let rt = b.enable_all().build().unwrap();
-    rt.block_on(lever_broker::run(broker)).unwrap();
 }

@@ -13,7 +13,7 @@
 //! connections gives throughput. The broker and the tool run as their own
 //! processes (this binary re-executed in a role).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use lever_benches::setup::{Proc, connect, enrol, free_port, role_broker};
 use lever_broker::client::{self, ClientTls, Target};
 use serde_json::{Value, json};
 
@@ -87,32 +87,16 @@ fn main() {
         host: "localhost".into(),
         port: jail,
     };
-    let (tls, token) = rt.block_on(async {
-        wait(|| async { client::send(&admin_t, None, http::Method::GET, "/healthz", &[], None).await.is_ok() }).await;
-        let v = client::send(&admin_t, None, http::Method::POST, "/bootstrap", &[], Some(&json!({})))
+    rt.block_on(wait(|| async {
+        client::send(&admin_t, None, http::Method::GET, "/healthz", &[], None)
             .await
-            .unwrap()
-            .json();
-        let (ticket, ca) = (v["ticket"].as_str().unwrap().to_owned(), v["ca"].as_str().unwrap().to_owned());
-        let (key, csr) = client::key_and_csr("manager").unwrap();
-        let anon = ClientTls::new(&ca, None).unwrap();
-        let r = client::send(&jail_t, Some(&anon), http::Method::POST, "/v1/enrol", &[], Some(&json!({"ticket": ticket, "csr": csr})))
-            .await
-            .unwrap();
-        let cert = r.json()["certificate"].as_str().unwrap().to_owned();
-        let tls = ClientTls::new(&ca, Some((&cert, &key))).unwrap();
-        let r = client::send(
-            &jail_t,
-            Some(&tls),
-            http::Method::POST,
-            "/v1/capabilities",
-            &[],
-            Some(&json!({"grants": [{"tool": "db", "op": "read", "constraints": {"table": "users"}}]})),
-        )
-        .await
-        .unwrap();
-        (tls, r.json()["token"].as_str().unwrap().to_owned())
-    });
+            .is_ok()
+    }));
+    let (_, tls, token) = rt.block_on(enrol(
+        &admin_t,
+        &jail_t,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    ));
     // The tool is up once the broker can reach it.
     rt.block_on(wait(|| async { tcp_up(tool).await }));
 
@@ -174,14 +158,6 @@ struct Spec {
     name: &'static str,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn tcp_up(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -214,31 +190,6 @@ fn post(spec: &Spec, msg: &Value) -> Request<Full<Bytes>> {
     b.body(Full::new(Bytes::from(msg.to_string()))).unwrap()
 }
 
-async fn connect(spec: &Spec) -> SendRequest<Full<Bytes>> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", spec.port))
-        .await
-        .unwrap();
-    tcp.set_nodelay(true).unwrap();
-    match &spec.tls {
-        Some(tls) => {
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let s = tls.connector().connect(name, tcp).await.unwrap();
-            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            send
-        }
-        None => {
-            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            send
-        }
-    }
-}
-
 async fn exchange(
     s: &mut SendRequest<Full<Bytes>>,
     req: Request<Full<Bytes>>,
@@ -255,7 +206,7 @@ async fn exchange(
 }
 
 async fn initialize(spec: &Spec) -> String {
-    let mut s = connect(spec).await;
+    let mut s = connect(spec.port, spec.tls.as_ref()).await;
     let msg = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}});
     let (h, _) = exchange(&mut s, post(spec, &msg)).await;
@@ -268,7 +219,7 @@ fn call_msg(spec: &Spec) -> Value {
 }
 
 async fn one_call(spec: &Spec) -> Value {
-    let mut s = connect(spec).await;
+    let mut s = connect(spec.port, spec.tls.as_ref()).await;
     // The backend may still be starting behind the broker.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -282,7 +233,7 @@ async fn one_call(spec: &Spec) -> Value {
 }
 
 async fn sequential(spec: &Spec, n: usize) -> Vec<u64> {
-    let mut s = connect(spec).await;
+    let mut s = connect(spec.port, spec.tls.as_ref()).await;
     let msg = call_msg(spec);
     for _ in 0..n / 10 {
         exchange(&mut s, post(spec, &msg)).await;
@@ -304,7 +255,7 @@ async fn closed_loop(spec: &Arc<Spec>, workers: usize, dur: Duration) -> f64 {
     for _ in 0..workers {
         let spec = spec.clone();
         tasks.push(tokio::spawn(async move {
-            let mut s = connect(&spec).await;
+            let mut s = connect(spec.port, spec.tls.as_ref()).await;
             let msg = call_msg(&spec);
             let mut n = 0u64;
             while Instant::now() < end {
@@ -325,26 +276,6 @@ fn pct(sorted: &[u64], p: usize) -> u64 {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
-/// A process killed on drop (SIGTERM, so the broker stops its backend).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The tool, as the broker starts it: `EXE --bench-role-tool DB -backend ADDR`.
 fn role_tool(args: &[String]) {
     let i = args.iter().position(|a| a == ROLE_TOOL).unwrap();
@@ -359,20 +290,4 @@ fn role_tool(args: &[String]) {
         .build()
         .unwrap();
     rt.block_on(lever_tool_db::server::serve_http(addr, db));
-}
-
-fn role_broker() {
-    let path = std::env::var("BROKER_CONFIG").unwrap();
-    let cfg = lever_policy::config::load(
-        std::path::Path::new(&path),
-        &lever_policy::config::Env::from_process(),
-    )
-    .unwrap()
-    .config;
-    let broker = lever_broker::open(cfg).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(lever_broker::run(broker)).unwrap();
 }

@@ -108,3 +108,144 @@ pub fn fmt(d: Duration) -> String {
         format!("{:.2} ms", ns as f64 / 1e6)
     }
 }
+
+/// Processes, ports and a first agent for the benches that run a broker.
+pub mod setup {
+    use std::process::Child;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::client::conn::http1::SendRequest;
+    use hyper_util::rt::TokioIo;
+    use lever_broker::client::{self, ClientTls, Target};
+    use serde_json::{Value, json};
+
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A child process stopped on drop: SIGTERM first (a broker then stops
+    /// its tool backends, nginx's master its workers), SIGKILL after 1 s.
+    #[derive(Debug)]
+    pub struct Proc(pub Child);
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The broker role: runs `lever broker` on `$BROKER_CONFIG` in this
+    /// process (`LEVER_BENCH_WORKERS=N` sets its runtime's worker count).
+    pub fn role_broker() {
+        let path = std::env::var("BROKER_CONFIG").unwrap();
+        let cfg = lever_policy::config::load(
+            std::path::Path::new(&path),
+            &lever_policy::config::Env::from_process(),
+        )
+        .unwrap()
+        .config;
+        let broker = lever_broker::open(cfg).unwrap();
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = std::env::var("LEVER_BENCH_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            b.worker_threads(n);
+        }
+        let rt = b.enable_all().build().unwrap();
+        rt.block_on(lever_broker::run(broker)).unwrap();
+    }
+
+    /// Enrols the manager with a bootstrap ticket, as `lever agent` would,
+    /// and mints a token for `grants`: (CA PEM, client TLS, token).
+    pub async fn enrol(
+        admin: &Target,
+        jail: &Target,
+        grants: Value,
+    ) -> (String, ClientTls, String) {
+        let post = |t: &Target, tls: Option<&ClientTls>, path: &str, body: Value| {
+            let (t, tls, path) = (t.clone(), tls.cloned(), path.to_owned());
+            async move {
+                client::send(
+                    &t,
+                    tls.as_ref(),
+                    http::Method::POST,
+                    &path,
+                    &[],
+                    Some(&body),
+                )
+                .await
+                .unwrap()
+                .json()
+            }
+        };
+        let v = post(admin, None, "/bootstrap", json!({})).await;
+        let (ticket, ca) = (
+            v["ticket"].as_str().unwrap().to_owned(),
+            v["ca"].as_str().unwrap().to_owned(),
+        );
+        let (key, csr) = client::key_and_csr("manager").unwrap();
+        let anon = ClientTls::new(&ca, None).unwrap();
+        let v = post(
+            jail,
+            Some(&anon),
+            "/v1/enrol",
+            json!({"ticket": ticket, "csr": csr}),
+        )
+        .await;
+        let cert = v["certificate"].as_str().unwrap().to_owned();
+        let tls = ClientTls::new(&ca, Some((&cert, &key))).unwrap();
+        let v = post(
+            jail,
+            Some(&tls),
+            "/v1/capabilities",
+            json!({"grants": grants}),
+        )
+        .await;
+        (ca, tls, v["token"].as_str().unwrap().to_owned())
+    }
+
+    /// One HTTP/1.1 keep-alive connection to a loopback port, over TLS
+    /// (server name `localhost`) when `tls` is given.
+    pub async fn connect(port: u16, tls: Option<&ClientTls>) -> SendRequest<Full<Bytes>> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.set_nodelay(true).unwrap();
+        match tls {
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let s = tls.connector().connect(name, tcp).await.unwrap();
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                send
+            }
+            None => {
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                send
+            }
+        }
+    }
+}

@@ -283,23 +283,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     };
     // Only now, with the caller known and its token good, read the body.
     let (parts, body) = req.into_parts();
-    let body = match tokio::time::timeout(
-        ctx.conn.limits.body_timeout,
-        http_body_util::Limited::new(body, MAX_REQUEST).collect(),
-    )
-    .await
-    {
-        Err(_) => return Err(ApiError::BodyTimeout),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::BodyTooLarge(MAX_REQUEST));
-        }
-        Ok(Err(_)) => {
-            return Err(ApiError::BadRequest(
-                "the request body could not be read".into(),
-            ));
-        }
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+    let body = crate::stack::read_body(ctx, body, MAX_REQUEST).await?;
     let peek: Peek = if body.is_empty() {
         Peek::default()
     } else {

@@ -211,6 +211,22 @@ pub fn require_json<B>(req: &Request<B>) -> Result<(), ApiError> {
     }
 }
 
+/// Reads a body of at most `limit` bytes within the listener's body
+/// deadline. Call only after the caller is authenticated.
+pub async fn read_body(ctx: &Ctx<'_>, body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+    let body = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(ctx.conn.limits.body_timeout, body.collect()).await {
+        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::BodyTooLarge(limit))
+        }
+        Ok(Err(_)) => Err(ApiError::BadRequest(
+            "the request body could not be read".into(),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
 /// Reads a JSON body of at most `limit` bytes within the listener's body
 /// deadline. Call only after the caller is authenticated.
 pub async fn read_json<T: DeserializeOwned>(
@@ -228,19 +244,7 @@ pub async fn read_json<T: DeserializeOwned>(
     {
         return Err(ApiError::BodyTooLarge(limit));
     }
-    let body = http_body_util::Limited::new(req.into_body(), limit);
-    let bytes: Bytes =
-        match tokio::time::timeout(ctx.conn.limits.body_timeout, body.collect()).await {
-            Err(_) => return Err(ApiError::BodyTimeout),
-            Ok(Err(e)) => {
-                return Err(if e.is::<http_body_util::LengthLimitError>() {
-                    ApiError::BodyTooLarge(limit)
-                } else {
-                    ApiError::BadRequest("the request body could not be read".into())
-                });
-            }
-            Ok(Ok(c)) => c.to_bytes(),
-        };
+    let bytes = read_body(ctx, req.into_body(), limit).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::BadRequest(format!("invalid JSON body: {}", unquote(&e.to_string())))
     })

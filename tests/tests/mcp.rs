@@ -53,6 +53,21 @@ struct Raw<'a> {
 }
 
 impl Raw<'_> {
+    fn new<'a>(b: &'a Broker, agent: &'a Agent, token: &str) -> Raw<'a> {
+        Raw {
+            b,
+            agent,
+            token: token.to_owned(),
+        }
+    }
+
+    /// A session, opened once `name` answers (its backend is up).
+    fn ready_session(&self, name: &str, args: Value) -> String {
+        let (sid, _) = self.initialize("2025-11-25");
+        wait_tool_ready(self, &sid, name, args);
+        sid
+    }
+
     fn post(&self, session: Option<&str>, msg: Value) -> Reply {
         let auth = format!("Bearer {}", self.token);
         let mut h = vec![("authorization", auth.as_str())];
@@ -97,6 +112,29 @@ impl Raw<'_> {
         );
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         r.json()
+    }
+}
+
+/// A running instance with the manager enrolled and holding a token.
+struct Env {
+    inst: Instance,
+    b: Broker,
+    manager: Agent,
+    token: String,
+    token_id: String,
+}
+
+fn env(agents: &str, extra: &str, grants: Value) -> Env {
+    let inst = Instance::new(agents, extra);
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (token, token_id) = b.token(&manager, grants);
+    Env {
+        inst,
+        b,
+        manager,
+        token,
+        token_id,
     }
 }
 
@@ -164,10 +202,13 @@ fn wait_tool_ready(raw: &Raw<'_>, sid: &str, name: &str, args: Value) -> Value {
 
 #[test]
 fn the_official_sdk_reads_the_db_through_the_gateway_and_a_pinned_table_holds() {
-    let inst = Instance::new(DEFAULT_AGENTS, "");
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, token_id) = b.token(&manager, users());
+    let Env {
+        inst,
+        b,
+        manager,
+        token,
+        token_id,
+    } = env(DEFAULT_AGENTS, "", users());
     let (_gw, gw_url) = start_gateway(inst.dir.path(), &manager, inst.jail_port);
     let v = sdk(
         &format!("{gw_url}/mcp"),
@@ -240,15 +281,14 @@ fn the_official_sdk_reads_the_db_through_the_gateway_and_a_pinned_table_holds() 
 
 #[test]
 fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
-    let inst = Instance::new(DEFAULT_AGENTS, "");
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, users());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
+    let Env {
+        inst: _inst,
+        b,
+        manager,
         token,
-    };
+        ..
+    } = env(DEFAULT_AGENTS, "", users());
+    let raw = Raw::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-06-18");
     let ok = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
     assert!(
@@ -300,15 +340,18 @@ fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
 
 #[test]
 fn a_token_for_another_tool_or_only_for_llm_sees_and_calls_nothing() {
-    let inst = Instance::new(DEFAULT_AGENTS, "");
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (llm_only, _) = b.token(&manager, json!([{"tool": "llm", "op": "generate"}]));
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
+    let Env {
+        inst: _inst,
+        b,
+        manager,
         token: llm_only,
-    };
+        ..
+    } = env(
+        DEFAULT_AGENTS,
+        "",
+        json!([{"tool": "llm", "op": "generate"}]),
+    );
+    let raw = Raw::new(&b, &manager, &llm_only);
     let (sid, _) = raw.initialize("2025-11-25");
     let r = raw.post(
         Some(&sid),
@@ -321,11 +364,7 @@ fn a_token_for_another_tool_or_only_for_llm_sees_and_calls_nothing() {
     // Another agent's token, presented by the manager: refused outright.
     let g1 = b.enrol("g1");
     let (theirs, _) = b.token(&g1, users());
-    let raw2 = Raw {
-        b: &b,
-        agent: &manager,
-        token: theirs,
-    };
+    let raw2 = Raw::new(&b, &manager, &theirs);
     let r = raw2.post(
         Some(&sid),
         json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
@@ -337,15 +376,14 @@ fn a_token_for_another_tool_or_only_for_llm_sees_and_calls_nothing() {
 
 #[test]
 fn sessions_versions_and_unsupported_messages_get_clear_answers() {
-    let inst = Instance::new(DEFAULT_AGENTS, "");
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, users());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
-        token: token.clone(),
-    };
+    let Env {
+        inst: _inst,
+        b,
+        manager,
+        token,
+        ..
+    } = env(DEFAULT_AGENTS, "", users());
+    let raw = Raw::new(&b, &manager, &token);
     // Version negotiation: a known version is echoed, an unknown one gets ours.
     for (asked, got) in [
         ("2025-03-26", "2025-03-26"),
@@ -375,11 +413,7 @@ fn sessions_versions_and_unsupported_messages_get_clear_answers() {
         &g1,
         json!([{"tool": "db", "op": "read", "constraints": {"table": "orders"}}]),
     );
-    let other = Raw {
-        b: &b,
-        agent: &g1,
-        token: g1_token,
-    };
+    let other = Raw::new(&b, &g1, &g1_token);
     let r = other.post(Some(&sid), ping.clone());
     assert_eq!(r.status, 404, "another identity used the manager's session");
     assert_eq!(r.json()["error"]["data"]["reason"], "session_unknown");
@@ -486,15 +520,14 @@ fn sessions_versions_and_unsupported_messages_get_clear_answers() {
 
 #[test]
 fn revoked_and_epoch_bumped_tokens_lose_the_tools_at_once() {
-    let inst = Instance::new(DEFAULT_AGENTS, "");
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, token_id) = b.token(&manager, users());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
+    let Env {
+        inst: _inst,
+        b,
+        manager,
         token,
-    };
+        token_id,
+    } = env(DEFAULT_AGENTS, "", users());
+    let raw = Raw::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
     let v = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
     assert!(v["result"].is_object(), "{v}");
@@ -508,11 +541,7 @@ fn revoked_and_epoch_bumped_tokens_lose_the_tools_at_once() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["data"]["reason"], "token_revoked");
     let (token2, _) = b.token(&manager, users());
-    let raw2 = Raw {
-        b: &b,
-        agent: &manager,
-        token: token2,
-    };
+    let raw2 = Raw::new(&b, &manager, &token2);
     assert!(raw2.call(&sid, "db_read", json!({"table": "users"}))["result"].is_object());
     assert_eq!(
         b.admin(Method::POST, "/bump-epoch", Some(json!({}))).status,
@@ -528,18 +557,18 @@ fn revoked_and_epoch_bumped_tokens_lose_the_tools_at_once() {
 
 #[test]
 fn tool_calls_are_rate_limited_per_agent() {
-    let inst = Instance::new(
+    let Env {
+        inst: _inst,
+        b,
+        manager,
+        token,
+        ..
+    } = env(
         DEFAULT_AGENTS,
         "  rate_limits: {tools: {per_minute: 2, burst: 2, max_concurrent: 4}}\n",
+        users(),
     );
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, users());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
-        token,
-    };
+    let raw = Raw::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
     let first = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
     assert!(first["result"].is_object(), "{first}");
@@ -559,11 +588,7 @@ fn tool_calls_are_rate_limited_per_agent() {
     // Another agent has its own allowance.
     let g1 = b.enrol("g1");
     let (t, _) = b.token(&g1, users());
-    let raw2 = Raw {
-        b: &b,
-        agent: &g1,
-        token: t,
-    };
+    let raw2 = Raw::new(&b, &g1, &t);
     let (sid2, _) = raw2.initialize("2025-11-25");
     assert!(raw2.call(&sid2, "db_read", json!({"table": "users"}))["result"].is_object());
 }
@@ -609,19 +634,21 @@ fn everything_grants() -> Value {
 }
 
 fn third_party_behind_the_broker(transport: &str) {
-    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools(transport));
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, everything_grants());
+    let Env {
+        inst,
+        b,
+        manager,
+        token,
+        ..
+    } = env(
+        EVERYTHING_AGENTS,
+        &everything_tools(transport),
+        everything_grants(),
+    );
     let (_gw, gw_url) = start_gateway(inst.dir.path(), &manager, inst.jail_port);
     // Wait for the backend through the raw client, then the SDK.
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
-        token: token.clone(),
-    };
-    let (sid, _) = raw.initialize("2025-11-25");
-    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+    let raw = Raw::new(&b, &manager, &token);
+    let _sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let v = sdk(
         &format!("{gw_url}/mcp"),
         &token,
@@ -664,17 +691,19 @@ fn server_everything_over_http_behind_the_broker() {
 
 #[test]
 fn a_backend_killed_mid_call_errors_and_is_back_within_two_seconds() {
-    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools("stdio"));
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, everything_grants());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
+    let Env {
+        inst: _inst,
+        b,
+        manager,
         token,
-    };
-    let (sid, _) = raw.initialize("2025-11-25");
-    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+        ..
+    } = env(
+        EVERYTHING_AGENTS,
+        &everything_tools("stdio"),
+        everything_grants(),
+    );
+    let raw = Raw::new(&b, &manager, &token);
+    let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let everything = children(b.pid().unwrap())
         .into_iter()
         .find(|p| {
@@ -718,17 +747,19 @@ fn a_backend_killed_mid_call_errors_and_is_back_within_two_seconds() {
 
 #[test]
 fn a_cancelled_call_returns_at_once() {
-    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools("stdio"));
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, everything_grants());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
+    let Env {
+        inst,
+        b,
+        manager,
         token,
-    };
-    let (sid, _) = raw.initialize("2025-11-25");
-    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+        ..
+    } = env(
+        EVERYTHING_AGENTS,
+        &everything_tools("stdio"),
+        everything_grants(),
+    );
+    let raw = Raw::new(&b, &manager, &token);
+    let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let started = Instant::now();
     let v = std::thread::scope(|s| {
         let call = s.spawn(|| {
@@ -761,17 +792,19 @@ fn a_cancelled_call_returns_at_once() {
 
 #[test]
 fn a_backend_that_does_not_answer_in_time_is_a_timeout_not_a_hang() {
-    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools("stdio"));
-    let b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, everything_grants());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
+    let Env {
+        inst: _inst,
+        b,
+        manager,
         token,
-    };
-    let (sid, _) = raw.initialize("2025-11-25");
-    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+        ..
+    } = env(
+        EVERYTHING_AGENTS,
+        &everything_tools("stdio"),
+        everything_grants(),
+    );
+    let raw = Raw::new(&b, &manager, &token);
+    let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let started = Instant::now();
     // 10 s of work against a 1.5 s tool timeout.
     let v = raw.call(
@@ -802,11 +835,7 @@ fn an_oversized_tool_response_is_refused_and_the_broker_stays_up() {
     let b = inst.start();
     let manager = b.enrol("manager");
     let (token, _) = b.token(&manager, users());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
-        token,
-    };
+    let raw = Raw::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
     let v = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
     assert_eq!(
@@ -819,17 +848,19 @@ fn an_oversized_tool_response_is_refused_and_the_broker_stays_up() {
 
 #[test]
 fn stopping_the_broker_stops_its_backends() {
-    let inst = Instance::new(EVERYTHING_AGENTS, &everything_tools("http"));
-    let mut b = inst.start();
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, everything_grants());
-    let raw = Raw {
-        b: &b,
-        agent: &manager,
+    let Env {
+        inst: _inst,
+        mut b,
+        manager,
         token,
-    };
-    let (sid, _) = raw.initialize("2025-11-25");
-    wait_tool_ready(&raw, &sid, "everything_echo", json!({"message": "up?"}));
+        ..
+    } = env(
+        EVERYTHING_AGENTS,
+        &everything_tools("http"),
+        everything_grants(),
+    );
+    let raw = Raw::new(&b, &manager, &token);
+    let _sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     // The http backend is a shell wrapper exec'ing node: its whole group.
     let pids = children(b.pid().unwrap());
     assert!(pids.len() >= 2, "expected two backends, got {pids:?}");

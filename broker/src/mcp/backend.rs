@@ -298,7 +298,7 @@ impl Backend {
                 let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
                     return Err("no stdio pipes".into());
                 };
-                Conn::Stdio(StdioConn::new(stdin, stdout, dead.clone()))
+                Conn::Stdio(StdioConn::new(stdin, stdout, dead.clone(), pid))
             }
         };
         let live = Arc::new(Live {
@@ -430,6 +430,13 @@ impl Live {
             Conn::Stdio(s) => s.request(&msg, id).await,
         };
         guard.live = None;
+        if let (Conn::Http(h), Err(CallError::Protocol(why))) = (&self.conn, &r)
+            && why.starts_with("HTTP 404")
+            && h.session.lock().is_ok_and(|s| s.is_some())
+        {
+            // The backend forgot our session: a restart initializes anew.
+            self.kill();
+        }
         r
     }
 
@@ -613,7 +620,12 @@ struct StdioConn {
 }
 
 impl StdioConn {
-    fn new(stdin: ChildStdin, stdout: ChildStdout, dead: watch::Sender<bool>) -> StdioConn {
+    fn new(
+        stdin: ChildStdin,
+        stdout: ChildStdout,
+        dead: watch::Sender<bool>,
+        pid: u32,
+    ) -> StdioConn {
         let pending: Pending = Arc::default();
         let (replies_tx, mut replies_rx) = tokio::sync::mpsc::channel::<Value>(16);
         let reader_pending = pending.clone();
@@ -654,8 +666,10 @@ impl StdioConn {
                     let _ = tx.send(Ok(msg));
                 }
             }
-            // Output closed: the process is gone or going.
+            // Output closed, or a message over the cap: the process is gone
+            // or can no longer be trusted; the supervisor restarts it.
             dead.send_replace(true);
+            kill_group(pid);
             if let Ok(mut p) = reader_pending.lock() {
                 p.clear();
             }

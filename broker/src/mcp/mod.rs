@@ -21,7 +21,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use lever_policy::token::{Denial, MAX_ARG_LEN, Verified};
 use serde_json::{Map, Value, json};
@@ -233,41 +232,14 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
         // No server-initiated messages: the spec lets a server say 405.
         _ => return Err(ApiError::MethodNotAllowed),
     }
-    let json_body = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !json_body {
-        return Err(ApiError::UnsupportedMediaType);
-    }
+    crate::stack::require_json(&req)?;
     let token = crate::jail::bearer_of(req.headers())?.ok_or(ApiError::NoToken)?;
     let version_header = req
         .headers()
         .get("mcp-protocol-version")
         .map(|v| v.to_str().unwrap_or("").to_owned());
     // The peer is authenticated (mTLS); now the body, capped and timed.
-    let body = match tokio::time::timeout(
-        ctx.conn.limits.body_timeout,
-        http_body_util::Limited::new(req.into_body(), MAX_REQUEST).collect(),
-    )
-    .await
-    {
-        Err(_) => return Err(ApiError::BodyTimeout),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::BodyTooLarge(MAX_REQUEST));
-        }
-        Ok(Err(_)) => {
-            return Err(ApiError::BadRequest(
-                "the request body could not be read".into(),
-            ));
-        }
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+    let body = crate::stack::read_body(ctx, req.into_body(), MAX_REQUEST).await?;
     let msg: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
