@@ -238,7 +238,12 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
         .headers()
         .get("mcp-protocol-version")
         .map(|v| v.to_str().unwrap_or("").to_owned());
-    // The peer is authenticated (mTLS); now the body, capped and timed.
+    // The token is judged on every message, before its body is read: an
+    // agent whose token is revoked or expired keeps nothing.
+    let verified = ctx
+        .broker
+        .verify_token(&token, &peer)
+        .map_err(ApiError::Token)?;
     let body = crate::stack::read_body(ctx, req.into_body(), MAX_REQUEST).await?;
     let msg: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -292,12 +297,6 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
             ),
         ));
     }
-    // The token is judged on every message: an agent whose token is revoked
-    // or expired keeps nothing, not even its session.
-    let verified = ctx
-        .broker
-        .verify_token(&token, &peer)
-        .map_err(ApiError::Token)?;
     let method = msg.get("method").and_then(Value::as_str).map(str::to_owned);
     let Some(method) = method else {
         // A response to a server request (the broker sends none): accepted.
