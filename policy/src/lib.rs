@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod egress;
 pub mod hex;
 pub mod timefmt;
 pub mod token;

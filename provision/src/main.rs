@@ -17,6 +17,7 @@ mod backends;
 mod broker_cmd;
 mod common;
 mod demo;
+mod egress_cmd;
 mod out;
 mod validate;
 
@@ -119,6 +120,25 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         tls_key: Option<PathBuf>,
     },
+    /// Print the jail's egress ruleset (iptables-restore input), or apply it here
+    #[command(name = "egress-rules", after_help = egress_cmd::AFTER_HELP)]
+    EgressRules {
+        /// The config file (default: ./lever.yaml)
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// How the jail reaches the host (e.g. 192.168.5.2 for Lima); once per address family
+        #[arg(long = "host-alias", value_name = "IP", required = true)]
+        host_alias: Vec<std::net::IpAddr>,
+        /// A DNS resolver the jail may query (`egress: open` only); repeatable
+        #[arg(long, value_name = "IP")]
+        dns: Vec<std::net::IpAddr>,
+        /// Print the IPv6 (ip6tables-restore) ruleset instead of the IPv4 one
+        #[arg(long, conflicts_with = "apply")]
+        ipv6: bool,
+        /// Apply both rulesets to this network namespace (needs root and iptables)
+        #[arg(long)]
+        apply: bool,
+    },
     /// Check the audit trail's hash chain, or follow it
     Audit {
         /// Take the audit file from this config file
@@ -162,6 +182,19 @@ fn main() -> ExitCode {
             tls_key,
         } => mock_upstream(listen, expect_key_file, tls_cert.zip(tls_key)),
         Command::Demo { keep } => demo::run(keep),
+        Command::EgressRules {
+            config,
+            host_alias,
+            dns,
+            ipv6,
+            apply,
+        } => egress_cmd::run(egress_cmd::Args {
+            config,
+            host_alias,
+            dns,
+            ipv6,
+            apply,
+        }),
     }
 }
 
