@@ -19,7 +19,16 @@ mod common;
 mod demo;
 mod egress_cmd;
 mod out;
+mod qemu;
 mod validate;
+
+const QEMU_HELP: &str = "\
+Runs the jail VM with QEMU in the foreground: KVM when the host has hardware
+virtualization, otherwise software emulation (with a warning). The tree is
+the one shared directory (virtio-9p, tag `lever`: mount it at /lever); the
+broker is at 10.0.2.100:JAIL_PORT inside the guest. With `egress: closed`
+the VM's network device is restricted (restrict=on): the guest reaches the
+broker and nothing else. Start the broker first (`lever broker`).";
 
 const AFTER_HELP: &str = "\
 Lever reads lever.yaml from the current directory only (never from a parent
@@ -139,6 +148,37 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// Run this config's qemu jail in the foreground (what `lever up` will drive)
+    #[command(name = "qemu", after_help = QEMU_HELP)]
+    Qemu {
+        /// The config file (default: ./lever.yaml)
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The guest kernel
+        #[arg(long, value_name = "FILE")]
+        kernel: PathBuf,
+        /// The guest initramfs
+        #[arg(long, value_name = "FILE")]
+        initrd: Option<PathBuf>,
+        /// The kernel command line
+        #[arg(long, default_value = "console=ttyS0 panic=-1")]
+        append: String,
+        /// Guest memory in MiB
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// Guest CPUs
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Where the serial console is written (default: STATE_DIR/qemu-console.log)
+        #[arg(long, value_name = "FILE")]
+        console: Option<PathBuf>,
+        /// Print the QEMU command line instead of running it
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Relay stdin/stdout to a TCP address (QEMU's guestfwd runs it)
+    #[command(hide = true)]
+    Relay { to: std::net::SocketAddr },
     /// Check the audit trail's hash chain, or follow it
     Audit {
         /// Take the audit file from this config file
@@ -182,6 +222,26 @@ fn main() -> ExitCode {
             tls_key,
         } => mock_upstream(listen, expect_key_file, tls_cert.zip(tls_key)),
         Command::Demo { keep } => demo::run(keep),
+        Command::Relay { to } => qemu::relay(to),
+        Command::Qemu {
+            config,
+            kernel,
+            initrd,
+            append,
+            memory,
+            cpus,
+            console,
+            dry_run,
+        } => qemu::run(qemu::RunArgs {
+            config,
+            kernel,
+            initrd,
+            append,
+            memory,
+            cpus,
+            console,
+            dry_run,
+        }),
         Command::EgressRules {
             config,
             host_alias,
