@@ -18,6 +18,8 @@ mod broker_cmd;
 mod common;
 mod demo;
 mod egress_cmd;
+mod jail_cmd;
+mod lima;
 mod out;
 mod qemu;
 mod validate;
@@ -148,6 +150,30 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
+    /// Print the jail's ordered bring-up plan (nothing is run)
+    #[command(after_help = jail_cmd::PLAN_HELP)]
+    Plan {
+        /// The config file (default: ./lever.yaml)
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Bring the jail up; in this build only `--dry-run` (the plan)
+    #[command(after_help = jail_cmd::PLAN_HELP)]
+    Apply {
+        /// The config file (default: ./lever.yaml)
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the plan instead of running it
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check the host, the broker and the live jail for this config
+    #[command(after_help = jail_cmd::DOCTOR_HELP)]
+    Doctor {
+        /// The config file (default: ./lever.yaml)
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Run this config's qemu jail in the foreground (what `lever up` will drive)
     #[command(name = "qemu", after_help = QEMU_HELP)]
     Qemu {
@@ -223,6 +249,17 @@ fn main() -> ExitCode {
         } => mock_upstream(listen, expect_key_file, tls_cert.zip(tls_key)),
         Command::Demo { keep } => demo::run(keep),
         Command::Relay { to } => qemu::relay(to),
+        Command::Plan { config } => jail_cmd::run_plan(config),
+        Command::Apply { config, dry_run } => {
+            if dry_run {
+                jail_cmd::run_plan(config)
+            } else {
+                common::fail(
+                    "running the bring-up is not in this build: `lever apply --dry-run` (or `lever plan`) prints the steps; `lever qemu` runs a qemu jail and `lever egress-rules --apply` loads the egress rules",
+                )
+            }
+        }
+        Command::Doctor { config } => jail_cmd::run_doctor(config),
         Command::Qemu {
             config,
             kernel,

@@ -1,0 +1,415 @@
+//! `lever plan` (= `lever apply --dry-run`) and `lever doctor`.
+//!
+//! The plan is the ordered bring-up of this config's jail, with the
+//! commands this build knows for each backend. Running it (`lever apply`,
+//! `up`, `down`) is not in this build: the plan says so rather than
+//! pretend. `lever doctor` checks what can be checked now: the config, the
+//! backend's tools and version floors, the broker's health, and, for
+//! Lima, that the live machine realized exactly the Lever template.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use lever_policy::backend::Backend;
+use lever_policy::config::{Config, Egress, Scion};
+
+use crate::common::load_config;
+use crate::{lima, qemu};
+
+pub(crate) const PLAN_HELP: &str = "\
+Prints the ordered bring-up of this config's jail: machine up, egress, broker
+up, guest packages, Scion, each distinct image once, the manager's bootstrap
+staged into the tree, the manager started. Nothing is run. For lima the
+rendered template is printed in full.
+
+`lever apply` (running the plan idempotently), `lever up` and `lever down` are
+not in this build; `lever qemu` runs a qemu jail, `lever egress-rules --apply`
+loads the egress rules inside a jail.";
+
+pub(crate) const DOCTOR_HELP: &str = "\
+Checks the host for this config: the backend's tools and their version
+floors, the broker's health on the admin port, and, for lima, that the live
+machine lever-NAME realized exactly the Lever template (one writable mount at
+/lever, the ignore-all port-forward rules, containerd off). Exit 0 when no
+check failed, 1 otherwise.";
+
+/// One step of the bring-up.
+struct Step {
+    title: &'static str,
+    lines: Vec<String>,
+}
+
+fn machine(config: &Config) -> String {
+    format!("lever-{}", config.name)
+}
+
+fn tree(config: &Config) -> PathBuf {
+    config.root.join(&config.tree)
+}
+
+fn plan(config: &Config, file: &Path) -> Vec<Step> {
+    let m = machine(config);
+    let cfg = file.display();
+    let state = config.broker.state_dir.display();
+    let jail_port = config.broker.jail_port;
+    let mut steps = Vec::new();
+
+    let (up, exec): (Vec<String>, String) = match config.backend {
+        Backend::Lima => (
+            vec![
+                format!("write {state}/lima/{m}.yaml (the template below)"),
+                format!("limactl --version  (2.0.0 or later)"),
+                format!("limactl create --name {m} {state}/lima/{m}.yaml  (unless it exists)"),
+                format!("limactl start {m}"),
+                format!(
+                    "limactl list --json {m}: one writable mount of {} at /lever, the ignore-all port forwards, containerd off; anything else stops bring-up",
+                    tree(config).display()
+                ),
+            ],
+            format!("limactl shell {m} sudo"),
+        ),
+        Backend::Orbstack => (
+            vec![
+                format!("orb create --isolated ubuntu:noble {m}  (unless it exists)"),
+                format!(
+                    "share {} as the machine's one folder, at /lever",
+                    tree(config).display()
+                ),
+            ],
+            format!("orb -m {m} -u root"),
+        ),
+        Backend::Qemu => (
+            vec![format!(
+                "lever qemu -c {cfg} --kernel KERNEL --initrd INITRD  (KVM if available, else software emulation; one 9p share of {} at /lever{})",
+                tree(config).display(),
+                if config.egress == Egress::Closed {
+                    "; network device restrict=on: the broker only"
+                } else {
+                    ""
+                }
+            )],
+            "(a shell in the guest)".to_owned(),
+        ),
+        _ => (
+            vec!["(no bring-up known for this backend)".into()],
+            String::new(),
+        ),
+    };
+    steps.push(Step {
+        title: "machine up",
+        lines: up,
+    });
+
+    let egress = match (config.backend, config.egress) {
+        (Backend::Qemu, Egress::Closed) => {
+            vec!["enforced by QEMU itself (restrict=on): no guest rules needed".to_owned()]
+        }
+        (backend, _) => {
+            let (alias, dns) = match backend {
+                Backend::Lima => ("192.168.5.2", " --dns 192.168.5.3"),
+                Backend::Qemu => (qemu::BROKER_ALIAS, " --dns 10.0.2.3"),
+                _ => ("<host.orb.internal's address in the machine>", ""),
+            };
+            vec![
+                format!(
+                    "lever egress-rules -c {cfg} --host-alias {alias}{dns} | {exec} iptables-restore -w --noflush"
+                ),
+                format!(
+                    "lever egress-rules -c {cfg} --host-alias {alias}{dns} --ipv6 | {exec} ip6tables-restore -w --noflush"
+                ),
+                format!(
+                    "{exec} iptables -w -C OUTPUT -j LEVER-EGRESS || {exec} iptables -w -I OUTPUT 1 -j LEVER-EGRESS  (and ip6tables)"
+                ),
+            ]
+        }
+    };
+    steps.push(Step {
+        title: "egress",
+        lines: egress,
+    });
+    steps.push(Step {
+        title: "broker up",
+        lines: vec![
+            format!("lever broker -c {cfg}  (host side; state {state})"),
+            format!("wait for http://{}/healthz", config.broker.admin_addr()),
+        ],
+    });
+    steps.push(Step {
+        title: "guest packages",
+        lines: vec![format!(
+            "{exec} apt-get install -y iptables podman ca-certificates"
+        )],
+    });
+    steps.push(Step {
+        title: "scion",
+        lines: vec![match &config.scion {
+            Some(Scion::Version(v)) => format!("fetch Scion {v} and build it into the jail"),
+            Some(Scion::Source(p)) => {
+                format!("build Scion from {} into the jail", p.display())
+            }
+            None => "no scion in the config: skipped".to_owned(),
+        }],
+    });
+    let images: BTreeSet<String> = std::iter::once(&config.manager.agent)
+        .chain(config.groves.iter().map(|g| &g.agent))
+        .filter_map(|a| a.image.as_ref().map(|i| i.reference.clone()))
+        .collect();
+    steps.push(Step {
+        title: "images",
+        lines: images
+            .iter()
+            .map(|i| format!("{exec} podman pull {i}  (once)"))
+            .collect(),
+    });
+    steps.push(Step {
+        title: "manager bootstrap",
+        lines: vec![
+            format!(
+                "POST http://{}/bootstrap: a one-time ticket for {}",
+                config.broker.admin_addr(),
+                config.broker.manager_identity
+            ),
+            format!(
+                "stage ticket, CA and broker URL (port {jail_port}) into {}/.lever/bootstrap, 0600, refusing any symlink on the way",
+                tree(config).display()
+            ),
+        ],
+    });
+    steps.push(Step {
+        title: "manager started",
+        lines: vec![format!(
+            "{exec} podman run {} with the bootstrap and `lever agent gateway` on 127.0.0.1:8462",
+            config
+                .manager
+                .agent
+                .image
+                .as_ref()
+                .map_or("<image>", |i| i.reference.as_str())
+        )],
+    });
+    steps
+}
+
+pub(crate) fn run_plan(config_path: Option<PathBuf>) -> ExitCode {
+    let file = crate::config_path(config_path.clone());
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!(
+        "bring-up of `{}` on {} (nothing is run; `lever apply` is not in this build)",
+        config.name,
+        config.backend.name()
+    );
+    for (i, s) in plan(&config, &file).iter().enumerate() {
+        println!("\n{}. {}", i + 1, s.title);
+        for l in &s.lines {
+            println!("   {l}");
+        }
+    }
+    if config.backend == Backend::Lima {
+        let host = if cfg!(target_os = "macos") {
+            lima::Host::MacOs
+        } else {
+            lima::Host::Linux
+        };
+        println!("\nthe Lima template:\n");
+        print!(
+            "{}",
+            lima::template(config.name.as_ref(), &tree(&config), host)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+#[derive(Default)]
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str) {
+        println!("ok    {what}");
+    }
+    fn warn(&self, what: &str) {
+        println!("warn  {what}");
+    }
+    fn fail(&mut self, what: &str) {
+        self.failed += 1;
+        println!("FAIL  {what}");
+    }
+}
+
+fn output(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+pub(crate) fn run_doctor(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut r = Report::default();
+    r.ok(&format!(
+        "config: `{}` on {}",
+        config.name,
+        config.backend.name()
+    ));
+    match config.backend {
+        Backend::Lima => match output("limactl", &["--version"]) {
+            Ok(v) => match lima::check_version(&v) {
+                Ok((a, b, c)) => r.ok(&format!("limactl {a}.{b}.{c}")),
+                Err(e) => r.fail(&e),
+            },
+            Err(e) => r.fail(&format!("limactl not usable: {e}")),
+        },
+        Backend::Orbstack => match output("orb", &["version"]) {
+            Ok(v) => r.ok(&format!("orb {}", v.trim())),
+            Err(e) => r.fail(&format!("orb not usable: {e}")),
+        },
+        Backend::Qemu => {
+            match output("qemu-system-x86_64", &["--version"]) {
+                Ok(v) => r.ok(v.lines().next().unwrap_or("qemu")),
+                Err(e) => r.fail(&format!("qemu-system-x86_64 not usable: {e}")),
+            }
+            if qemu::Accel::detect() == qemu::Accel::Kvm {
+                r.ok("KVM available");
+            } else {
+                r.warn("no hardware virtualization: the qemu jail runs under software emulation (slow)");
+            }
+        }
+        _ => r.fail("no checks known for this backend"),
+    }
+    let health = format!("http://{}/healthz", config.broker.admin_addr());
+    let healthy = crate::common::runtime().is_ok_and(|rt| {
+        rt.block_on(async {
+            let Ok(t) = lever_broker::client::Target::parse(&format!(
+                "http://{}",
+                config.broker.admin_addr()
+            )) else {
+                return false;
+            };
+            lever_broker::client::send(&t, None, http::Method::GET, "/healthz", &[], None)
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+    });
+    if healthy {
+        r.ok(&format!("broker answers {health}"));
+    } else {
+        r.fail(&format!(
+            "broker not answering {health} (start it: lever broker)"
+        ));
+    }
+    if config.backend == Backend::Lima
+        && let Ok(listed) = output("limactl", &["list", "--json", &machine(&config)])
+    {
+        match serde_json::from_str::<serde_json::Value>(listed.trim()) {
+            Ok(v) if v.is_object() => match lima::verify_realized(&v, &tree(&config)) {
+                Ok(()) => r.ok(&format!("{} realized the Lever template", machine(&config))),
+                Err(wrong) => {
+                    for w in wrong {
+                        r.fail(&format!("{}: {w}", machine(&config)));
+                    }
+                }
+            },
+            _ => r.warn(&format!("{} is not created yet", machine(&config))),
+        }
+    }
+    if r.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        println!("\n{} check(s) failed", r.failed);
+        ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn config(backend: &str, egress: &str) -> (Config, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "lever-plan-{}-{backend}-{egress}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("ws")).unwrap();
+        std::fs::write(dir.join("key"), "k").unwrap();
+        std::fs::set_permissions(
+            dir.join("key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("lever.yaml"),
+            format!(
+                "name: demo\nbackend: {backend}\ntree: ws\negress: {egress}\nscion: {{version: 666333f9}}\nmanager: {{image: 'img/a:1'}}\ngroves:\n  - {{name: g1, dir: g1}}\n  - {{name: g2, dir: g2, image: 'img/b:2'}}\nbroker: {{api_key_file: key}}\n"
+            ),
+        )
+        .unwrap();
+        let c = lever_policy::config::load(
+            &dir.join("lever.yaml"),
+            &lever_policy::config::Env::from_process(),
+        )
+        .unwrap()
+        .config;
+        (c, dir)
+    }
+
+    #[test]
+    fn the_plan_is_ordered_and_loads_each_image_once() {
+        let (c, dir) = config("lima", "open");
+        let p = plan(&c, &dir.join("lever.yaml"));
+        let titles: Vec<&str> = p.iter().map(|s| s.title).collect();
+        assert_eq!(
+            titles,
+            [
+                "machine up",
+                "egress",
+                "broker up",
+                "guest packages",
+                "scion",
+                "images",
+                "manager bootstrap",
+                "manager started"
+            ]
+        );
+        let images = &p[5].lines;
+        assert_eq!(images.len(), 2, "{images:?}");
+        assert!(images[0].contains("img/a:1") && images[1].contains("img/b:2"));
+        assert!(p[1].lines[0].contains("--host-alias 192.168.5.2 --dns 192.168.5.3"));
+        assert!(
+            p[0].lines
+                .iter()
+                .any(|l| l.starts_with("limactl list --json lever-demo"))
+        );
+    }
+
+    #[test]
+    fn a_closed_qemu_jail_is_fenced_by_qemu_not_guest_rules() {
+        let (c, dir) = config("qemu", "closed");
+        let p = plan(&c, &dir.join("lever.yaml"));
+        assert!(p[0].lines[0].contains("restrict=on"));
+        assert_eq!(p[1].lines.len(), 1);
+        assert!(p[1].lines[0].contains("restrict=on"));
+        let (c, dir) = config("qemu", "open");
+        let p = plan(&c, &dir.join("lever.yaml"));
+        assert!(p[1].lines[0].contains("--host-alias 10.0.2.100 --dns 10.0.2.3"));
+    }
+}
