@@ -41,10 +41,15 @@ directory) unless -c FILE names one. Start with:
   lever broker              run the broker (CA, tokens, audit) in the foreground
   lever admin register NAME a one-time enrolment ticket for an agent
   lever backends            the containment backends this build implements
+  lever plan                the jail's ordered bring-up (nothing is run)
+  lever doctor              check the backend's tools, the broker, the live jail
+  lever egress-rules --host-alias IP
+                            the jail's egress rules (iptables-restore input)
   lever schema > lever.schema.json
                             the JSON Schema of lever.yaml, for your editor
 
-Docs: docs/getting-started.md, docs/config-reference.md, docs/security-model.md";
+Docs: docs/getting-started.md, docs/config-reference.md, docs/security-model.md,
+docs/backends.md, docs/egress.md, docs/tools.md";
 
 #[derive(Debug, Parser)]
 #[command(
