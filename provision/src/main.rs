@@ -14,6 +14,7 @@ mod admin;
 mod agent;
 mod audit_cmd;
 mod backends;
+mod bringup;
 mod broker_cmd;
 mod common;
 mod demo;
@@ -162,8 +163,8 @@ enum Command {
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Bring the jail up; in this build only `--dry-run` (the plan)
-    #[command(after_help = jail_cmd::PLAN_HELP)]
+    /// Bring the jail up, step by step, skipping what is done (`--dry-run`: the plan)
+    #[command(after_help = jail_cmd::APPLY_HELP)]
     Apply {
         /// The config file (default: ./lever.yaml)
         #[arg(short = 'c', long = "config", value_name = "FILE")]
@@ -171,6 +172,19 @@ enum Command {
         /// Print the plan instead of running it
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Bring the jail up (the same as `lever apply`)
+    #[command(after_help = jail_cmd::APPLY_HELP)]
+    Up {
+        /// The config file (default: ./lever.yaml)
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Stop and delete the jail's machine
+    Down {
+        /// The config file (default: ./lever.yaml)
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Check the host, the broker and the live jail for this config
     #[command(after_help = jail_cmd::DOCTOR_HELP)]
@@ -259,11 +273,11 @@ fn main() -> ExitCode {
             if dry_run {
                 jail_cmd::run_plan(config)
             } else {
-                common::fail(
-                    "running the bring-up is not in this build: `lever apply --dry-run` (or `lever plan`) prints the steps; `lever qemu` runs a qemu jail and `lever egress-rules --apply` loads the egress rules",
-                )
+                jail_cmd::run_apply(config)
             }
         }
+        Command::Up { config } => jail_cmd::run_apply(config),
+        Command::Down { config } => jail_cmd::run_down(config),
         Command::Doctor { config } => jail_cmd::run_doctor(config),
         Command::Qemu {
             config,

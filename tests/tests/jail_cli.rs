@@ -45,10 +45,22 @@ fn plan_and_apply_dry_run_print_the_same_ordered_steps() {
     let dry = lever(&["apply", "--dry-run"], &full, &home);
     assert_eq!(dry.code, 0);
     assert_eq!(dry.stdout, plan.stdout);
-    // Running it is not in this build, and says so rather than pretend.
+    // Running it needs the backend's tools: without OrbStack it stops at
+    // the first step, naming what is missing.
     let run = lever(&["apply"], &full, &home);
-    assert_eq!(run.code, 1);
-    assert!(run.stderr.contains("not in this build"), "{}", run.stderr);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(run.stdout.contains("[1/"), "{}", run.stdout);
+    assert!(run.stderr.contains("orb"), "{}", run.stderr);
+}
+
+#[test]
+fn a_qemu_instance_is_brought_up_with_lever_qemu() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    for cmd in ["apply", "up", "down"] {
+        let out = lever(&[cmd], inst.dir.path(), inst.dir.path());
+        assert_eq!(out.code, 1, "{cmd}: {}", out.stdout);
+        assert!(out.stderr.contains("lever qemu"), "{cmd}: {}", out.stderr);
+    }
 }
 
 #[test]

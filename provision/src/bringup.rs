@@ -1,0 +1,826 @@
+//! Running the bring-up: `lever apply` / `lever up` / `lever down` for the
+//! backends driven by a VM manager (`lima`, `orbstack`).
+//!
+//! Every step has a check that says whether it is already done; a done step
+//! is not run again, so applying twice changes nothing. Commands go through
+//! an [`Env`], with the host-side work, so the whole
+//! sequence is tested with recording fakes.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+
+use lever_policy::backend::Backend;
+use lever_policy::config::{Config, Egress};
+use lever_policy::egress::{self, Family, Spec};
+
+use crate::lima;
+
+/// A command: its argv and what goes to its stdin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Cmd {
+    pub argv: Vec<String>,
+    pub stdin: Option<String>,
+}
+
+fn cmd(argv: &[&str]) -> Cmd {
+    Cmd {
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+        stdin: None,
+    }
+}
+
+/// A command's outcome.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Out {
+    pub ok: bool,
+    pub stdout: String,
+}
+
+/// Where the bring-up acts: commands, and the host-side work that is not
+/// a command.
+pub(crate) trait Env {
+    /// `Err` only when the command could not be run at all.
+    fn run(&mut self, c: &Cmd) -> Result<Out, String>;
+    fn write_file(&mut self, path: &Path, text: &str) -> Result<(), String>;
+    fn broker_healthy(&mut self) -> bool;
+    fn start_broker(&mut self) -> Result<(), String>;
+    /// A one-time bootstrap ticket for the manager and the CA PEM.
+    fn bootstrap(&mut self) -> Result<(String, String), String>;
+}
+
+/// The real world: commands run here, the broker started in the
+/// background, the bootstrap ticket taken from the admin API.
+pub(crate) struct System {
+    pub config_file: PathBuf,
+    pub admin: String,
+    pub state_dir: PathBuf,
+}
+
+impl Env for System {
+    fn run(&mut self, c: &Cmd) -> Result<Out, String> {
+        use std::io::Write;
+        let Some((program, args)) = c.argv.split_first() else {
+            return Err("empty command".into());
+        };
+        let mut child = std::process::Command::new(program)
+            .args(args)
+            .stdin(if c.stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("{program}: {e}"))?;
+        if let (Some(text), Some(mut pipe)) = (&c.stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes())
+                .map_err(|e| format!("{program}: {e}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("{program}: {e}"))?;
+        Ok(Out {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        })
+    }
+
+    fn write_file(&mut self, path: &Path, text: &str) -> Result<(), String> {
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn broker_healthy(&mut self) -> bool {
+        let Ok(t) = lever_broker::client::Target::parse(&self.admin) else {
+            return false;
+        };
+        crate::common::runtime().is_ok_and(|rt| {
+            rt.block_on(async {
+                lever_broker::client::send(&t, None, http::Method::GET, "/healthz", &[], None)
+                    .await
+                    .is_ok_and(|r| r.status == 200)
+            })
+        })
+    }
+
+    fn start_broker(&mut self) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let log = self.state_dir.join("broker.log");
+        std::fs::create_dir_all(&self.state_dir).map_err(|e| e.to_string())?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        std::process::Command::new(exe)
+            .arg("broker")
+            .arg("-c")
+            .arg(&self.config_file)
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("starting the broker: {e}"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if self.broker_healthy() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Err(format!("the broker did not come up; see {}", log.display()))
+    }
+
+    fn bootstrap(&mut self) -> Result<(String, String), String> {
+        let t = lever_broker::client::Target::parse(&self.admin).map_err(|e| e.to_string())?;
+        let rt = crate::common::runtime().map_err(|_| "no runtime".to_owned())?;
+        let r = rt
+            .block_on(lever_broker::client::send(
+                &t,
+                None,
+                http::Method::POST,
+                "/bootstrap",
+                &[],
+                Some(&serde_json::json!({})),
+            ))
+            .map_err(|e| e.to_string())?;
+        let v = r.json();
+        match (v["ticket"].as_str(), v["ca"].as_str()) {
+            (Some(t), Some(c)) => Ok((t.to_owned(), c.to_owned())),
+            _ => Err(format!("/bootstrap: {}", r.error_message())),
+        }
+    }
+}
+
+/// How a step knows it is done already.
+enum Check {
+    /// The command succeeds and prints this.
+    Prints(Cmd, &'static str),
+    /// The command succeeds.
+    Succeeds(Cmd),
+    BrokerHealthy,
+    /// This file exists in the tree's bootstrap directory.
+    Staged(PathBuf),
+}
+
+enum Work {
+    Run(Vec<Cmd>),
+    /// Write the machine definition, then run.
+    WriteThenRun(PathBuf, String, Vec<Cmd>),
+    StartBroker,
+    StageBootstrap {
+        dir: PathBuf,
+        broker_url: String,
+    },
+}
+
+struct Action {
+    title: String,
+    check: Option<Check>,
+    work: Work,
+}
+
+/// The pieces of one backend the steps are made of.
+struct Machine {
+    name: String,
+    /// Runs a command as root in the guest.
+    exec: Vec<String>,
+    host_alias_ip: Option<&'static str>,
+    host_alias_name: &'static str,
+    dns: Option<&'static str>,
+}
+
+fn machine(config: &Config) -> Result<Machine, String> {
+    let name = format!("lever-{}", config.name);
+    match config.backend {
+        Backend::Lima => Ok(Machine {
+            exec: vec![
+                "limactl".into(),
+                "shell".into(),
+                name.clone(),
+                "sudo".into(),
+            ],
+            name,
+            host_alias_ip: Some("192.168.5.2"),
+            host_alias_name: "host.lima.internal",
+            dns: Some("192.168.5.3"),
+        }),
+        Backend::Orbstack => Ok(Machine {
+            exec: vec![
+                "orb".into(),
+                "-m".into(),
+                name.clone(),
+                "-u".into(),
+                "root".into(),
+            ],
+            name,
+            host_alias_ip: None,
+            host_alias_name: "host.orb.internal",
+            dns: None,
+        }),
+        Backend::Qemu => Err(
+            "the qemu backend is brought up with `lever qemu` in this build (see `lever plan`)"
+                .into(),
+        ),
+        _ => Err("no bring-up is known for this backend".into()),
+    }
+}
+
+fn in_guest(m: &Machine, argv: &[&str]) -> Cmd {
+    let mut a = m.exec.clone();
+    a.extend(argv.iter().map(|s| (*s).to_owned()));
+    Cmd {
+        argv: a,
+        stdin: None,
+    }
+}
+
+fn actions(config: &Config, lima_file: &Path, host: lima::Host) -> Result<Vec<Action>, String> {
+    let m = machine(config)?;
+    let tree = config.root.join(&config.tree);
+    let mut v = Vec::new();
+    match config.backend {
+        Backend::Lima => v.push(Action {
+            title: "machine up".into(),
+            check: Some(Check::Prints(
+                cmd(&["limactl", "list", &m.name, "--format", "{{.Status}}"]),
+                "Running",
+            )),
+            work: Work::WriteThenRun(
+                lima_file.to_path_buf(),
+                lima::template(config.name.as_ref(), &tree, host),
+                vec![
+                    cmd(&[
+                        "limactl",
+                        "create",
+                        "--tty=false",
+                        "--name",
+                        &m.name,
+                        &lima_file.display().to_string(),
+                    ]),
+                    cmd(&["limactl", "start", "--tty=false", &m.name]),
+                ],
+            ),
+        }),
+        _ => v.push(Action {
+            title: "machine up".into(),
+            check: Some(Check::Succeeds(cmd(&["orb", "-m", &m.name, "true"]))),
+            work: Work::Run(vec![cmd(&[
+                "orb",
+                "create",
+                "--isolated",
+                "ubuntu:noble",
+                &m.name,
+            ])]),
+        }),
+    }
+    // Egress: the rules are loaded on every apply (a reload never opens
+    // the jail), so this step has no "done" check.
+    let alias = m.host_alias_ip.map(|a| a.parse().ok()).unwrap_or(None);
+    let mut egress_cmds = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let spec = Spec {
+            posture: config.egress,
+            host: alias,
+            jail_port: config.broker.jail_port,
+            allow_ports: config.manager.allow_ports.clone(),
+            dns: m
+                .dns
+                .iter()
+                .filter_map(|d| d.parse().ok())
+                .filter(|_| config.egress == Egress::Open)
+                .collect(),
+        };
+        let mut c = in_guest(&m, &[family.restore(), "-w", "--noflush"]);
+        c.stdin = Some(egress::ruleset(family, &spec));
+        egress_cmds.push(c);
+        let t = family.tables();
+        egress_cmds.push(in_guest(
+            &m,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "{t} -w -C OUTPUT -j {c} 2>/dev/null || {t} -w -I OUTPUT 1 -j {c}",
+                    c = egress::CHAIN
+                ),
+            ],
+        ));
+    }
+    if alias.is_some() {
+        v.push(Action {
+            title: "egress".into(),
+            check: None,
+            work: Work::Run(egress_cmds),
+        });
+    }
+    v.push(Action {
+        title: "broker up".into(),
+        check: Some(Check::BrokerHealthy),
+        work: Work::StartBroker,
+    });
+    v.push(Action {
+        title: "guest packages".into(),
+        check: Some(Check::Succeeds(in_guest(
+            &m,
+            &[
+                "sh",
+                "-c",
+                "command -v podman && command -v iptables-restore",
+            ],
+        ))),
+        work: Work::Run(vec![
+            in_guest(&m, &["apt-get", "update", "-q"]),
+            in_guest(
+                &m,
+                &[
+                    "apt-get",
+                    "install",
+                    "-y",
+                    "-q",
+                    "podman",
+                    "iptables",
+                    "ca-certificates",
+                ],
+            ),
+        ]),
+    });
+    let mut images: Vec<String> = std::iter::once(&config.manager.agent)
+        .chain(config.groves.iter().map(|g| &g.agent))
+        .filter_map(|a| a.image.as_ref().map(|i| i.reference.clone()))
+        .collect();
+    images.sort();
+    images.dedup();
+    for image in &images {
+        v.push(Action {
+            title: format!("image {image}"),
+            check: Some(Check::Succeeds(in_guest(
+                &m,
+                &["podman", "image", "exists", image],
+            ))),
+            work: Work::Run(vec![in_guest(&m, &["podman", "pull", image])]),
+        });
+    }
+    let dir = tree.join(".lever").join("bootstrap");
+    v.push(Action {
+        title: "manager bootstrap".into(),
+        check: Some(Check::Staged(dir.join("ticket"))),
+        work: Work::StageBootstrap {
+            dir,
+            broker_url: format!("https://{}:{}", m.host_alias_name, config.broker.jail_port),
+        },
+    });
+    Ok(v)
+}
+
+/// What an apply did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Summary {
+    pub ran: Vec<String>,
+    pub already: Vec<String>,
+}
+
+fn checked(c: &Check, r: &mut dyn Env) -> Result<bool, String> {
+    Ok(match c {
+        Check::Prints(cmd, want) => {
+            let o = r.run(cmd)?;
+            o.ok && o.stdout.trim() == *want
+        }
+        Check::Succeeds(cmd) => r.run(cmd)?.ok,
+        Check::BrokerHealthy => r.broker_healthy(),
+        Check::Staged(p) => p.exists(),
+    })
+}
+
+fn must(r: &mut dyn Env, c: &Cmd) -> Result<(), String> {
+    let o = r.run(c)?;
+    if o.ok {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed", c.argv.join(" ")))
+    }
+}
+
+/// Brings the jail up, step by step, skipping what is done.
+pub(crate) fn apply(
+    config: &Config,
+    lima_file: &Path,
+    host_os: lima::Host,
+    r: &mut dyn Env,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Summary, String> {
+    let acts = actions(config, lima_file, host_os)?;
+    let n = acts.len();
+    let mut s = Summary::default();
+    for (i, a) in acts.into_iter().enumerate() {
+        let head = format!("[{}/{n}] {}", i + 1, a.title);
+        progress(&format!("{head} ..."));
+        if let Some(c) = &a.check
+            && checked(c, r)?
+        {
+            progress(&format!("{head}: already done"));
+            s.already.push(a.title);
+            continue;
+        }
+        match a.work {
+            Work::Run(cmds) => {
+                for c in &cmds {
+                    must(r, c)?;
+                }
+            }
+            Work::WriteThenRun(path, text, cmds) => {
+                r.write_file(&path, &text)?;
+                for c in &cmds {
+                    must(r, c)?;
+                }
+            }
+            Work::StartBroker => r.start_broker()?,
+            Work::StageBootstrap { dir, broker_url } => {
+                let (ticket, ca) = r.bootstrap()?;
+                stage(
+                    &config.root.join(&config.tree),
+                    &dir,
+                    &[
+                        ("ticket", &ticket),
+                        ("ca.pem", &ca),
+                        ("broker", &broker_url),
+                    ],
+                )?;
+            }
+        }
+        if config.backend == Backend::Lima && a.title == "machine up" {
+            verify_lima(config, r)?;
+        }
+        progress(&format!("{head}: done"));
+        s.ran.push(a.title);
+    }
+    Ok(s)
+}
+
+/// After Lima started the machine: what it realized must be the template.
+fn verify_lima(config: &Config, r: &mut dyn Env) -> Result<(), String> {
+    let name = format!("lever-{}", config.name);
+    let o = r.run(&cmd(&["limactl", "list", "--json", &name]))?;
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim())
+        .map_err(|e| format!("limactl list --json {name}: {e}"))?;
+    lima::verify_realized(&v, &config.root.join(&config.tree)).map_err(|wrong| {
+        format!(
+            "{name} does not match the Lever template, stopping: {}",
+            wrong.join("; ")
+        )
+    })
+}
+
+/// Tears the jail down (the machine; the broker is left to the operator).
+pub(crate) fn down(config: &Config, r: &mut dyn Env) -> Result<Vec<String>, String> {
+    let m = machine(config)?;
+    let cmds = match config.backend {
+        Backend::Lima => vec![
+            cmd(&["limactl", "stop", &m.name]),
+            cmd(&["limactl", "delete", &m.name]),
+        ],
+        _ => vec![cmd(&["orb", "delete", "-f", &m.name])],
+    };
+    let mut ran = Vec::new();
+    for c in &cmds {
+        // Stopping what is not running is not an error.
+        let o = r.run(c)?;
+        ran.push(format!(
+            "{} ({})",
+            c.argv.join(" "),
+            if o.ok { "ok" } else { "nothing to do" }
+        ));
+    }
+    Ok(ran)
+}
+
+/// Writes `files` into `dir` inside `tree`, 0600, refusing to follow any
+/// symlink on the way: the tree is agent-writable, so an agent could have
+/// planted one to make the host write elsewhere.
+pub(crate) fn stage(tree: &Path, dir: &Path, files: &[(&str, &str)]) -> Result<(), String> {
+    let rel = dir
+        .strip_prefix(tree)
+        .map_err(|_| format!("{} is not inside the tree", dir.display()))?;
+    let mut at = tree.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(format!(
+                    "{} is a symlink: refusing to stage through it",
+                    at.display()
+                ));
+            }
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return Err(format!("{} is not a directory", at.display())),
+            Err(_) => {
+                std::fs::create_dir(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+                std::fs::set_permissions(&at, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .map_err(|e| format!("{}: {e}", at.display()))?;
+            }
+        }
+    }
+    for (name, text) in files {
+        let path = dir.join(name);
+        let fd = rustix::fs::open(
+            &path,
+            rustix::fs::OFlags::WRONLY
+                | rustix::fs::OFlags::CREATE
+                | rustix::fs::OFlags::TRUNC
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| format!("{}: {e} (a symlink there is refused)", path.display()))?;
+        let mut f = std::fs::File::from(fd);
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// A machine world in memory: commands recorded, state kept.
+    #[derive(Default)]
+    struct World {
+        ran: Vec<String>,
+        running: bool,
+        packages: bool,
+        images: BTreeSet<String>,
+        broker: bool,
+        tickets: usize,
+        tree: String,
+        extra_mount: bool,
+    }
+
+    impl Env for World {
+        fn run(&mut self, c: &Cmd) -> Result<Out, String> {
+            let line = c.argv.join(" ");
+            self.ran.push(line.clone());
+            let a: Vec<&str> = c.argv.iter().map(String::as_str).collect();
+            let ok = |stdout: &str| {
+                Ok(Out {
+                    ok: true,
+                    stdout: stdout.into(),
+                })
+            };
+            match a.as_slice() {
+                ["limactl", "list", _, "--format", _] => {
+                    ok(if self.running { "Running" } else { "" })
+                }
+                ["limactl", "list", "--json", _] => {
+                    let mut mounts = vec![
+                        serde_json::json!({"location": self.tree, "mountPoint": "/lever", "writable": true}),
+                    ];
+                    if self.extra_mount {
+                        mounts.push(serde_json::json!({"location": "~", "mountPoint": "/home", "writable": false}));
+                    }
+                    ok(&serde_json::json!({"config": {"mounts": mounts,
+                        "portForwards": [
+                            {"guestIP": "0.0.0.0", "guestIPMustBeZero": true, "guestPortRange": [1, 65535], "ignore": true},
+                            {"guestIP": "127.0.0.1", "guestPortRange": [1, 65535], "ignore": true}],
+                        "containerd": {"system": false, "user": false}}}).to_string())
+                }
+                ["limactl", "start", ..] => {
+                    self.running = true;
+                    ok("")
+                }
+                [.., "sh", "-c", s] if s.starts_with("command -v podman") => Ok(Out {
+                    ok: self.packages,
+                    stdout: String::new(),
+                }),
+                _ if a.windows(2).any(|w| w == ["apt-get", "install"]) => {
+                    self.packages = true;
+                    ok("")
+                }
+                [.., "podman", "image", "exists", i] => Ok(Out {
+                    ok: self.images.contains(*i),
+                    stdout: String::new(),
+                }),
+                [.., "podman", "pull", i] => {
+                    self.images.insert((*i).to_owned());
+                    ok("")
+                }
+                ["limactl", "stop" | "delete", ..] => {
+                    let was = self.running;
+                    self.running = false;
+                    Ok(Out {
+                        ok: was || a[1] == "delete",
+                        stdout: String::new(),
+                    })
+                }
+                _ => ok(""),
+            }
+        }
+
+        fn write_file(&mut self, path: &Path, _: &str) -> Result<(), String> {
+            self.ran.push(format!("write {}", path.display()));
+            Ok(())
+        }
+        fn broker_healthy(&mut self) -> bool {
+            self.broker
+        }
+        fn start_broker(&mut self) -> Result<(), String> {
+            self.ran.push("start broker".into());
+            self.broker = true;
+            Ok(())
+        }
+        fn bootstrap(&mut self) -> Result<(String, String), String> {
+            self.tickets += 1;
+            Ok((format!("lvtk_{}", self.tickets), "CA".into()))
+        }
+    }
+
+    fn config(dir: &Path) -> Config {
+        std::fs::create_dir_all(dir.join("ws")).unwrap();
+        std::fs::write(dir.join("key"), "k").unwrap();
+        std::fs::set_permissions(
+            dir.join("key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("lever.yaml"),
+            "name: demo\nbackend: lima\ntree: ws\negress: closed\nmanager: {image: 'img/a:1', allow_ports: [3201]}\ngroves:\n  - {name: g1, dir: g1}\n  - {name: g2, dir: g2, image: 'img/b:2'}\n  - {name: g3, dir: g3, image: 'img/b:2'}\nbroker: {api_key_file: key}\n",
+        )
+        .unwrap();
+        lever_policy::config::load(
+            &dir.join("lever.yaml"),
+            &lever_policy::config::Env::from_process(),
+        )
+        .unwrap()
+        .config
+    }
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lever-bringup-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn world(c: &Config) -> World {
+        World {
+            tree: c.root.join("ws").display().to_string(),
+            ..World::default()
+        }
+    }
+
+    #[test]
+    fn apply_brings_everything_up_and_a_second_apply_changes_nothing() {
+        let dir = tmp("idem");
+        let c = config(&dir);
+        let mut w = world(&c);
+        let lima_file = dir.join(".lever/lima/lever-demo.yaml");
+        let mut log = Vec::new();
+        let s = apply(&c, &lima_file, lima::Host::Linux, &mut w, &mut |l| {
+            log.push(l.to_owned())
+        })
+        .unwrap();
+        assert_eq!(
+            s.ran,
+            [
+                "machine up",
+                "egress",
+                "broker up",
+                "guest packages",
+                "image img/a:1",
+                "image img/b:2",
+                "manager bootstrap"
+            ]
+        );
+        assert!(s.already.is_empty());
+        assert!(log.iter().any(|l| l == "[1/7] machine up: done"), "{log:?}");
+        // The template was written before Lima was asked to create from it.
+        let write = w.ran.iter().position(|l| l.starts_with("write ")).unwrap();
+        let create = w
+            .ran
+            .iter()
+            .position(|l| l.starts_with("limactl create"))
+            .unwrap();
+        assert!(write < create);
+        // Each distinct image pulled once; the egress rules loaded and hooked.
+        assert_eq!(
+            w.ran.iter().filter(|l| l.contains("podman pull")).count(),
+            2
+        );
+        assert!(
+            w.ran
+                .iter()
+                .any(|l| l.ends_with("iptables-restore -w --noflush"))
+        );
+        assert!(
+            w.ran
+                .iter()
+                .any(|l| l.contains("-I OUTPUT 1 -j LEVER-EGRESS"))
+        );
+        let boot = c.root.join("ws/.lever/bootstrap");
+        assert_eq!(
+            std::fs::read_to_string(boot.join("ticket")).unwrap(),
+            "lvtk_1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(boot.join("broker")).unwrap(),
+            "https://host.lima.internal:8443"
+        );
+
+        // Again: only the checks run, and the egress reload (which never
+        // opens the jail); no machine created, nothing pulled, no new ticket.
+        w.ran.clear();
+        let s = apply(&c, &lima_file, lima::Host::Linux, &mut w, &mut |_| {}).unwrap();
+        assert_eq!(s.ran, ["egress"]);
+        assert_eq!(s.already.len(), 6);
+        assert!(
+            !w.ran.iter().any(|l| l.contains("create")
+                || l.contains("pull")
+                || l.contains("apt-get")
+                || l.starts_with("start")),
+            "{:#?}",
+            w.ran
+        );
+        assert_eq!(w.tickets, 1);
+    }
+
+    #[test]
+    fn a_lima_machine_that_realized_something_else_stops_bring_up() {
+        let dir = tmp("realized");
+        let c = config(&dir);
+        let mut w = World {
+            extra_mount: true,
+            ..world(&c)
+        };
+        let e = apply(
+            &c,
+            &dir.join("l.yaml"),
+            lima::Host::Linux,
+            &mut w,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(e.contains("does not match the Lever template"), "{e}");
+        // Nothing after the machine ran.
+        assert!(!w.broker && w.images.is_empty());
+    }
+
+    #[test]
+    fn down_stops_and_deletes_and_is_harmless_twice() {
+        let dir = tmp("down");
+        let c = config(&dir);
+        let mut w = world(&c);
+        w.running = true;
+        let first = down(&c, &mut w).unwrap();
+        assert_eq!(
+            first,
+            [
+                "limactl stop lever-demo (ok)",
+                "limactl delete lever-demo (ok)"
+            ]
+        );
+        let second = down(&c, &mut w).unwrap();
+        assert_eq!(second[0], "limactl stop lever-demo (nothing to do)");
+    }
+
+    #[test]
+    fn staging_never_follows_a_symlink_an_agent_planted() {
+        let dir = tmp("stage");
+        let tree = dir.join("ws");
+        let outside = dir.join("outside");
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        // A symlinked directory on the way.
+        std::os::unix::fs::symlink(&outside, tree.join(".lever")).unwrap();
+        let e = stage(&tree, &tree.join(".lever/bootstrap"), &[("ticket", "t")]).unwrap_err();
+        assert!(e.contains("symlink"), "{e}");
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+        // A symlinked file at the destination.
+        std::fs::remove_file(tree.join(".lever")).unwrap();
+        std::fs::create_dir_all(tree.join(".lever/bootstrap")).unwrap();
+        std::os::unix::fs::symlink(outside.join("stolen"), tree.join(".lever/bootstrap/ticket"))
+            .unwrap();
+        let e = stage(&tree, &tree.join(".lever/bootstrap"), &[("ticket", "t")]).unwrap_err();
+        assert!(e.contains("symlink"), "{e}");
+        assert!(!outside.join("stolen").exists());
+        // A clean tree: written, 0600.
+        std::fs::remove_file(tree.join(".lever/bootstrap/ticket")).unwrap();
+        stage(&tree, &tree.join(".lever/bootstrap"), &[("ticket", "t")]).unwrap();
+        let md = std::fs::metadata(tree.join(".lever/bootstrap/ticket")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
+            0o600
+        );
+    }
+}
