@@ -499,6 +499,49 @@ pub(crate) fn down(config: &Config, r: &mut dyn Env) -> Result<Vec<String>, Stri
     Ok(ran)
 }
 
+/// The live jail's own checks, for `lever doctor`: Lever's chain is loaded
+/// and hooked, and a connection from inside to the admin port is refused.
+/// Each result is (what, passed).
+pub(crate) fn live_checks(config: &Config, r: &mut dyn Env) -> Result<Vec<(String, bool)>, String> {
+    let m = machine(config)?;
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let t = family.tables();
+        let loaded = r.run(&in_guest(&m, &[t, "-w", "-S", egress::CHAIN]))?;
+        let rules = loaded
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count();
+        out.push((
+            format!("{t}: {} loaded ({rules} rules)", egress::CHAIN),
+            loaded.ok && rules > 0,
+        ));
+        let hooked = r.run(&in_guest(
+            &m,
+            &[t, "-w", "-C", "OUTPUT", "-j", egress::CHAIN],
+        ))?;
+        out.push((format!("{t}: OUTPUT jumps to {}", egress::CHAIN), hooked.ok));
+    }
+    let admin = config.broker.admin_port.to_string();
+    let probe = r.run(&in_guest(
+        &m,
+        &[
+            "sh",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{}/{admin}", m.host_alias_name),
+        ],
+    ))?;
+    out.push((
+        format!(
+            "from inside, {}:{admin} (the admin port) is refused",
+            m.host_alias_name
+        ),
+        !probe.ok,
+    ));
+    Ok(out)
+}
+
 /// Writes `files` into `dir` inside `tree`, 0600, refusing to follow any
 /// symlink on the way: the tree is agent-writable, so an agent could have
 /// planted one to make the host write elsewhere.
@@ -792,6 +835,143 @@ mod tests {
         );
         let second = down(&c, &mut w).unwrap();
         assert_eq!(second[0], "limactl stop lever-demo (nothing to do)");
+    }
+
+    #[test]
+    fn orbstack_bring_up_runs_these_commands() {
+        let dir = tmp("orb");
+        let mut c = config(&dir);
+        c.backend = Backend::Orbstack;
+        struct Rec(Vec<String>);
+        impl Env for Rec {
+            fn run(&mut self, c: &Cmd) -> Result<Out, String> {
+                self.0.push(c.argv.join(" "));
+                // Nothing exists yet: every check fails, every command works.
+                let check = c.argv.iter().any(|a| a == "true" || a == "exists")
+                    || c.argv.last().is_some_and(|a| a.starts_with("command -v"));
+                Ok(Out {
+                    ok: !check,
+                    stdout: String::new(),
+                })
+            }
+            fn write_file(&mut self, p: &Path, _: &str) -> Result<(), String> {
+                self.0.push(format!("write {}", p.display()));
+                Ok(())
+            }
+            fn broker_healthy(&mut self) -> bool {
+                false
+            }
+            fn start_broker(&mut self) -> Result<(), String> {
+                self.0.push("start broker".into());
+                Ok(())
+            }
+            fn bootstrap(&mut self) -> Result<(String, String), String> {
+                Ok(("lvtk_x".into(), "CA".into()))
+            }
+        }
+        let mut r = Rec(Vec::new());
+        let s = apply(
+            &c,
+            &dir.join("unused.yaml"),
+            lima::Host::Linux,
+            &mut r,
+            &mut |_| {},
+        )
+        .unwrap();
+        // No host alias address is known for OrbStack: no egress step yet.
+        assert_eq!(
+            s.ran,
+            [
+                "machine up",
+                "broker up",
+                "guest packages",
+                "image img/a:1",
+                "image img/b:2",
+                "manager bootstrap"
+            ]
+        );
+        assert_eq!(
+            r.0,
+            [
+                "orb -m lever-demo true",
+                "orb create --isolated ubuntu:noble lever-demo",
+                "start broker",
+                "orb -m lever-demo -u root sh -c command -v podman && command -v iptables-restore",
+                "orb -m lever-demo -u root apt-get update -q",
+                "orb -m lever-demo -u root apt-get install -y -q podman iptables ca-certificates",
+                "orb -m lever-demo -u root podman image exists img/a:1",
+                "orb -m lever-demo -u root podman pull img/a:1",
+                "orb -m lever-demo -u root podman image exists img/b:2",
+                "orb -m lever-demo -u root podman pull img/b:2",
+            ]
+        );
+        assert_eq!(down(&c, &mut r).unwrap(), ["orb delete -f lever-demo (ok)"]);
+    }
+
+    #[test]
+    fn doctor_sees_missing_rules_and_an_open_admin_port() {
+        let dir = tmp("live");
+        let c = config(&dir);
+        struct Jail {
+            loaded: bool,
+            admin_open: bool,
+        }
+        impl Env for Jail {
+            fn run(&mut self, c: &Cmd) -> Result<Out, String> {
+                let line = c.argv.join(" ");
+                Ok(if line.contains(" -S LEVER-EGRESS") {
+                    Out {
+                        ok: self.loaded,
+                        stdout: if self.loaded {
+                            "-N LEVER-EGRESS\n-A LEVER-EGRESS -j REJECT\n".into()
+                        } else {
+                            String::new()
+                        },
+                    }
+                } else if line.contains(" -C OUTPUT") {
+                    Out {
+                        ok: self.loaded,
+                        stdout: String::new(),
+                    }
+                } else {
+                    Out {
+                        ok: self.admin_open,
+                        stdout: String::new(),
+                    }
+                })
+            }
+            fn write_file(&mut self, _: &Path, _: &str) -> Result<(), String> {
+                Ok(())
+            }
+            fn broker_healthy(&mut self) -> bool {
+                true
+            }
+            fn start_broker(&mut self) -> Result<(), String> {
+                Ok(())
+            }
+            fn bootstrap(&mut self) -> Result<(String, String), String> {
+                Err("unused".into())
+            }
+        }
+        let good = live_checks(
+            &c,
+            &mut Jail {
+                loaded: true,
+                admin_open: false,
+            },
+        )
+        .unwrap();
+        assert!(good.iter().all(|(_, ok)| *ok), "{good:?}");
+        assert!(good.last().unwrap().0.contains("host.lima.internal:8444"));
+        let bad = live_checks(
+            &c,
+            &mut Jail {
+                loaded: false,
+                admin_open: true,
+            },
+        )
+        .unwrap();
+        assert!(bad.iter().all(|(_, ok)| !*ok), "{bad:?}");
     }
 
     #[test]

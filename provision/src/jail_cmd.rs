@@ -42,8 +42,10 @@ pub(crate) const DOCTOR_HELP: &str = "\
 Checks the host for this config: the backend's tools and their version
 floors, the broker's health on the admin port, and, for lima, that the live
 machine lever-NAME realized exactly the Lever template (one writable mount at
-/lever, the ignore-all port-forward rules, containerd off). Exit 0 when no
-check failed, 1 otherwise.";
+/lever, the ignore-all port-forward rules, containerd off); inside a lima or
+orbstack jail, that Lever's egress chain is loaded and hooked (both families)
+and that the admin port is refused from inside. Exit 0 when no check failed,
+1 otherwise.";
 
 /// One step of the bring-up.
 struct Step {
@@ -402,6 +404,21 @@ pub(crate) fn run_doctor(config_path: Option<PathBuf>) -> ExitCode {
                 }
             },
             _ => r.warn(&format!("{} is not created yet", machine(&config))),
+        }
+    }
+    if matches!(config.backend, Backend::Lima | Backend::Orbstack) {
+        let mut env = crate::bringup::System {
+            config_file: PathBuf::new(),
+            admin: String::new(),
+            state_dir: config.broker.state_dir.clone(),
+        };
+        match crate::bringup::live_checks(&config, &mut env) {
+            Ok(checks) => {
+                for (what, ok) in checks {
+                    if ok { r.ok(&what) } else { r.fail(&what) }
+                }
+            }
+            Err(e) => r.warn(&format!("the live jail was not checked: {e}")),
         }
     }
     if r.failed == 0 {
