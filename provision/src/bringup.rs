@@ -524,10 +524,14 @@ pub(crate) fn live_checks(config: &Config, r: &mut dyn Env) -> Result<Vec<(Strin
         out.push((format!("{t}: OUTPUT jumps to {}", egress::CHAIN), hooked.ok));
     }
     let admin = config.broker.admin_port.to_string();
+    // bash's /dev/tcp (dash has none): a plain connect from inside,
+    // bounded in time.
     let probe = r.run(&in_guest(
         &m,
         &[
-            "sh",
+            "timeout",
+            "3",
+            "bash",
             "-c",
             &format!("exec 3<>/dev/tcp/{}/{admin}", m.host_alias_name),
         ],
