@@ -26,6 +26,35 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             expect_method(&req, Method::GET)?;
             ok(json!({"status": "ok"}))
         }
+        "/metrics" => {
+            expect_method(&req, Method::GET)?;
+            let b = ctx.broker;
+            let restarts: u64 = b
+                .tools
+                .all()
+                .map(|t| t.restarts.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            let text = b.stats.render(&[
+                (
+                    "lever_tool_backend_restarts_total",
+                    "counter",
+                    "Tool backends restarted after they stopped.",
+                    restarts as f64,
+                ),
+                (
+                    "lever_epoch",
+                    "gauge",
+                    "The current token epoch.",
+                    b.epoch() as f64,
+                ),
+            ]);
+            let mut r = Response::new(crate::server::full(text));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(r)
+        }
         "/epoch" => {
             expect_method(&req, Method::GET)?;
             ok(json!({"epoch": ctx.broker.epoch()}))

@@ -23,6 +23,7 @@ pub mod jail;
 pub mod limits;
 pub mod llm;
 pub mod mcp;
+pub mod metrics;
 pub mod mock_upstream;
 pub mod server;
 pub mod stack;
@@ -30,7 +31,7 @@ pub mod state;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -59,7 +60,8 @@ pub struct Broker {
     pub tools: mcp::Backends,
     pub(crate) mcp_sessions: mcp::Sessions,
     tokens: Mutex<HashMap<String, Arc<CachedToken>>>,
-    pub stats: Stats,
+    /// Counters and histograms, served on the admin port's `/metrics`.
+    pub stats: Arc<metrics::Metrics>,
     /// A short random tag that prefixes request ids.
     pub(crate) instance_tag: String,
 }
@@ -80,13 +82,6 @@ impl std::fmt::Debug for Broker {
 struct CachedToken {
     verified: Arc<Verified>,
     decisions: Mutex<HashMap<String, Result<(), Denial>>>,
-}
-
-/// Counters (exported as metrics later).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub token_cache_hits: AtomicU64,
-    pub token_cache_misses: AtomicU64,
 }
 
 /// How the broker starts: the state dir opened (or created), the CA and
@@ -128,7 +123,7 @@ pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
         tools,
         mcp_sessions: mcp::Sessions::default(),
         tokens: Mutex::new(HashMap::new()),
-        stats: Stats::default(),
+        stats: Arc::default(),
         instance_tag: lever_policy::hex::encode(&tag),
     });
     broker.audit.log_blocking(

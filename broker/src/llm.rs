@@ -333,6 +333,9 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         Ok(Ok(r)) => r,
     };
     let latency = started.elapsed();
+    broker
+        .stats
+        .observe("lever_llm_upstream_latency_seconds", &[], latency);
     let (mut head, upstream_body) = resp.into_parts();
     for h in HOP_BY_HOP {
         head.headers.remove(*h);
@@ -353,8 +356,14 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    broker
+        .stats
+        .open_streams
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let meter = Meter {
         audit: broker.audit.clone(),
+        stats: broker.stats.clone(),
+        status: head.status.as_u16(),
         record: Some(
             Record::new("llm")
                 .allow()
@@ -472,6 +481,9 @@ impl KeyScan {
 /// What is measured while a response streams, recorded when it ends.
 struct Meter {
     audit: Audit,
+    stats: Arc<crate::metrics::Metrics>,
+    /// The upstream's status.
+    status: u16,
     record: Option<Record>,
     started: Instant,
     first_byte: Option<Duration>,
@@ -537,6 +549,10 @@ impl Meter {
         let Some(mut rec) = self.record.take() else {
             return;
         };
+        let stats = &self.stats;
+        stats
+            .open_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if !self.sse
             && !self.peek.is_empty()
             && let Ok(v) = serde_json::from_slice::<UsageOnly>(&self.peek)
@@ -553,6 +569,22 @@ impl Meter {
             .detail("completed", completed);
         if let Some(f) = self.failed.take() {
             rec = rec.detail("failure", f);
+        }
+        stats.inc(
+            "lever_llm_calls_total",
+            &[
+                ("status", &self.status.to_string()),
+                ("completed", if completed { "true" } else { "false" }),
+            ],
+            1,
+        );
+        for (kind, n) in [("input", self.input_tokens), ("output", self.output_tokens)] {
+            if let Some(n) = n {
+                stats.inc("lever_llm_tokens_total", &[("kind", kind)], n);
+            }
+        }
+        if let Some(t) = self.first_byte {
+            stats.observe("lever_llm_ttfb_seconds", &[], t);
         }
         if let Some((budget, agent)) = &self.budget {
             budget.spend(

@@ -69,6 +69,8 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     };
     // Kept for the rescue layer; formatted only when a request fails.
     let (method, uri) = (req.method().clone(), req.uri().clone());
+    let started = std::time::Instant::now();
+    let kind = crate::metrics::route_kind(conn.listener == Listener::Admin, uri.path());
     let result = match conn.listener {
         Listener::Admin => match admin_guard(&req) {
             Ok(()) => admin::route(&ctx, req).await,
@@ -81,8 +83,31 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     };
     let mut resp = match result {
         Ok(r) => r,
-        Err(e) => rescue(&ctx, &format!("{method} {}", uri.path()), e).await,
+        Err(e) => {
+            broker.stats.inc(
+                "lever_denials_total",
+                &[("route", kind), ("reason", e.code())],
+                1,
+            );
+            if let ApiError::RateLimited(..) = &e {
+                let lane = if kind == "llm" { "llm" } else { "tool" };
+                broker
+                    .stats
+                    .inc("lever_rate_limited_total", &[("lane", lane)], 1);
+            }
+            rescue(&ctx, &format!("{method} {}", uri.path()), e).await
+        }
     };
+    broker.stats.inc(
+        "lever_requests_total",
+        &[("route", kind), ("status", resp.status().as_str())],
+        1,
+    );
+    broker.stats.observe(
+        "lever_request_duration_seconds",
+        &[("route", kind)],
+        started.elapsed(),
+    );
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }

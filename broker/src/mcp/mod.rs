@@ -500,6 +500,11 @@ async fn call(
             .is_some_and(|tool| tool.operation(op).is_some())
     });
     let Some((tool, op)) = known else {
+        broker.stats.inc(
+            "lever_denials_total",
+            &[("route", "mcp"), ("reason", "unknown_tool")],
+            1,
+        );
         broker
             .audit
             .log(base(Record::new("tool").deny("unknown_tool")))
@@ -528,6 +533,11 @@ async fn call(
         .collect();
     let base = |rec: Record| base(rec).right(tool, op).constraints(&pinned);
     if let Err(d) = broker.authorize_token(token, peer, tool, op, &judged) {
+        broker.stats.inc(
+            "lever_denials_total",
+            &[("route", "mcp"), ("reason", d.code())],
+            1,
+        );
         broker
             .audit
             .log(base(Record::new("tool").deny(d.code())))
@@ -550,6 +560,14 @@ async fn call(
     let permit = match broker.limits.tools.admit(peer) {
         Ok(p) => p,
         Err(e) => {
+            broker.stats.inc(
+                "lever_denials_total",
+                &[("route", "mcp"), ("reason", e.code())],
+                1,
+            );
+            broker
+                .stats
+                .inc("lever_rate_limited_total", &[("lane", "tool")], 1);
             broker
                 .audit
                 .log(base(Record::new("tool").deny(e.code())))
@@ -621,6 +639,22 @@ async fn call(
             (out, Record::new("tool").allow().detail("outcome", outcome))
         }
     };
+    let outcome = rec
+        .detail
+        .get("outcome")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    broker.stats.inc(
+        "lever_tool_calls_total",
+        &[("tool", tool), ("outcome", &outcome)],
+        1,
+    );
+    broker.stats.observe(
+        "lever_tool_backend_latency_seconds",
+        &[("tool", tool)],
+        started.elapsed(),
+    );
     broker
         .audit
         .log(base(rec).detail("backend_ms", latency_ms))

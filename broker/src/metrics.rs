@@ -1,0 +1,304 @@
+//! Prometheus metrics, served as text on the admin port's `GET /metrics`.
+//!
+//! Labels come only from small fixed sets (a route *kind*, a status, a
+//! stable reason code, a configured tool), never from request data, so an
+//! agent cannot grow the series count. Identities are not labels either:
+//! per-agent detail belongs to the audit trail.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Histogram bucket bounds, in seconds.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; BUCKETS.len()];
+        }
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The broker's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
+    histograms: Mutex<BTreeMap<(&'static str, Labels), Histogram>>,
+    pub open_streams: AtomicI64,
+    pub token_cache_hits: AtomicU64,
+    pub token_cache_misses: AtomicU64,
+}
+
+/// Help text and type of each metric, in output order.
+const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "lever_requests_total",
+        "counter",
+        "Requests answered, by route kind and status code.",
+    ),
+    (
+        "lever_denials_total",
+        "counter",
+        "Requests or calls refused, by route kind and reason.",
+    ),
+    (
+        "lever_rate_limited_total",
+        "counter",
+        "Refusals by a rate limit, by lane (llm, tool).",
+    ),
+    (
+        "lever_llm_calls_total",
+        "counter",
+        "LLM calls proxied, by upstream status and completion.",
+    ),
+    (
+        "lever_llm_tokens_total",
+        "counter",
+        "LLM tokens used, by kind (input, output).",
+    ),
+    (
+        "lever_tool_calls_total",
+        "counter",
+        "Authorized tool calls, by tool and outcome.",
+    ),
+    (
+        "lever_request_duration_seconds",
+        "histogram",
+        "Time from request to response head, by route kind.",
+    ),
+    (
+        "lever_llm_upstream_latency_seconds",
+        "histogram",
+        "Time for the upstream to send its response head.",
+    ),
+    (
+        "lever_llm_ttfb_seconds",
+        "histogram",
+        "Time from the upstream call to the first body byte.",
+    ),
+    (
+        "lever_tool_backend_latency_seconds",
+        "histogram",
+        "Tool backend round trip, by tool.",
+    ),
+];
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+/// A label value, escaped for the text format.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn fmt_labels(l: &Labels, extra: Option<(&str, String)>) -> String {
+    let mut parts: Vec<String> = l
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+        .collect();
+    if let Some((k, v)) = extra {
+        parts.push(format!("{k}=\"{v}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+fn num(v: f64) -> String {
+    if v.is_infinite() {
+        "+Inf".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+impl Metrics {
+    pub fn inc(&self, name: &'static str, pairs: &[(&'static str, &str)], by: u64) {
+        if let Ok(mut m) = self.counters.lock() {
+            *m.entry((name, labels(pairs))).or_default() += by;
+        }
+    }
+
+    pub fn observe(&self, name: &'static str, pairs: &[(&'static str, &str)], d: Duration) {
+        if let Ok(mut m) = self.histograms.lock() {
+            m.entry((name, labels(pairs)))
+                .or_default()
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4). `extra` adds gauges
+    /// and counters owned elsewhere (name, type, help, value).
+    pub fn render(&self, extra: &[(&str, &str, &str, f64)]) -> String {
+        let mut out = String::new();
+        let counters = self.counters.lock().map(|m| m.clone()).unwrap_or_default();
+        let histograms = self
+            .histograms
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, h)| (k.clone(), (h.counts.clone(), h.sum, h.count)))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .unwrap_or_default();
+        for (name, kind, help) in FAMILIES {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            if *kind == "counter" {
+                for ((n, l), v) in counters.iter().filter(|((n, _), _)| n == name) {
+                    let _ = writeln!(out, "{n}{} {v}", fmt_labels(l, None));
+                }
+            } else {
+                for ((n, l), (counts, sum, count)) in
+                    histograms.iter().filter(|((n, _), _)| n == name)
+                {
+                    for (i, b) in BUCKETS.iter().enumerate() {
+                        let c = counts.get(i).copied().unwrap_or(0);
+                        let _ = writeln!(
+                            out,
+                            "{n}_bucket{} {c}",
+                            fmt_labels(l, Some(("le", num(*b))))
+                        );
+                    }
+                    let _ = writeln!(
+                        out,
+                        "{n}_bucket{} {count}",
+                        fmt_labels(l, Some(("le", "+Inf".into())))
+                    );
+                    let _ = writeln!(out, "{n}_sum{} {sum}", fmt_labels(l, None));
+                    let _ = writeln!(out, "{n}_count{} {count}", fmt_labels(l, None));
+                }
+            }
+        }
+        let own = [
+            (
+                "lever_open_streams",
+                "gauge",
+                "LLM responses streaming right now.",
+                self.open_streams.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "lever_token_cache_hits_total",
+                "counter",
+                "Capability tokens found verified in the cache.",
+                self.token_cache_hits.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "lever_token_cache_misses_total",
+                "counter",
+                "Capability tokens verified from scratch.",
+                self.token_cache_misses.load(Ordering::Relaxed) as f64,
+            ),
+        ];
+        for (name, kind, help, v) in own.iter().chain(extra.iter()) {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        out
+    }
+}
+
+/// The route kind of a path: a fixed set, whatever the request says.
+pub fn route_kind(listener_admin: bool, path: &str) -> &'static str {
+    if listener_admin {
+        return match path {
+            "/healthz" => "admin_healthz",
+            "/epoch" => "admin_epoch",
+            "/register" => "admin_register",
+            "/bootstrap" => "admin_bootstrap",
+            "/revoke" => "admin_revoke",
+            "/bump-epoch" => "admin_bump_epoch",
+            "/metrics" => "admin_metrics",
+            _ => "admin_other",
+        };
+    }
+    match path {
+        "/healthz" => "healthz",
+        "/v1/enrol" => "enrol",
+        "/v1/renew" => "renew",
+        "/v1/capabilities" => "capabilities",
+        "/v1/capabilities/delegate" => "delegate",
+        "/v1/tools" => "tools",
+        "/v1/provision" => "provision",
+        "/mcp" => "mcp",
+        p if p.starts_with("/llm/") => "llm",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms_in_the_text_format() {
+        let m = Metrics::default();
+        m.inc(
+            "lever_requests_total",
+            &[("route", "llm"), ("status", "200")],
+            2,
+        );
+        m.observe(
+            "lever_request_duration_seconds",
+            &[("route", "llm")],
+            Duration::from_millis(3),
+        );
+        let t = m.render(&[]);
+        assert!(
+            t.contains("lever_requests_total{route=\"llm\",status=\"200\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("lever_request_duration_seconds_bucket{route=\"llm\",le=\"0.0025\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("lever_request_duration_seconds_bucket{route=\"llm\",le=\"0.005\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("lever_request_duration_seconds_count{route=\"llm\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE lever_open_streams gauge\nlever_open_streams 0\n"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn route_kinds_are_a_fixed_set() {
+        assert_eq!(route_kind(false, "/llm/v1/messages"), "llm");
+        assert_eq!(route_kind(false, "/anything/an/agent/sends"), "other");
+        assert_eq!(route_kind(true, "/metrics"), "admin_metrics");
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

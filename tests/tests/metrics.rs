@@ -1,0 +1,218 @@
+//! `GET /metrics` on the admin port: Prometheus text that the official
+//! Python client's parser accepts, whose counters match the requests made,
+//! and which names no identity, token or key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use lever_tests::broker::{DEFAULT_AGENTS, Instance, start_mock};
+use lever_tests::workspace_root;
+use serde_json::{Value, json};
+
+const REAL_KEY: &str = "sk-ant-test-real-key";
+
+fn parse(text: &str) -> Vec<Value> {
+    let mut child = Command::new("python3")
+        .arg(workspace_root().join("tests/py/prom_parse.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the text (pip install -r tests/requirements.txt):\n{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn value(samples: &[Value], name: &str, labels: Value) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s["name"] == name)
+        .filter(|s| {
+            labels
+                .as_object()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| &s["labels"][k] == v)
+        })
+        .map(|s| s["value"].as_f64().unwrap())
+        .sum()
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    let scratch = lever_tests::TempDir::new("mock");
+    scratch.write("key", REAL_KEY, 0o600);
+    let (_mock, mock_url) = start_mock(scratch.path(), "key");
+    let inst = Instance::new(DEFAULT_AGENTS, &format!("  upstream: {mock_url}\n"));
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let (llm, _) = b.token(&manager, json!([{"tool": "llm", "op": "generate"}]));
+    let body = json!({"model": "claude-mock-1", "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        let r = b.jail(
+            &manager.tls(),
+            Method::POST,
+            "/llm/v1/messages",
+            &[("x-api-key", &llm)],
+            Some(body.clone()),
+        );
+        assert_eq!(r.status, 200);
+    }
+    let mut forged = llm.clone().into_bytes();
+    let mid = forged.len() / 2;
+    forged[mid] = if forged[mid] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let r = b.jail(
+        &manager.tls(),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", &forged)],
+        Some(body),
+    );
+    assert_eq!(r.status, 401);
+    let reason = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+
+    // One allowed and one denied tool call.
+    let (db, _) = b.token(
+        &manager,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    );
+    let auth = format!("Bearer {db}");
+    let post = |sid: Option<&str>, msg: Value| {
+        let mut h = vec![("authorization", auth.as_str())];
+        if let Some(s) = sid {
+            h.push(("mcp-session-id", s));
+        }
+        b.jail(&manager.tls(), Method::POST, "/mcp", &h, Some(msg))
+    };
+    let init = post(
+        None,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}),
+    );
+    let sid = init.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let call = |table: &str| {
+        post(
+            Some(&sid),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "db_read", "arguments": {"table": table}}}),
+        )
+        .json()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut unavailable = 0.0;
+    loop {
+        let v = call("users");
+        if v["error"]["data"]["reason"] == "backend_unavailable" {
+            unavailable += 1.0;
+            assert!(Instant::now() < deadline, "the tool never came up");
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        assert!(v["result"].is_object(), "{v}");
+        break;
+    }
+    assert_eq!(call("orders")["error"]["code"], -32001);
+
+    let m = b.admin(Method::GET, "/metrics", None);
+    assert_eq!(m.status, 200);
+    assert!(
+        m.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = String::from_utf8(m.body.to_vec()).unwrap();
+    for secret in [llm.as_str(), db.as_str(), REAL_KEY, "manager"] {
+        assert!(!text.contains(secret), "the metrics name {secret:?}");
+    }
+    let s = parse(&text);
+    let v = |name: &str, labels: Value| value(&s, name, labels);
+    assert_eq!(
+        v(
+            "lever_requests_total",
+            json!({"route": "llm", "status": "200"})
+        ),
+        3.0
+    );
+    assert_eq!(
+        v(
+            "lever_requests_total",
+            json!({"route": "llm", "status": "401"})
+        ),
+        1.0
+    );
+    assert_eq!(
+        v("lever_denials_total", json!({"route": "llm"})),
+        1.0,
+        "{reason}"
+    );
+    assert_eq!(
+        v(
+            "lever_llm_calls_total",
+            json!({"status": "200", "completed": "true"})
+        ),
+        3.0
+    );
+    assert!(v("lever_llm_tokens_total", json!({"kind": "input"})) > 0.0);
+    assert_eq!(
+        v(
+            "lever_request_duration_seconds_count",
+            json!({"route": "llm"})
+        ),
+        4.0
+    );
+    assert_eq!(
+        v("lever_llm_upstream_latency_seconds_count", json!({})),
+        3.0
+    );
+    assert_eq!(v("lever_open_streams", json!({})), 0.0);
+    assert_eq!(
+        v(
+            "lever_tool_calls_total",
+            json!({"tool": "db", "outcome": "ok"})
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            "lever_tool_calls_total",
+            json!({"tool": "db", "outcome": "backend_unavailable"})
+        ),
+        unavailable
+    );
+    assert_eq!(
+        v(
+            "lever_denials_total",
+            json!({"route": "mcp", "reason": "constraint_mismatch"})
+        ),
+        1.0
+    );
+    assert!(v("lever_token_cache_hits_total", json!({})) >= 3.0);
+    assert_eq!(v("lever_epoch", json!({})), 1.0);
+    // The admin requests so far (this one is counted after it is answered).
+    assert!(v("lever_requests_total", json!({"route": "admin_register"})) >= 1.0);
+}
