@@ -42,6 +42,26 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                     restarts as f64,
                 ),
                 (
+                    "lever_otel_exported_total",
+                    "counter",
+                    "Telemetry items (logs, spans) the collector accepted.",
+                    b.audit.otel.get().map_or(0, |o| {
+                        o.counters
+                            .exported
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                    }) as f64,
+                ),
+                (
+                    "lever_otel_dropped_total",
+                    "counter",
+                    "Telemetry items dropped: queue full, or the collector failed or was too slow.",
+                    b.audit.otel.get().map_or(0, |o| {
+                        o.counters
+                            .dropped
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                    }) as f64,
+                ),
+                (
                     "lever_epoch",
                     "gauge",
                     "The current token epoch.",

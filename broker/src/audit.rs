@@ -108,6 +108,8 @@ struct Line<'a> {
 #[derive(Debug, Clone)]
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
+    /// Where records also go once telemetry export is on.
+    pub(crate) otel: std::sync::Arc<std::sync::OnceLock<crate::otel::Otel>>,
 }
 
 enum Msg {
@@ -134,11 +136,13 @@ impl Audit {
             .map_err(|e| StartError::Audit(format!("{}: {e}", path.display())))?;
         let (tx, rx) = mpsc::channel(CHANNEL);
         let path = path.to_path_buf();
+        let otel: std::sync::Arc<std::sync::OnceLock<crate::otel::Otel>> = Default::default();
+        let for_writer = otel.clone();
         let handle = std::thread::Builder::new()
             .name("lever-audit".into())
-            .spawn(move || writer(file, path, rx, seq, tip))
+            .spawn(move || writer(file, path, rx, seq, tip, &for_writer))
             .map_err(|e| StartError::Audit(e.to_string()))?;
-        Ok((Audit { tx }, handle))
+        Ok((Audit { tx, otel }, handle))
     }
 
     /// Hands a record to the writer (waits if the channel is full).
@@ -199,6 +203,7 @@ fn writer(
     mut rx: mpsc::Receiver<Msg>,
     mut seq: u64,
     mut prev: String,
+    otel: &std::sync::OnceLock<crate::otel::Otel>,
 ) {
     let mut last_sync = Instant::now();
     let mut dirty = false;
@@ -249,6 +254,13 @@ fn writer(
                     continue;
                 };
                 prev = sha256_hex(text.as_bytes());
+                // Exported as written (the file stays the system of record;
+                // the export queue never blocks this thread).
+                if let Some(o) = otel.get()
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                {
+                    o.audit(&v);
+                }
                 text.push('\n');
                 pending.extend_from_slice(text.as_bytes());
                 // One write per burst rather than per record: write when the

@@ -25,6 +25,7 @@ pub mod llm;
 pub mod mcp;
 pub mod metrics;
 pub mod mock_upstream;
+pub mod otel;
 pub mod server;
 pub mod stack;
 pub mod state;
@@ -158,6 +159,7 @@ pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
             addr: admin_addr,
             source,
         })?;
+    start_telemetry(&broker)?;
     let cert = Arc::new(tls::ServerCert::new(broker.ca.clone())?);
     let tls_config = tls::server_config(&broker.ca, cert.clone())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
@@ -211,6 +213,31 @@ pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
     }
     broker.audit.log(Record::new("broker_stop")).await;
     broker.audit.flush().await;
+    Ok(())
+}
+
+/// Starts OTLP export when an endpoint is configured (`broker.telemetry`,
+/// else `OTEL_EXPORTER_OTLP_ENDPOINT`).
+fn start_telemetry(broker: &Broker) -> Result<(), StartError> {
+    let t = &broker.config.broker.telemetry;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let grpc = t.otlp_protocol == Some(lever_policy::config::OtlpProtocol::Grpc)
+        || (t.otlp_protocol.is_none()
+            && env("OTEL_EXPORTER_OTLP_PROTOCOL").is_some_and(|p| p == "grpc"));
+    let Some(target) = otel::Target::resolve(
+        t.otlp_endpoint.as_ref().map(|u| u.to_string()),
+        t.service_name.clone(),
+        &env,
+    ) else {
+        return Ok(());
+    };
+    if grpc {
+        return Err(StartError::Config(
+            "broker.telemetry.otlp_protocol: grpc export is not in this build; use http (OTLP/HTTP protobuf)".into(),
+        ));
+    }
+    let o = otel::Otel::start(target, &broker.instance_tag);
+    let _ = broker.audit.otel.set(o);
     Ok(())
 }
 

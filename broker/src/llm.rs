@@ -314,6 +314,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         .map_err(|e| ApiError::Internal(format!("building the upstream request: {e}")))?;
 
     let started = Instant::now();
+    let wall = std::time::SystemTime::now();
     let sent = tokio::time::timeout(upstream.header_timeout, upstream.client.request(out)).await;
     let resp = match sent {
         Err(_) => {
@@ -364,6 +365,12 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         audit: broker.audit.clone(),
         stats: broker.stats.clone(),
         status: head.status.as_u16(),
+        otel: broker
+            .audit
+            .otel
+            .get()
+            .map(|o| (o.clone(), ctx.request_id.clone(), wall)),
+        model: peek.model.clone().unwrap_or_default(),
         record: Some(
             Record::new("llm")
                 .allow()
@@ -484,6 +491,9 @@ struct Meter {
     stats: Arc<crate::metrics::Metrics>,
     /// The upstream's status.
     status: u16,
+    /// Telemetry: the exporter, the request id and when the call began.
+    otel: Option<(crate::otel::Otel, String, std::time::SystemTime)>,
+    model: String,
     record: Option<Record>,
     started: Instant,
     first_byte: Option<Duration>,
@@ -545,6 +555,55 @@ impl Meter {
         }
     }
 
+    /// The upstream call's client span (gen_ai conventions), a child of
+    /// the request's span; it lasts until the last byte.
+    fn span(
+        &self,
+        o: &crate::otel::Otel,
+        rid: &str,
+        start: std::time::SystemTime,
+        completed: bool,
+    ) -> crate::otel::proto::Span {
+        use crate::otel::{V, kv, s};
+        let (trace_id, parent) = crate::otel::ids(o.tag(), rid);
+        let mut attributes = vec![
+            kv("gen_ai.operation.name", s("chat")),
+            kv("gen_ai.provider.name", s("anthropic")),
+            kv("gen_ai.request.model", s(self.model.clone())),
+            kv(
+                "http.response.status_code",
+                V::IntValue(i64::from(self.status)),
+            ),
+            kv("lever.completed", V::BoolValue(completed)),
+        ];
+        if let Some(n) = self.input_tokens {
+            attributes.push(kv("gen_ai.usage.input_tokens", V::IntValue(n as i64)));
+        }
+        if let Some(n) = self.output_tokens {
+            attributes.push(kv("gen_ai.usage.output_tokens", V::IntValue(n as i64)));
+        }
+        if let Some(t) = self.first_byte {
+            attributes.push(kv(
+                "lever.ttfb_ms",
+                V::DoubleValue(t.as_secs_f64() * 1000.0),
+            ));
+        }
+        crate::otel::proto::Span {
+            span_id: crate::otel::child_id(o.tag(), rid, "llm"),
+            trace_id,
+            parent_span_id: parent,
+            name: format!("chat {}", self.model),
+            kind: crate::otel::CLIENT,
+            start_time_unix_nano: crate::otel::nanos(start),
+            end_time_unix_nano: crate::otel::now_nanos(),
+            attributes,
+            status: (!completed || self.status >= 500).then(|| crate::otel::proto::Status {
+                message: self.failed.clone().unwrap_or_default(),
+                code: 2,
+            }),
+        }
+    }
+
     fn finish(&mut self, completed: bool) {
         let Some(mut rec) = self.record.take() else {
             return;
@@ -585,6 +644,11 @@ impl Meter {
         }
         if let Some(t) = self.first_byte {
             stats.observe("lever_llm_ttfb_seconds", &[], t);
+        }
+        if let Some((o, rid, start)) = &self.otel {
+            o.send(crate::otel::Item::Span(
+                self.span(o, rid, *start, completed),
+            ));
         }
         if let Some((budget, agent)) = &self.budget {
             budget.spend(

@@ -70,6 +70,8 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     // Kept for the rescue layer; formatted only when a request fails.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let started = std::time::Instant::now();
+    let wall = std::time::SystemTime::now();
+    let mut denied: Option<&'static str> = None;
     let kind = crate::metrics::route_kind(conn.listener == Listener::Admin, uri.path());
     let result = match conn.listener {
         Listener::Admin => match admin_guard(&req) {
@@ -84,6 +86,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
+            denied = Some(e.code());
             broker.stats.inc(
                 "lever_denials_total",
                 &[("route", kind), ("reason", e.code())],
@@ -108,10 +111,86 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
         &[("route", kind)],
         started.elapsed(),
     );
+    if let Some(o) = broker.audit.otel.get() {
+        let status = resp.status().as_u16();
+        o.send(crate::otel::Item::Span(request_span(
+            o, &ctx, &method, kind, status, denied, wall,
+        )));
+    }
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// The request's server span (HTTP server conventions, plus `lever.*`).
+fn request_span(
+    o: &crate::otel::Otel,
+    ctx: &Ctx<'_>,
+    method: &Method,
+    kind: &str,
+    status: u16,
+    denied: Option<&'static str>,
+    start: std::time::SystemTime,
+) -> crate::otel::proto::Span {
+    use crate::otel::{V, kv, s};
+    let (trace_id, span_id) = crate::otel::ids(o.tag(), &ctx.request_id);
+    let route = route_template(kind);
+    let mut attributes = vec![
+        kv("http.request.method", s(method.as_str())),
+        kv("http.route", s(route)),
+        kv("http.response.status_code", V::IntValue(i64::from(status))),
+        kv("lever.request_id", s(ctx.request_id.clone())),
+        kv(
+            "lever.decision",
+            s(if denied.is_some() { "deny" } else { "allow" }),
+        ),
+    ];
+    if let Some(reason) = denied {
+        attributes.push(kv("lever.deny_reason", s(reason)));
+    }
+    if let Some(p) = &ctx.peer {
+        attributes.push(kv("lever.identity", s(p.clone())));
+    }
+    if kind == "llm" || kind == "mcp" || kind == "capabilities" || kind == "delegate" {
+        attributes.push(kv("lever.epoch", V::IntValue(ctx.broker.epoch() as i64)));
+    }
+    crate::otel::proto::Span {
+        trace_id,
+        span_id,
+        parent_span_id: Vec::new(),
+        name: format!("{method} {route}"),
+        kind: crate::otel::SERVER,
+        start_time_unix_nano: crate::otel::nanos(start),
+        end_time_unix_nano: crate::otel::now_nanos(),
+        attributes,
+        status: (status >= 500).then(|| crate::otel::proto::Status {
+            message: String::new(),
+            code: 2,
+        }),
+    }
+}
+
+/// The route template of a route kind (never the request's own path).
+fn route_template(kind: &str) -> &'static str {
+    match kind {
+        "healthz" | "admin_healthz" => "/healthz",
+        "enrol" => "/v1/enrol",
+        "renew" => "/v1/renew",
+        "capabilities" => "/v1/capabilities",
+        "delegate" => "/v1/capabilities/delegate",
+        "tools" => "/v1/tools",
+        "provision" => "/v1/provision",
+        "mcp" => "/mcp",
+        "llm" => "/llm/{path}",
+        "admin_epoch" => "/epoch",
+        "admin_register" => "/register",
+        "admin_bootstrap" => "/bootstrap",
+        "admin_revoke" => "/revoke",
+        "admin_bump_epoch" => "/bump-epoch",
+        "admin_metrics" => "/metrics",
+        _ => "(other)",
+    }
 }
 
 async fn rescue(ctx: &Ctx<'_>, route: &str, e: ApiError) -> Response<Body> {

@@ -17,6 +17,20 @@ pub(crate) enum AuditCommand {
         /// The audit file (default: the config's broker.telemetry.audit_file)
         file: Option<PathBuf>,
     },
+    /// Replay the audit trail to an OTLP collector as log records (backfill)
+    Export {
+        /// The audit file (default: the config's broker.telemetry.audit_file)
+        file: Option<PathBuf>,
+        /// The collector's OTLP/HTTP base URL (logs go to URL/v1/logs)
+        #[arg(long, value_name = "URL")]
+        otlp: String,
+        /// Only records at or after this time (RFC 3339, e.g. 2026-11-23T10:00:00Z)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// The service.name resource attribute (default: OTEL_SERVICE_NAME, then lever-broker)
+        #[arg(long, value_name = "NAME")]
+        service_name: Option<String>,
+    },
     /// Print the last records, and with --follow, new ones as they come
     Tail {
         file: Option<PathBuf>,
@@ -38,6 +52,18 @@ fn audit_file(file: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf,
 
 pub(crate) fn run(cmd: AuditCommand, config: Option<PathBuf>) -> ExitCode {
     match cmd {
+        AuditCommand::Export {
+            file,
+            otlp,
+            since,
+            service_name,
+        } => {
+            let path = match audit_file(file, config) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            export(&path, &otlp, since.as_deref(), service_name)
+        }
         AuditCommand::Verify { file } => {
             let path = match audit_file(file, config) {
                 Ok(p) => p,
@@ -98,4 +124,95 @@ pub(crate) fn run(cmd: AuditCommand, config: Option<PathBuf>) -> ExitCode {
             }
         }
     }
+}
+
+/// Replays `path` to the collector in batches of 512 records, with
+/// progress; stops at the first batch the collector refuses.
+fn export(
+    path: &std::path::Path,
+    url: &str,
+    since: Option<&str>,
+    service: Option<String>,
+) -> ExitCode {
+    use lever_broker::otel;
+    let since = match since.map(|s| (s, lever_policy::timefmt::parse_rfc3339(s))) {
+        None => None,
+        Some((_, Some(t))) => Some(t),
+        Some((s, None)) => {
+            eprintln!("lever audit export: --since {s:?} is not an RFC 3339 time");
+            return ExitCode::from(2);
+        }
+    };
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let Some(target) = otel::Target::resolve(Some(url.to_owned()), service, &env) else {
+        return fail("no collector URL");
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return fail(&format!("{}: {e}", path.display())),
+    };
+    let rt = match crate::common::runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let Ok(http) = otel::http_client() else {
+        return fail("cannot build the HTTP client");
+    };
+    let mut batch = Vec::new();
+    let (mut sent, mut skipped) = (0usize, 0usize);
+    let mut flush = |batch: &mut Vec<otel::proto::LogRecord>| -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len();
+        let body = otel::logs_request(&target, std::mem::take(batch));
+        rt.block_on(otel::post(
+            &http,
+            &format!("{}/v1/logs", target.endpoint),
+            body,
+        ))?;
+        sent += n;
+        eprintln!("lever audit export: {sent} records sent");
+        Ok(())
+    };
+    for line in std::io::BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            skipped += 1;
+            continue;
+        };
+        let at = v["time"]
+            .as_str()
+            .and_then(lever_policy::timefmt::parse_rfc3339);
+        if let (Some(since), Some(at)) = (since, at)
+            && at < since
+        {
+            continue;
+        }
+        // Trace ids as the broker derives them need its instance tag,
+        // which the file does not hold: replayed records carry none.
+        batch.push(otel::log_record(&v, ""));
+        if batch.len() >= 512
+            && let Err(e) = flush(&mut batch)
+        {
+            return fail(&format!(
+                "the collector refused a batch after {sent} records: {e}"
+            ));
+        }
+    }
+    if let Err(e) = flush(&mut batch) {
+        return fail(&format!(
+            "the collector refused a batch after {sent} records: {e}"
+        ));
+    }
+    println!(
+        "exported {sent} records to {}{}",
+        target.endpoint,
+        if skipped > 0 {
+            format!(" ({skipped} unreadable lines skipped)")
+        } else {
+            String::new()
+        }
+    );
+    ExitCode::SUCCESS
 }

@@ -462,6 +462,14 @@ async fn call(
 ) -> Response<Body> {
     let broker = ctx.broker;
     let reply = |e: Value| rpc_body(StatusCode::OK, &e);
+    let wall = std::time::SystemTime::now();
+    let span = |name: &str, reason: Option<&str>, outcome: &str| {
+        if let Some(o) = broker.audit.otel.get() {
+            o.send(crate::otel::Item::Span(tool_span(
+                o, ctx, sid, name, verified, reason, outcome, wall,
+            )));
+        }
+    };
     let Some(name) = params.get("name").and_then(Value::as_str) else {
         return reply(rpc_error(
             id,
@@ -538,6 +546,7 @@ async fn call(
             &[("route", "mcp"), ("reason", d.code())],
             1,
         );
+        span(name, Some(d.code()), "denied");
         broker
             .audit
             .log(base(Record::new("tool").deny(d.code())))
@@ -568,6 +577,7 @@ async fn call(
             broker
                 .stats
                 .inc("lever_rate_limited_total", &[("lane", "tool")], 1);
+            span(name, Some(e.code()), "denied");
             broker
                 .audit
                 .log(base(Record::new("tool").deny(e.code())))
@@ -650,6 +660,7 @@ async fn call(
         &[("tool", tool), ("outcome", &outcome)],
         1,
     );
+    span(name, None, &outcome);
     broker.stats.observe(
         "lever_tool_backend_latency_seconds",
         &[("tool", tool)],
@@ -660,6 +671,58 @@ async fn call(
         .log(base(rec).detail("backend_ms", latency_ms))
         .await;
     reply(resp)
+}
+
+/// A `tools/call`'s span (MCP and gen_ai conventions), a child of the
+/// request's span.
+#[allow(clippy::too_many_arguments)]
+fn tool_span(
+    o: &crate::otel::Otel,
+    ctx: &Ctx<'_>,
+    sid: &str,
+    name: &str,
+    verified: &Verified,
+    reason: Option<&str>,
+    outcome: &str,
+    start: std::time::SystemTime,
+) -> crate::otel::proto::Span {
+    use crate::otel::{kv, s};
+    let (trace_id, parent) = crate::otel::ids(o.tag(), &ctx.request_id);
+    let mut attributes = vec![
+        kv("mcp.method.name", s("tools/call")),
+        kv("mcp.session.id", s(sid)),
+        kv("gen_ai.operation.name", s("execute_tool")),
+        kv("gen_ai.tool.name", s(name)),
+        kv("lever.token_id", s(verified.token_id.as_str())),
+        kv("lever.identity", s(verified.holder.clone())),
+        kv(
+            "lever.decision",
+            s(if reason.is_some() { "deny" } else { "allow" }),
+        ),
+        kv("lever.outcome", s(outcome)),
+        kv(
+            "lever.epoch",
+            crate::otel::V::IntValue(verified.epoch as i64),
+        ),
+    ];
+    if let Some(r) = reason {
+        attributes.push(kv("lever.deny_reason", s(r)));
+    }
+    let failed = reason.is_some() || !(outcome == "ok" || outcome == "tool_error");
+    crate::otel::proto::Span {
+        span_id: crate::otel::child_id(o.tag(), &ctx.request_id, "tools/call"),
+        trace_id,
+        parent_span_id: parent,
+        name: format!("tools/call {name}"),
+        kind: crate::otel::INTERNAL,
+        start_time_unix_nano: crate::otel::nanos(start),
+        end_time_unix_nano: crate::otel::now_nanos(),
+        attributes,
+        status: failed.then(|| crate::otel::proto::Status {
+            message: reason.unwrap_or(outcome).to_owned(),
+            code: 2,
+        }),
+    }
 }
 
 fn pins_of(verified: &Verified, tool: &str, op: &str) -> String {

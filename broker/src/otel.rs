@@ -1,0 +1,493 @@
+//! OpenTelemetry export over OTLP/HTTP (protobuf): every audit record as a
+//! log record, and spans for requests, LLM upstream calls and tool calls.
+//!
+//! Export is off the hot path: items go into a bounded queue with
+//! `try_send` (a full queue drops the item and counts it, never waits), and
+//! one task batches them (up to 512, or every second) and posts them with a
+//! deadline. A slow or dead collector costs requests nothing; what could
+//! not be delivered is counted in `lever_otel_dropped_total`. The local
+//! `audit.jsonl` stays the system of record (`lever audit export` replays it).
+//!
+//! What is exported is what the audit trail holds (identities, token ids,
+//! rights, constraint values, argument digests, decisions) plus timings:
+//! never prompts, completions, keys, tokens, tickets or raw tool arguments.
+//! Trace and span ids are derived from the instance tag and the request id,
+//! so a request's logs and spans correlate without passing ids around.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// The OTLP messages Lever sends (a subset of opentelemetry-proto v1, with
+/// the same field numbers).
+pub mod proto {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AnyValue {
+        #[prost(oneof = "any_value::Value", tags = "1, 2, 3, 4")]
+        pub value: Option<any_value::Value>,
+    }
+    pub mod any_value {
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Value {
+            #[prost(string, tag = "1")]
+            StringValue(String),
+            #[prost(bool, tag = "2")]
+            BoolValue(bool),
+            #[prost(int64, tag = "3")]
+            IntValue(i64),
+            #[prost(double, tag = "4")]
+            DoubleValue(f64),
+        }
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyValue {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<AnyValue>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct InstrumentationScope {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub version: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Resource {
+        #[prost(message, repeated, tag = "1")]
+        pub attributes: Vec<KeyValue>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LogRecord {
+        #[prost(fixed64, tag = "1")]
+        pub time_unix_nano: u64,
+        #[prost(int32, tag = "2")]
+        pub severity_number: i32,
+        #[prost(string, tag = "3")]
+        pub severity_text: String,
+        #[prost(message, optional, tag = "5")]
+        pub body: Option<AnyValue>,
+        #[prost(message, repeated, tag = "6")]
+        pub attributes: Vec<KeyValue>,
+        #[prost(bytes = "vec", tag = "9")]
+        pub trace_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "10")]
+        pub span_id: Vec<u8>,
+        #[prost(fixed64, tag = "11")]
+        pub observed_time_unix_nano: u64,
+        #[prost(string, tag = "12")]
+        pub event_name: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeLogs {
+        #[prost(message, optional, tag = "1")]
+        pub scope: Option<InstrumentationScope>,
+        #[prost(message, repeated, tag = "2")]
+        pub log_records: Vec<LogRecord>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceLogs {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_logs: Vec<ScopeLogs>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExportLogsServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_logs: Vec<ResourceLogs>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(int32, tag = "3")]
+        pub code: i32,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Span {
+        #[prost(bytes = "vec", tag = "1")]
+        pub trace_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub span_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub parent_span_id: Vec<u8>,
+        #[prost(string, tag = "5")]
+        pub name: String,
+        #[prost(int32, tag = "6")]
+        pub kind: i32,
+        #[prost(fixed64, tag = "7")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "8")]
+        pub end_time_unix_nano: u64,
+        #[prost(message, repeated, tag = "9")]
+        pub attributes: Vec<KeyValue>,
+        #[prost(message, optional, tag = "15")]
+        pub status: Option<Status>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeSpans {
+        #[prost(message, optional, tag = "1")]
+        pub scope: Option<InstrumentationScope>,
+        #[prost(message, repeated, tag = "2")]
+        pub spans: Vec<Span>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceSpans {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_spans: Vec<ScopeSpans>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExportTraceServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_spans: Vec<ResourceSpans>,
+    }
+}
+
+pub use proto::any_value::Value as V;
+
+/// An attribute value.
+pub fn kv(key: &str, v: V) -> proto::KeyValue {
+    proto::KeyValue {
+        key: key.to_owned(),
+        value: Some(proto::AnyValue { value: Some(v) }),
+    }
+}
+
+pub fn s(v: impl Into<String>) -> V {
+    V::StringValue(v.into())
+}
+
+/// OTLP span kinds.
+pub const SERVER: i32 = 2;
+pub const CLIENT: i32 = 3;
+pub const INTERNAL: i32 = 1;
+
+/// What goes to the collector.
+#[derive(Debug)]
+pub enum Item {
+    Log(proto::LogRecord),
+    Span(proto::Span),
+}
+
+const QUEUE: usize = 8192;
+const BATCH: usize = 512;
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// The export side: cheap to clone, never blocks.
+#[derive(Debug, Clone)]
+pub struct Otel {
+    tx: mpsc::Sender<Item>,
+    pub counters: Arc<Counters>,
+    tag: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub exported: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// Where and as whom to export: the config first, then the standard
+/// `OTEL_*` variables.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub endpoint: String,
+    pub service_name: String,
+    pub resource: Vec<(String, String)>,
+}
+
+impl Target {
+    pub fn resolve(
+        endpoint: Option<String>,
+        service_name: Option<String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<Target> {
+        let endpoint = endpoint.or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
+        let service_name = service_name
+            .or_else(|| env("OTEL_SERVICE_NAME"))
+            .unwrap_or_else(|| "lever-broker".to_owned());
+        let resource = env("OTEL_RESOURCE_ATTRIBUTES")
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|p| p.split_once('='))
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .filter(|(k, _)| !k.is_empty() && k != "service.name")
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Target {
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            service_name,
+            resource,
+        })
+    }
+}
+
+pub fn now_nanos() -> u64 {
+    nanos(SystemTime::now())
+}
+
+pub fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The trace and span id of request `request_id` on instance `tag`.
+pub fn ids(tag: &str, request_id: &str) -> (Vec<u8>, Vec<u8>) {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{tag}/{request_id}").as_bytes(),
+    );
+    let b = d.as_ref();
+    (b[..16].to_vec(), b[16..24].to_vec())
+}
+
+/// A child span id under a request: derived from the request and a name.
+pub fn child_id(tag: &str, request_id: &str, name: &str) -> Vec<u8> {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{tag}/{request_id}/{name}").as_bytes(),
+    );
+    d.as_ref()[..8].to_vec()
+}
+
+impl Otel {
+    /// Starts the exporter task (needs a runtime).
+    pub fn start(target: Target, tag: &str) -> Otel {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(export(target, rx, counters.clone()));
+        Otel {
+            tx,
+            counters,
+            tag: tag.into(),
+        }
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Queues an item, or counts it dropped when the queue is full.
+    pub fn send(&self, item: Item) {
+        if self.tx.try_send(item).is_err() {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An audit line (its JSON) as a log record.
+    pub fn audit(&self, line: &Value) {
+        self.send(Item::Log(log_record(line, &self.tag)));
+    }
+}
+
+/// An audit line as an OTLP log record: every field an attribute
+/// (`lever.*`, `detail` flattened), correlated to its request's span.
+pub fn log_record(line: &Value, tag: &str) -> proto::LogRecord {
+    let mut attrs = Vec::new();
+    let time = line["time"]
+        .as_str()
+        .and_then(lever_policy::timefmt::parse_rfc3339)
+        .map_or_else(now_nanos, nanos);
+    for (k, v) in line.as_object().into_iter().flatten() {
+        match (k.as_str(), v) {
+            ("detail", Value::Object(d)) => {
+                for (dk, dv) in d {
+                    if let Some(val) = any(dv) {
+                        attrs.push(kv(&format!("lever.detail.{dk}"), val));
+                    }
+                }
+            }
+            ("constraints", Value::Object(c)) => {
+                for (ck, cv) in c {
+                    if let Some(val) = any(cv) {
+                        attrs.push(kv(&format!("lever.constraint.{ck}"), val));
+                    }
+                }
+            }
+            ("time", _) => {}
+            (_, v) => {
+                if let Some(val) = any(v) {
+                    attrs.push(kv(&format!("lever.{k}"), val));
+                }
+            }
+        }
+    }
+    let event = line["event"].as_str().unwrap_or("record").to_owned();
+    let deny = line["decision"] == "deny";
+    // Correlated only when the instance tag is known (not on replay).
+    let (trace_id, span_id) = match line["request_id"].as_str() {
+        Some(r) if !tag.is_empty() => ids(tag, r),
+        _ => (Vec::new(), Vec::new()),
+    };
+    proto::LogRecord {
+        time_unix_nano: time,
+        observed_time_unix_nano: now_nanos(),
+        severity_number: if deny { 13 } else { 9 },
+        severity_text: if deny { "WARN" } else { "INFO" }.into(),
+        body: Some(proto::AnyValue {
+            value: Some(s(format!("lever {event}"))),
+        }),
+        attributes: attrs,
+        trace_id,
+        span_id,
+        event_name: format!("lever.{event}"),
+    }
+}
+
+fn any(v: &Value) -> Option<V> {
+    Some(match v {
+        Value::Null => return None,
+        Value::Bool(b) => V::BoolValue(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => V::IntValue(i),
+            None => V::DoubleValue(n.as_f64()?),
+        },
+        Value::String(x) => V::StringValue(x.clone()),
+        other => V::StringValue(other.to_string()),
+    })
+}
+
+fn resource(t: &Target) -> proto::Resource {
+    let mut attributes = vec![
+        kv("service.name", s(t.service_name.clone())),
+        kv("service.version", s(env!("CARGO_PKG_VERSION"))),
+    ];
+    for (k, v) in &t.resource {
+        attributes.push(kv(k, s(v.clone())));
+    }
+    proto::Resource { attributes }
+}
+
+fn scope() -> proto::InstrumentationScope {
+    proto::InstrumentationScope {
+        name: "lever".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn client() -> Result<Http, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(3)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// Posts one protobuf message; `Ok` on a 2xx.
+pub async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<(), String> {
+    let req = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(DEADLINE, http.request(req))
+        .await
+        .map_err(|_| "the collector did not answer in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let _ = tokio::time::timeout(DEADLINE, resp.into_body().collect()).await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the collector answered {status}"))
+    }
+}
+
+/// Encodes log records as an export request.
+pub fn logs_request(t: &Target, logs: Vec<proto::LogRecord>) -> Vec<u8> {
+    prost::Message::encode_to_vec(&proto::ExportLogsServiceRequest {
+        resource_logs: vec![proto::ResourceLogs {
+            resource: Some(resource(t)),
+            scope_logs: vec![proto::ScopeLogs {
+                scope: Some(scope()),
+                log_records: logs,
+            }],
+        }],
+    })
+}
+
+fn spans_request(t: &Target, spans: Vec<proto::Span>) -> Vec<u8> {
+    prost::Message::encode_to_vec(&proto::ExportTraceServiceRequest {
+        resource_spans: vec![proto::ResourceSpans {
+            resource: Some(resource(t)),
+            scope_spans: vec![proto::ScopeSpans {
+                scope: Some(scope()),
+                spans,
+            }],
+        }],
+    })
+}
+
+/// A client for `lever audit export` and the exporter.
+pub fn http_client() -> Result<Http, String> {
+    client()
+}
+
+async fn export(target: Target, mut rx: mpsc::Receiver<Item>, counters: Arc<Counters>) {
+    let Ok(http) = client() else {
+        eprintln!("lever broker: telemetry: cannot build the HTTP client; nothing is exported");
+        return;
+    };
+    let mut logs = Vec::new();
+    let mut spans = Vec::new();
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    loop {
+        let (closed, due) = tokio::select! {
+            item = rx.recv() => match item {
+                Some(Item::Log(l)) => { logs.push(l); (false, false) }
+                Some(Item::Span(s)) => { spans.push(s); (false, false) }
+                None => (true, true),
+            },
+            _ = tick.tick() => (false, true),
+        };
+        if (due || logs.len() >= BATCH) && !logs.is_empty() {
+            let n = logs.len() as u64;
+            let body = logs_request(&target, std::mem::take(&mut logs));
+            let r = post(&http, &format!("{}/v1/logs", target.endpoint), body).await;
+            count(&counters, n, r);
+        }
+        if (due || spans.len() >= BATCH) && !spans.is_empty() {
+            let n = spans.len() as u64;
+            let body = spans_request(&target, std::mem::take(&mut spans));
+            let r = post(&http, &format!("{}/v1/traces", target.endpoint), body).await;
+            count(&counters, n, r);
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+fn count(c: &Counters, n: u64, r: Result<(), String>) {
+    match r {
+        Ok(()) => c.exported.fetch_add(n, Ordering::Relaxed),
+        Err(_) => c.dropped.fetch_add(n, Ordering::Relaxed),
+    };
+}

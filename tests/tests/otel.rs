@@ -1,0 +1,407 @@
+//! OpenTelemetry export, against a real OTLP/HTTP receiver that decodes
+//! with the official protobuf definitions (`tests/py/otlp_receiver.py`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use lever_tests::broker::{Broker, DEFAULT_AGENTS, Instance, start_mock};
+use lever_tests::{TempDir, lever, workspace_root};
+use serde_json::{Value, json};
+
+const REAL_KEY: &str = "sk-ant-test-real-key";
+
+struct Receiver {
+    child: Child,
+    out: PathBuf,
+    url: String,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn receiver(dir: &Path, name: &str, stall: bool) -> Receiver {
+    let out = dir.join(format!("{name}.jsonl"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(workspace_root().join("tests/py/otlp_receiver.py"))
+        .arg(&out);
+    if stall {
+        cmd.arg("stall");
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("otlp receiver ready ")
+        .unwrap_or_else(|| {
+            panic!("the receiver did not start (pip install -r tests/requirements.txt): {line:?}")
+        })
+        .to_owned();
+    Receiver {
+        child,
+        out,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// Every decoded export so far.
+fn received(r: &Receiver) -> Vec<Value> {
+    std::fs::read_to_string(&r.out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn attrs(v: &Value) -> serde_json::Map<String, Value> {
+    v["attributes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let val = &a["value"];
+            let x = val
+                .get("stringValue")
+                .or_else(|| val.get("intValue"))
+                .or_else(|| val.get("boolValue"))
+                .or_else(|| val.get("doubleValue"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            (a["key"].as_str().unwrap().to_owned(), x)
+        })
+        .collect()
+}
+
+fn spans(all: &[Value]) -> Vec<Value> {
+    all.iter()
+        .filter(|e| e["path"] == "/v1/traces")
+        .flat_map(|e| {
+            e["msg"]["resourceSpans"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|r| r["scopeSpans"].as_array().cloned().unwrap_or_default())
+        .flat_map(|s| s["spans"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn logs(all: &[Value]) -> Vec<Value> {
+    all.iter()
+        .filter(|e| e["path"] == "/v1/logs")
+        .flat_map(|e| {
+            e["msg"]["resourceLogs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|r| r["scopeLogs"].as_array().cloned().unwrap_or_default())
+        .flat_map(|s| s["logRecords"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn wait_for(r: &Receiver, what: &str, f: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = received(r);
+        if f(&all) {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "never received {what}: {all:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Setup {
+    inst: Instance,
+    b: Broker,
+    manager: lever_tests::broker::Agent,
+    _mock: lever_tests::broker::Proc,
+    _scratch: TempDir,
+}
+
+fn setup(endpoint: &str) -> Setup {
+    let scratch = TempDir::new("mock");
+    scratch.write("key", REAL_KEY, 0o600);
+    let (mock, mock_url) = start_mock(scratch.path(), "key");
+    let inst = Instance::new(
+        DEFAULT_AGENTS,
+        &format!(
+            "  upstream: {mock_url}\n  telemetry: {{otlp_endpoint: '{endpoint}', service_name: lever-test}}\n"
+        ),
+    );
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    Setup {
+        inst,
+        b,
+        manager,
+        _mock: mock,
+        _scratch: scratch,
+    }
+}
+
+fn llm_call(s: &Setup, token: &str) -> u16 {
+    let body = json!({"model": "claude-mock-1", "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    s.b.jail(
+        &s.manager.tls(),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", token)],
+        Some(body),
+    )
+    .status
+    .as_u16()
+}
+
+#[test]
+fn an_llm_call_tool_calls_and_an_enrolment_arrive_as_spans_and_logs_without_secrets() {
+    let dir = TempDir::new("otlp");
+    let r = receiver(dir.path(), "rx", false);
+    let s = setup(&r.url);
+    let (llm, _) =
+        s.b.token(&s.manager, json!([{"tool": "llm", "op": "generate"}]));
+    assert_eq!(llm_call(&s, &llm), 200);
+    let (db, _) = s.b.token(
+        &s.manager,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    );
+    let auth = format!("Bearer {db}");
+    let post = |sid: Option<&str>, msg: Value| {
+        let mut h = vec![("authorization", auth.as_str())];
+        if let Some(x) = sid {
+            h.push(("mcp-session-id", x));
+        }
+        s.b.jail(&s.manager.tls(), Method::POST, "/mcp", &h, Some(msg))
+    };
+    let init = post(
+        None,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}),
+    );
+    let sid = init.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let call = |table: &str| {
+        post(Some(&sid), json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "db_read", "arguments": {"table": table, "filter": "Grace-secret-filter"}}})).json()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while call("users")["error"]["data"]["reason"] == "backend_unavailable" {
+        assert!(Instant::now() < deadline, "the tool never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(call("orders")["error"]["code"], -32001);
+
+    let all = wait_for(&r, "the llm span and the tool denial log", |all| {
+        let sp = spans(all);
+        let lg = logs(all);
+        sp.iter()
+            .any(|x| attrs(x).get("gen_ai.operation.name") == Some(&json!("chat")))
+            && lg.iter().any(|l| {
+                let a = attrs(l);
+                a.get("lever.event") == Some(&json!("tool"))
+                    && a.get("lever.decision") == Some(&json!("deny"))
+            })
+    });
+    assert!(
+        all.iter().all(|e| e.get("error").is_none()),
+        "undecodable export: {all:#?}"
+    );
+    assert!(
+        all.iter()
+            .all(|e| e["content_type"] == "application/x-protobuf")
+    );
+    let sp = spans(&all);
+    let lg = logs(&all);
+
+    // The LLM call: a server span and a gen_ai client span under it.
+    let chat = sp
+        .iter()
+        .find(|x| attrs(x).get("gen_ai.operation.name") == Some(&json!("chat")))
+        .unwrap();
+    let a = attrs(chat);
+    assert_eq!(a["gen_ai.request.model"], "claude-mock-1");
+    assert!(
+        a.contains_key("gen_ai.usage.input_tokens") && a.contains_key("gen_ai.usage.output_tokens"),
+        "{a:?}"
+    );
+    let server = sp
+        .iter()
+        .find(|x| x["spanId"] == chat["parentSpanId"])
+        .expect("the chat span's parent is not exported");
+    let sa = attrs(server);
+    assert_eq!(server["name"], "POST /llm/{path}");
+    assert_eq!(sa["http.response.status_code"], "200");
+    assert_eq!(sa["lever.identity"], "manager");
+    assert_eq!(sa["lever.decision"], "allow");
+    assert_eq!(server["traceId"], chat["traceId"]);
+    // Its audit record is a log in the same trace.
+    let llm_log = lg
+        .iter()
+        .find(|l| attrs(l).get("lever.event") == Some(&json!("llm")))
+        .unwrap();
+    assert_eq!(llm_log["traceId"], chat["traceId"]);
+    assert_eq!(attrs(llm_log)["lever.identity"], "manager");
+
+    // Tool calls: spans with the MCP attributes, allow and deny.
+    let tool_spans: Vec<_> = sp
+        .iter()
+        .filter(|x| attrs(x).get("mcp.method.name") == Some(&json!("tools/call")))
+        .collect();
+    assert!(tool_spans.iter().any(
+        |x| attrs(x)["lever.decision"] == "allow" && attrs(x)["gen_ai.tool.name"] == "db_read"
+    ));
+    let denied = tool_spans
+        .iter()
+        .find(|x| attrs(x)["lever.decision"] == "deny")
+        .unwrap();
+    assert_eq!(attrs(denied)["lever.deny_reason"], "constraint_mismatch");
+    assert_eq!(attrs(denied)["mcp.session.id"], sid.as_str());
+    let deny_log = lg
+        .iter()
+        .find(|l| {
+            attrs(l).get("lever.event") == Some(&json!("tool"))
+                && attrs(l).get("lever.decision") == Some(&json!("deny"))
+        })
+        .unwrap();
+    assert_eq!(attrs(deny_log)["lever.constraint.table"], "orders");
+    assert_eq!(
+        attrs(deny_log)["lever.detail.args_sha256"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
+
+    // The enrolment.
+    assert!(
+        lg.iter()
+            .any(|l| attrs(l).get("lever.event") == Some(&json!("enrol"))
+                && attrs(l).get("lever.identity") == Some(&json!("manager")))
+    );
+    // The resource.
+    let res = &all.iter().find(|e| e["path"] == "/v1/logs").unwrap()["msg"]["resourceLogs"][0]["resource"];
+    assert!(attrs(res).get("service.name") == Some(&json!("lever-test")));
+
+    // No secret anywhere in the bytes that left.
+    let raw: Vec<u8> = all
+        .iter()
+        .flat_map(|e| lever_policy::hex::decode(e["raw"].as_str().unwrap()).unwrap())
+        .collect();
+    let raw = String::from_utf8_lossy(&raw);
+    for secret in [
+        llm.as_str(),
+        db.as_str(),
+        REAL_KEY,
+        "Grace-secret-filter",
+        "lvtk_",
+        "BEGIN",
+    ] {
+        assert!(!raw.contains(secret), "{secret:?} was exported");
+    }
+    drop(s.inst);
+}
+
+#[test]
+fn a_stalled_collector_costs_requests_nothing_drops_are_counted_and_backfill_works() {
+    let dir = TempDir::new("otlp-stall");
+    let stalled = receiver(dir.path(), "stalled", true);
+    let s = setup(&stalled.url);
+    let (llm, _) =
+        s.b.token(&s.manager, json!([{"tool": "llm", "op": "generate"}]));
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(llm_call(&s, &llm), 200);
+    }
+    // Twenty calls through a broker whose collector never answers: well
+    // under the 5 s export deadline, so nothing waited on it.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // The stalled batch times out (5 s) and is counted.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let dropped = loop {
+        let m = String::from_utf8(s.b.admin(Method::GET, "/metrics", None).body.to_vec()).unwrap();
+        let d: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("lever_otel_dropped_total "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        if d > 0.0 {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing counted as dropped:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(dropped >= 1.0);
+    // The audit trail has every call.
+    let text = std::fs::read_to_string(s.inst.audit_file()).unwrap();
+    let calls = text
+        .lines()
+        .filter(|l| l.contains("\"event\":\"llm\"") && l.contains("\"decision\":\"allow\""))
+        .count();
+    assert_eq!(calls, 20);
+
+    // Backfill to a collector that answers.
+    let good = receiver(dir.path(), "good", false);
+    let out = lever(
+        &[
+            "audit",
+            "export",
+            "--otlp",
+            &good.url,
+            s.inst.audit_file().to_str().unwrap(),
+        ],
+        s.inst.dir.path(),
+        s.inst.dir.path(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines = text.lines().count();
+    let all = wait_for(&good, "the backfill", |all| logs(all).len() >= lines);
+    let lg = logs(&all);
+    assert_eq!(lg.len(), lines, "{}", out.stdout);
+    assert_eq!(
+        lg.iter()
+            .filter(|l| attrs(l).get("lever.event") == Some(&json!("llm")))
+            .count(),
+        20
+    );
+    // --since keeps only what came after.
+    let later = receiver(dir.path(), "later", false);
+    let out = lever(
+        &[
+            "audit",
+            "export",
+            "--otlp",
+            &later.url,
+            "--since",
+            "2999-01-01T00:00:00Z",
+            s.inst.audit_file().to_str().unwrap(),
+        ],
+        s.inst.dir.path(),
+        s.inst.dir.path(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("exported 0 records"), "{}", out.stdout);
+}
