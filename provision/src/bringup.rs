@@ -166,6 +166,8 @@ enum Check {
     BrokerHealthy,
     /// This file exists in the tree's bootstrap directory.
     Staged(PathBuf),
+    /// The command succeeds and the last rule it prints is this one.
+    LastRule(Cmd, String),
 }
 
 enum Work {
@@ -255,11 +257,12 @@ fn actions(config: &Config, lima_file: &Path, host: lima::Host) -> Result<Vec<Ac
                 lima_file.to_path_buf(),
                 lima::template(config.name.as_ref(), &tree, host),
                 vec![
+                    // Created once: a stopped machine is only started.
                     cmd(&[
-                        "limactl",
-                        "create",
-                        "--tty=false",
-                        "--name",
+                        "sh",
+                        "-c",
+                        "limactl list -q | grep -qxF \"$1\" || limactl create --tty=false --name \"$1\" \"$2\"",
+                        "sh",
                         &m.name,
                         &lima_file.display().to_string(),
                     ]),
@@ -279,44 +282,74 @@ fn actions(config: &Config, lima_file: &Path, host: lima::Host) -> Result<Vec<Ac
             ])]),
         }),
     }
-    // Egress: the rules are loaded on every apply (a reload never opens
-    // the jail), so this step has no "done" check.
+    // Egress. The rules of the config's posture are loaded on every apply
+    // (a reload swaps the chain in one transaction and never opens the
+    // jail). A closed jail still needs the network once, for its packages
+    // and images: until it is sealed it runs the open rules (LAN, host
+    // ports and the admin port already refused), and the seal comes last.
+    // A jail that is sealed already is never unsealed.
     let alias = m.host_alias_ip.map(|a| a.parse().ok()).unwrap_or(None);
-    let mut egress_cmds = Vec::new();
-    for family in [Family::V4, Family::V6] {
-        let spec = Spec {
-            posture: config.egress,
-            host: alias,
-            jail_port: config.broker.jail_port,
-            allow_ports: config.manager.allow_ports.clone(),
-            dns: m
-                .dns
-                .iter()
-                .filter_map(|d| d.parse().ok())
-                .filter(|_| config.egress == Egress::Open)
-                .collect(),
-        };
-        let mut c = in_guest(&m, &[family.restore(), "-w", "--noflush"]);
-        c.stdin = Some(egress::ruleset(family, &spec));
-        egress_cmds.push(c);
-        let t = family.tables();
-        egress_cmds.push(in_guest(
-            &m,
-            &[
-                "sh",
-                "-c",
-                &format!(
-                    "{t} -w -C OUTPUT -j {c} 2>/dev/null || {t} -w -I OUTPUT 1 -j {c}",
-                    c = egress::CHAIN
-                ),
-            ],
-        ));
-    }
+    let load = |posture: Egress| {
+        let mut cmds = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            let spec = Spec {
+                posture,
+                host: alias,
+                jail_port: config.broker.jail_port,
+                allow_ports: config.manager.allow_ports.clone(),
+                dns: m
+                    .dns
+                    .iter()
+                    .filter_map(|d| d.parse().ok())
+                    .filter(|_| posture == Egress::Open)
+                    .collect(),
+            };
+            let mut c = in_guest(&m, &[family.restore(), "-w", "--noflush"]);
+            c.stdin = Some(egress::ruleset(family, &spec));
+            cmds.push(c);
+            let t = family.tables();
+            cmds.push(in_guest(
+                &m,
+                &[
+                    "sh",
+                    "-c",
+                    &format!(
+                        "{t} -w -C OUTPUT -j {c} 2>/dev/null || {t} -w -I OUTPUT 1 -j {c}",
+                        c = egress::CHAIN
+                    ),
+                ],
+            ));
+        }
+        cmds
+    };
+    let sealed = || {
+        Check::LastRule(
+            in_guest(&m, &["iptables", "-w", "-S", egress::CHAIN]),
+            format!(
+                "-A {} {}",
+                egress::CHAIN,
+                egress::rules(
+                    Family::V4,
+                    &Spec {
+                        posture: Egress::Closed,
+                        host: None,
+                        jail_port: 0,
+                        allow_ports: Vec::new(),
+                        dns: Vec::new(),
+                    }
+                )
+                .last()
+                .cloned()
+                .unwrap_or_default()
+            ),
+        )
+    };
+    let closed = config.egress == Egress::Closed;
     if alias.is_some() {
         v.push(Action {
             title: "egress".into(),
-            check: None,
-            work: Work::Run(egress_cmds),
+            check: closed.then(sealed),
+            work: Work::Run(load(Egress::Open)),
         });
     }
     v.push(Action {
@@ -375,6 +408,13 @@ fn actions(config: &Config, lima_file: &Path, host: lima::Host) -> Result<Vec<Ac
             broker_url: format!("https://{}:{}", m.host_alias_name, config.broker.jail_port),
         },
     });
+    if closed && alias.is_some() {
+        v.push(Action {
+            title: "egress seal".into(),
+            check: None,
+            work: Work::Run(load(Egress::Closed)),
+        });
+    }
     Ok(v)
 }
 
@@ -394,6 +434,10 @@ fn checked(c: &Check, r: &mut dyn Env) -> Result<bool, String> {
         Check::Succeeds(cmd) => r.run(cmd)?.ok,
         Check::BrokerHealthy => r.broker_healthy(),
         Check::Staged(p) => p.exists(),
+        Check::LastRule(cmd, want) => {
+            let o = r.run(cmd)?;
+            o.ok && o.stdout.lines().rev().find(|l| l.starts_with("-A ")) == Some(want.as_str())
+        }
     })
 }
 
@@ -612,6 +656,9 @@ mod tests {
         tickets: usize,
         tree: String,
         extra_mount: bool,
+        /// The IPv4 ruleset loaded last, and every one loaded.
+        v4_rules: String,
+        loads: Vec<String>,
     }
 
     impl Env for World {
@@ -625,7 +672,14 @@ mod tests {
                     stdout: stdout.into(),
                 })
             };
+            if let Some(text) = &c.stdin
+                && a.contains(&"iptables-restore")
+            {
+                self.v4_rules = text.clone();
+                self.loads.push(text.clone());
+            }
             match a.as_slice() {
+                [.., "iptables", "-w", "-S", _] => ok(&self.v4_rules.replace("-A ", "\n-A ")),
                 ["limactl", "list", _, "--format", _] => {
                     ok(if self.running { "Running" } else { "" })
                 }
@@ -747,17 +801,32 @@ mod tests {
                 "guest packages",
                 "image img/a:1",
                 "image img/b:2",
-                "manager bootstrap"
+                "manager bootstrap",
+                "egress seal"
             ]
         );
         assert!(s.already.is_empty());
-        assert!(log.iter().any(|l| l == "[1/7] machine up: done"), "{log:?}");
+        assert!(log.iter().any(|l| l == "[1/8] machine up: done"), "{log:?}");
+        // A closed jail fetches its packages behind the open rules (LAN and
+        // host ports refused), and ends sealed.
+        assert!(
+            w.loads[0].contains("-d 192.168.0.0/16 -j REJECT"),
+            "{}",
+            w.loads[0]
+        );
+        assert!(
+            w.v4_rules
+                .trim_end()
+                .ends_with("-A LEVER-EGRESS -j REJECT --reject-with icmp-port-unreachable\nCOMMIT"),
+            "{}",
+            w.v4_rules
+        );
         // The template was written before Lima was asked to create from it.
         let write = w.ran.iter().position(|l| l.starts_with("write ")).unwrap();
         let create = w
             .ran
             .iter()
-            .position(|l| l.starts_with("limactl create"))
+            .position(|l| l.contains("limactl create"))
             .unwrap();
         assert!(write < create);
         // Each distinct image pulled once; the egress rules loaded and hooked.
@@ -785,12 +854,19 @@ mod tests {
             "https://host.lima.internal:8443"
         );
 
-        // Again: only the checks run, and the egress reload (which never
-        // opens the jail); no machine created, nothing pulled, no new ticket.
+        // Again: only the checks run, and the sealed rules are reloaded (the
+        // jail is never unsealed); no machine created, nothing pulled, no
+        // new ticket.
         w.ran.clear();
+        w.loads.clear();
         let s = apply(&c, &lima_file, lima::Host::Linux, &mut w, &mut |_| {}).unwrap();
-        assert_eq!(s.ran, ["egress"]);
-        assert_eq!(s.already.len(), 6);
+        assert_eq!(s.ran, ["egress seal"]);
+        assert_eq!(s.already.len(), 7);
+        assert!(
+            w.loads.iter().all(|l| !l.contains("192.168.0.0/16")),
+            "unsealed: {:#?}",
+            w.loads
+        );
         assert!(
             !w.ran.iter().any(|l| l.contains("create")
                 || l.contains("pull")

@@ -1,11 +1,12 @@
-//! `lever plan` (= `lever apply --dry-run`) and `lever doctor`.
+//! `lever plan` (= `lever apply --dry-run`), `lever apply` / `up` / `down`
+//! (run by `bringup.rs`) and `lever doctor`.
 //!
 //! The plan is the ordered bring-up of this config's jail, with the
-//! commands this build knows for each backend. Running it (`lever apply`,
-//! `up`, `down`) is not in this build: the plan says so rather than
-//! pretend. `lever doctor` checks what can be checked now: the config, the
-//! backend's tools and version floors, the broker's health, and, for
-//! Lima, that the live machine realized exactly the Lever template.
+//! commands for its backend. `lever doctor` checks the config, the
+//! backend's tools and version floors, the broker's health, for Lima that
+//! the live machine realized exactly the Lever template, and inside a lima
+//! or orbstack jail that the egress chain is in place and the admin port
+//! refused.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -124,7 +125,14 @@ fn plan(config: &Config, file: &Path) -> Vec<Step> {
                 Backend::Qemu => (qemu::BROKER_ALIAS, " --dns 10.0.2.3"),
                 _ => ("<host.orb.internal's address in the machine>", ""),
             };
-            vec![
+            let mut lines = Vec::new();
+            if backend == Backend::Orbstack {
+                lines.push("not run by `lever apply` yet: the address of host.orb.internal inside the machine is not known to this build".to_owned());
+            }
+            if config.egress == Egress::Closed {
+                lines.push("until the seal (the last step), the open rules: packages and images need the network; LAN and host ports are refused from the start".to_owned());
+            }
+            lines.extend([
                 format!(
                     "lever egress-rules -c {cfg} --host-alias {alias}{dns} | {exec} iptables-restore -w --noflush"
                 ),
@@ -134,7 +142,8 @@ fn plan(config: &Config, file: &Path) -> Vec<Step> {
                 format!(
                     "{exec} iptables -w -C OUTPUT -j LEVER-EGRESS || {exec} iptables -w -I OUTPUT 1 -j LEVER-EGRESS  (and ip6tables)"
                 ),
-            ]
+            ]);
+            lines
         }
     };
     steps.push(Step {
@@ -189,6 +198,14 @@ fn plan(config: &Config, file: &Path) -> Vec<Step> {
             ),
         ],
     });
+    if config.egress == Egress::Closed && config.backend != Backend::Qemu {
+        steps.push(Step {
+            title: "egress seal",
+            lines: vec![format!(
+                "the closed rules, loaded as above: the broker's port {jail_port} and allow_ports only; a sealed jail is never unsealed by a later apply"
+            )],
+        });
+    }
     steps.push(Step {
         title: "manager started",
         lines: vec![format!(

@@ -8,7 +8,8 @@ use std::process::Command;
 use lever_tests::broker::{DEFAULT_AGENTS, Instance};
 use lever_tests::{TempDir, lever, run, workspace_root};
 
-const STEPS: [&str; 8] = [
+/// The example is `egress: closed`: sealed before the manager starts.
+const STEPS: [&str; 9] = [
     "1. machine up",
     "2. egress",
     "3. broker up",
@@ -16,7 +17,8 @@ const STEPS: [&str; 8] = [
     "5. scion",
     "6. images",
     "7. manager bootstrap",
-    "8. manager started",
+    "8. egress seal",
+    "9. manager started",
 ];
 
 #[test]

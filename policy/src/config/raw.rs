@@ -34,7 +34,8 @@ pub struct RawConfig {
     /// Project agents the manager orchestrates.
     pub groves: Option<Vec<RawGrove>>,
     /// Jail egress posture: `open` (LAN and other host ports dropped, public
-    /// internet reachable) or `closed` (only the broker port). Default `open`.
+    /// internet reachable) or `closed` (only the broker port and `allow_ports`).
+    /// Default `open`.
     pub egress: Option<Egress>,
     /// The host-side capability broker.
     pub broker: Option<RawBroker>,
