@@ -224,18 +224,14 @@ fn start_telemetry(broker: &Broker) -> Result<(), StartError> {
     let grpc = t.otlp_protocol == Some(lever_policy::config::OtlpProtocol::Grpc)
         || (t.otlp_protocol.is_none()
             && env("OTEL_EXPORTER_OTLP_PROTOCOL").is_some_and(|p| p == "grpc"));
-    let Some(target) = otel::Target::resolve(
+    let Some(mut target) = otel::Target::resolve(
         t.otlp_endpoint.as_ref().map(|u| u.to_string()),
         t.service_name.clone(),
         &env,
     ) else {
         return Ok(());
     };
-    if grpc {
-        return Err(StartError::Config(
-            "broker.telemetry.otlp_protocol: grpc export is not in this build; use http (OTLP/HTTP protobuf)".into(),
-        ));
-    }
+    target.grpc = grpc;
     let o = otel::Otel::start(target, &broker.instance_tag);
     let _ = broker.audit.otel.set(o);
     Ok(())

@@ -205,6 +205,8 @@ pub struct Counters {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub endpoint: String,
+    /// OTLP/gRPC instead of OTLP/HTTP.
+    pub grpc: bool,
     pub service_name: String,
     pub resource: Vec<(String, String)>,
 }
@@ -229,6 +231,7 @@ impl Target {
             })
             .unwrap_or_default();
         Some(Target {
+            grpc: false,
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             service_name,
             resource,
@@ -383,6 +386,11 @@ fn scope() -> proto::InstrumentationScope {
 type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 fn client() -> Result<Http, String> {
+    build_client(false)
+}
+
+/// `h2`: HTTP/2 only (gRPC; prior knowledge on `http://`, ALPN on `https://`).
+fn build_client(h2: bool) -> Result<Http, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
@@ -393,12 +401,59 @@ fn client() -> Result<Http, String> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_secs(3)));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
+        .https_or_http();
+    let connector = if h2 {
+        b.enable_http2().wrap_connector(http)
+    } else {
+        b.enable_http1().wrap_connector(http)
+    };
+    Ok(Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build(connector))
+}
+
+/// One OTLP/gRPC unary call: a length-prefixed message over HTTP/2, the
+/// outcome in `grpc-status` (in the trailers, or in the headers of a
+/// trailers-only answer).
+pub async fn post_grpc(http: &Http, url: &str, message: Vec<u8>) -> Result<(), String> {
+    let mut framed = Vec::with_capacity(message.len() + 5);
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let req = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(Full::new(Bytes::from(framed)))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(DEADLINE, http.request(req))
+        .await
+        .map_err(|_| "the collector did not answer in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("the collector answered {}", resp.status()));
+    }
+    let in_headers = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+        .await
+        .map_err(|_| "the collector did not finish in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = in_headers.or_else(|| {
+        body.trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    match status.as_deref() {
+        Some("0") => Ok(()),
+        Some(code) => Err(format!("the collector answered grpc-status {code}")),
+        None => Err("the collector's answer has no grpc-status".into()),
+    }
 }
 
 /// Posts one protobuf message; `Ok` on a 2xx.
@@ -451,9 +506,23 @@ pub fn http_client() -> Result<Http, String> {
 }
 
 async fn export(target: Target, mut rx: mpsc::Receiver<Item>, counters: Arc<Counters>) {
-    let Ok(http) = client() else {
+    let Ok(http) = build_client(target.grpc) else {
         eprintln!("lever broker: telemetry: cannot build the HTTP client; nothing is exported");
         return;
+    };
+    let send = |kind: &'static str, body: Vec<u8>| {
+        let (http, target) = (&http, &target);
+        async move {
+            if target.grpc {
+                let service = match kind {
+                    "logs" => "opentelemetry.proto.collector.logs.v1.LogsService",
+                    _ => "opentelemetry.proto.collector.trace.v1.TraceService",
+                };
+                post_grpc(http, &format!("{}/{service}/Export", target.endpoint), body).await
+            } else {
+                post(http, &format!("{}/v1/{kind}", target.endpoint), body).await
+            }
+        }
     };
     let mut logs = Vec::new();
     let mut spans = Vec::new();
@@ -470,13 +539,13 @@ async fn export(target: Target, mut rx: mpsc::Receiver<Item>, counters: Arc<Coun
         if (due || logs.len() >= BATCH) && !logs.is_empty() {
             let n = logs.len() as u64;
             let body = logs_request(&target, std::mem::take(&mut logs));
-            let r = post(&http, &format!("{}/v1/logs", target.endpoint), body).await;
+            let r = send("logs", body).await;
             count(&counters, n, r);
         }
         if (due || spans.len() >= BATCH) && !spans.is_empty() {
             let n = spans.len() as u64;
             let body = spans_request(&target, std::mem::take(&mut spans));
-            let r = post(&http, &format!("{}/v1/traces", target.endpoint), body).await;
+            let r = send("traces", body).await;
             count(&counters, n, r);
         }
         if closed {

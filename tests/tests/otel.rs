@@ -29,12 +29,16 @@ impl Drop for Receiver {
 }
 
 fn receiver(dir: &Path, name: &str, stall: bool) -> Receiver {
+    receiver_mode(dir, name, if stall { "stall" } else { "" })
+}
+
+fn receiver_mode(dir: &Path, name: &str, mode: &str) -> Receiver {
     let out = dir.join(format!("{name}.jsonl"));
     let mut cmd = Command::new("python3");
     cmd.arg(workspace_root().join("tests/py/otlp_receiver.py"))
         .arg(&out);
-    if stall {
-        cmd.arg("stall");
+    if !mode.is_empty() {
+        cmd.arg(mode);
     }
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -136,13 +140,17 @@ struct Setup {
 }
 
 fn setup(endpoint: &str) -> Setup {
+    setup_with(endpoint, "")
+}
+
+fn setup_with(endpoint: &str, extra: &str) -> Setup {
     let scratch = TempDir::new("mock");
     scratch.write("key", REAL_KEY, 0o600);
     let (mock, mock_url) = start_mock(scratch.path(), "key");
     let inst = Instance::new(
         DEFAULT_AGENTS,
         &format!(
-            "  upstream: {mock_url}\n  telemetry: {{otlp_endpoint: '{endpoint}', service_name: lever-test}}\n"
+            "  upstream: {mock_url}\n  telemetry: {{otlp_endpoint: '{endpoint}', service_name: lever-test{extra}}}\n"
         ),
     );
     let b = inst.start();
@@ -404,4 +412,29 @@ fn a_stalled_collector_costs_requests_nothing_drops_are_counted_and_backfill_wor
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("exported 0 records"), "{}", out.stdout);
+}
+
+#[test]
+fn otlp_over_grpc_reaches_a_grpc_receiver() {
+    let dir = TempDir::new("otlp-grpc");
+    let r = receiver_mode(dir.path(), "grpc", "grpc");
+    let s = setup_with(&r.url, ", otlp_protocol: grpc");
+    let (llm, _) =
+        s.b.token(&s.manager, json!([{"tool": "llm", "op": "generate"}]));
+    assert_eq!(llm_call(&s, &llm), 200);
+    let all = wait_for(&r, "a chat span and the llm log over gRPC", |all| {
+        spans(all)
+            .iter()
+            .any(|x| attrs(x).get("gen_ai.operation.name") == Some(&json!("chat")))
+            && logs(all)
+                .iter()
+                .any(|l| attrs(l).get("lever.event") == Some(&json!("llm")))
+    });
+    assert!(all.iter().all(|e| e["content_type"] == "application/grpc"));
+    let raw: Vec<u8> = all
+        .iter()
+        .flat_map(|e| lever_policy::hex::decode(e["raw"].as_str().unwrap()).unwrap())
+        .collect();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(!raw.contains(llm.as_str()) && !raw.contains(REAL_KEY));
 }
