@@ -237,7 +237,29 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let (path, query) = api_path(&req)?;
     let token = llm_token(req.headers())?;
     let no_args = BTreeMap::new();
-    let verified = match broker.authorize_token(&token, &peer, LLM_TOOL, LLM_OP, &no_args) {
+    let otel = broker.audit.otel.get();
+    let t = std::time::SystemTime::now();
+    let authorized = broker.authorize_token(&token, &peer, LLM_TOOL, LLM_OP, &no_args);
+    if let Some(o) = otel {
+        let mut a = vec![crate::otel::kv(
+            "lever.right",
+            crate::otel::s("llm/generate"),
+        )];
+        if let Ok(v) = &authorized {
+            a.push(crate::otel::kv(
+                "lever.token_id",
+                crate::otel::s(v.token_id.as_str()),
+            ));
+        }
+        o.step(
+            &ctx.request_id,
+            "verify capability",
+            t,
+            a,
+            authorized.as_ref().err().map(|d| d.code()),
+        );
+    }
+    let verified = match authorized {
         Ok(v) => v,
         Err(d) => {
             ctx.audit_deny(
@@ -253,12 +275,22 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
     };
     // Limits: after the caller is known, before any body is read.
+    let t = std::time::SystemTime::now();
     let admitted = broker.limits.llm.admit(&peer).and_then(|permit| {
         if let Some(b) = &broker.limits.llm_tokens {
             b.check(&peer)?;
         }
         Ok(permit)
     });
+    if let Some(o) = otel {
+        o.step(
+            &ctx.request_id,
+            "rate limit",
+            t,
+            vec![crate::otel::kv("lever.lane", crate::otel::s("llm"))],
+            admitted.as_ref().err().map(|e| e.code()),
+        );
+    }
     let permit = match admitted {
         Ok(p) => p,
         Err(e) => {

@@ -169,6 +169,42 @@ pub fn s(v: impl Into<String>) -> V {
     V::StringValue(v.into())
 }
 
+impl Otel {
+    /// Records an internal step of request `rid` (token verification, a
+    /// rate limit) as a child of the request's span.
+    pub fn step(
+        &self,
+        rid: &str,
+        name: &'static str,
+        start: SystemTime,
+        mut attributes: Vec<proto::KeyValue>,
+        refused: Option<&str>,
+    ) {
+        let (trace_id, parent) = ids(&self.tag, rid);
+        attributes.push(kv(
+            "lever.decision",
+            s(if refused.is_some() { "deny" } else { "allow" }),
+        ));
+        if let Some(r) = refused {
+            attributes.push(kv("lever.deny_reason", s(r)));
+        }
+        self.send(Item::Span(proto::Span {
+            span_id: child_id(&self.tag, rid, name),
+            trace_id,
+            parent_span_id: parent,
+            name: name.to_owned(),
+            kind: INTERNAL,
+            start_time_unix_nano: nanos(start),
+            end_time_unix_nano: now_nanos(),
+            attributes,
+            status: refused.map(|r| proto::Status {
+                message: r.to_owned(),
+                code: 2,
+            }),
+        }));
+    }
+}
+
 /// OTLP span kinds.
 pub const SERVER: i32 = 2;
 pub const CLIENT: i32 = 3;

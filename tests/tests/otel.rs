@@ -258,6 +258,16 @@ fn an_llm_call_tool_calls_and_an_enrolment_arrive_as_spans_and_logs_without_secr
     assert_eq!(sa["lever.identity"], "manager");
     assert_eq!(sa["lever.decision"], "allow");
     assert_eq!(server["traceId"], chat["traceId"]);
+    // Its steps: token verification and the rate limit, children of it.
+    for step in ["verify capability", "rate limit"] {
+        assert!(
+            sp.iter()
+                .any(|x| x["name"] == step && x["parentSpanId"] == server["spanId"]),
+            "no {step} span under the request"
+        );
+    }
+    assert!(sp.iter().any(|x| x["name"] == "verify capability"
+        && attrs(x).get("lever.deny_reason") == Some(&json!("constraint_mismatch"))));
     // Its audit record is a log in the same trace.
     let llm_log = lg
         .iter()

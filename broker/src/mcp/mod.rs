@@ -540,7 +540,21 @@ async fn call(
         })
         .collect();
     let base = |rec: Record| base(rec).right(tool, op).constraints(&pinned);
-    if let Err(d) = broker.authorize_token(token, peer, tool, op, &judged) {
+    let t = std::time::SystemTime::now();
+    let authorized = broker.authorize_token(token, peer, tool, op, &judged);
+    if let Some(o) = broker.audit.otel.get() {
+        o.step(
+            &ctx.request_id,
+            "verify capability",
+            t,
+            vec![
+                crate::otel::kv("lever.right", crate::otel::s(format!("{tool}/{op}"))),
+                crate::otel::kv("lever.token_id", crate::otel::s(verified.token_id.as_str())),
+            ],
+            authorized.as_ref().err().map(|d| d.code()),
+        );
+    }
+    if let Err(d) = authorized {
         broker.stats.inc(
             "lever_denials_total",
             &[("route", "mcp"), ("reason", d.code())],
@@ -566,7 +580,18 @@ async fn call(
             Some(json!({"reason": d.code()})),
         ));
     }
-    let permit = match broker.limits.tools.admit(peer) {
+    let t = std::time::SystemTime::now();
+    let admitted = broker.limits.tools.admit(peer);
+    if let Some(o) = broker.audit.otel.get() {
+        o.step(
+            &ctx.request_id,
+            "rate limit",
+            t,
+            vec![crate::otel::kv("lever.lane", crate::otel::s("tool"))],
+            admitted.as_ref().err().map(|e| e.code()),
+        );
+    }
+    let permit = match admitted {
         Ok(p) => p,
         Err(e) => {
             broker.stats.inc(
