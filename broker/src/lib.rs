@@ -232,7 +232,7 @@ fn start_telemetry(broker: &Broker) -> Result<(), StartError> {
         return Ok(());
     };
     target.grpc = grpc;
-    let o = otel::Otel::start(target, &broker.instance_tag);
+    let o = otel::Otel::start(target, &broker.instance_tag, broker.stats.clone());
     let _ = broker.audit.otel.set(o);
     Ok(())
 }

@@ -226,6 +226,121 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Every metric as OTLP data (cumulative sums and histograms since
+    /// `start`, gauges now), the same names and labels as `/metrics`.
+    pub fn otlp(&self, start: u64) -> Vec<crate::otel::proto::Metric> {
+        use crate::otel::proto::{self as p, metric::Data};
+        let now = crate::otel::now_nanos();
+        let attrs = |l: &Labels| {
+            l.iter()
+                .map(|(k, v)| crate::otel::kv(k, crate::otel::s(v.clone())))
+                .collect::<Vec<_>>()
+        };
+        let help = |name: &str| {
+            FAMILIES
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map_or("", |(_, _, h)| *h)
+                .to_owned()
+        };
+        let mut out = Vec::new();
+        let counters = self.counters.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut by_name: BTreeMap<&str, Vec<p::NumberDataPoint>> = BTreeMap::new();
+        for ((name, l), v) in &counters {
+            by_name.entry(name).or_default().push(p::NumberDataPoint {
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                as_double: *v as f64,
+                attributes: attrs(l),
+            });
+        }
+        let own = [
+            (
+                "lever_token_cache_hits_total",
+                self.token_cache_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "lever_token_cache_misses_total",
+                self.token_cache_misses.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, v) in own {
+            by_name.entry(name).or_default().push(p::NumberDataPoint {
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                as_double: v as f64,
+                attributes: Vec::new(),
+            });
+        }
+        for (name, points) in by_name {
+            out.push(p::Metric {
+                name: name.to_owned(),
+                description: help(name),
+                unit: String::new(),
+                data: Some(Data::Sum(p::Sum {
+                    data_points: points,
+                    aggregation_temporality: 2,
+                    is_monotonic: true,
+                })),
+            });
+        }
+        out.push(p::Metric {
+            name: "lever_open_streams".into(),
+            description: "LLM responses streaming right now.".into(),
+            unit: String::new(),
+            data: Some(Data::Gauge(p::Gauge {
+                data_points: vec![p::NumberDataPoint {
+                    start_time_unix_nano: 0,
+                    time_unix_nano: now,
+                    as_double: self.open_streams.load(Ordering::Relaxed) as f64,
+                    attributes: Vec::new(),
+                }],
+            })),
+        });
+        let histograms = self
+            .histograms
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, h)| (k.clone(), (h.counts.clone(), h.sum, h.count)))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let mut hist: BTreeMap<&str, Vec<p::HistogramDataPoint>> = BTreeMap::new();
+        for ((name, l), (cumulative, sum, count)) in &histograms {
+            // OTLP counts per bucket, the last one above every bound.
+            let mut per = Vec::with_capacity(BUCKETS.len() + 1);
+            let mut prev = 0;
+            for c in cumulative.iter().chain(std::iter::once(count)) {
+                per.push(c - prev);
+                prev = *c;
+            }
+            hist.entry(name).or_default().push(p::HistogramDataPoint {
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                count: *count,
+                sum: Some(*sum),
+                bucket_counts: per,
+                explicit_bounds: BUCKETS.to_vec(),
+                attributes: attrs(l),
+            });
+        }
+        for (name, points) in hist {
+            out.push(p::Metric {
+                name: name.to_owned(),
+                description: help(name),
+                unit: "s".into(),
+                data: Some(Data::Histogram(p::Histogram {
+                    data_points: points,
+                    aggregation_temporality: 2,
+                })),
+            });
+        }
+        out
+    }
+}
+
 /// The route kind of a path: a fixed set, whatever the request says.
 pub fn route_kind(listener_admin: bool, path: &str) -> &'static str {
     if listener_admin {

@@ -153,6 +153,96 @@ pub mod proto {
         #[prost(message, repeated, tag = "1")]
         pub resource_spans: Vec<ResourceSpans>,
     }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct NumberDataPoint {
+        #[prost(fixed64, tag = "2")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "3")]
+        pub time_unix_nano: u64,
+        #[prost(double, tag = "4")]
+        pub as_double: f64,
+        #[prost(message, repeated, tag = "7")]
+        pub attributes: Vec<KeyValue>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HistogramDataPoint {
+        #[prost(fixed64, tag = "2")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "3")]
+        pub time_unix_nano: u64,
+        #[prost(fixed64, tag = "4")]
+        pub count: u64,
+        #[prost(double, optional, tag = "5")]
+        pub sum: Option<f64>,
+        #[prost(fixed64, repeated, tag = "6")]
+        pub bucket_counts: Vec<u64>,
+        #[prost(double, repeated, tag = "7")]
+        pub explicit_bounds: Vec<f64>,
+        #[prost(message, repeated, tag = "9")]
+        pub attributes: Vec<KeyValue>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Gauge {
+        #[prost(message, repeated, tag = "1")]
+        pub data_points: Vec<NumberDataPoint>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Sum {
+        #[prost(message, repeated, tag = "1")]
+        pub data_points: Vec<NumberDataPoint>,
+        #[prost(int32, tag = "2")]
+        pub aggregation_temporality: i32,
+        #[prost(bool, tag = "3")]
+        pub is_monotonic: bool,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Histogram {
+        #[prost(message, repeated, tag = "1")]
+        pub data_points: Vec<HistogramDataPoint>,
+        #[prost(int32, tag = "2")]
+        pub aggregation_temporality: i32,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Metric {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub description: String,
+        #[prost(string, tag = "3")]
+        pub unit: String,
+        #[prost(oneof = "metric::Data", tags = "5, 7, 9")]
+        pub data: Option<metric::Data>,
+    }
+    pub mod metric {
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Data {
+            #[prost(message, tag = "5")]
+            Gauge(super::Gauge),
+            #[prost(message, tag = "7")]
+            Sum(super::Sum),
+            #[prost(message, tag = "9")]
+            Histogram(super::Histogram),
+        }
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeMetrics {
+        #[prost(message, optional, tag = "1")]
+        pub scope: Option<InstrumentationScope>,
+        #[prost(message, repeated, tag = "2")]
+        pub metrics: Vec<Metric>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceMetrics {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_metrics: Vec<ScopeMetrics>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExportMetricsServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_metrics: Vec<ResourceMetrics>,
+    }
 }
 
 pub use proto::any_value::Value as V;
@@ -215,6 +305,8 @@ pub const INTERNAL: i32 = 1;
 pub enum Item {
     Log(proto::LogRecord),
     Span(proto::Span),
+    /// A snapshot of every metric (sent as one export).
+    Metrics(Vec<proto::Metric>),
 }
 
 const QUEUE: usize = 8192;
@@ -305,16 +397,33 @@ pub fn child_id(tag: &str, request_id: &str, name: &str) -> Vec<u8> {
 }
 
 impl Otel {
-    /// Starts the exporter task (needs a runtime).
-    pub fn start(target: Target, tag: &str) -> Otel {
+    /// Starts the exporter task, and a task that snapshots `metrics` every
+    /// `OTEL_METRIC_EXPORT_INTERVAL` milliseconds (default 60 s).
+    pub fn start(target: Target, tag: &str, metrics: Arc<crate::metrics::Metrics>) -> Otel {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
         tokio::spawn(export(target, rx, counters.clone()));
-        Otel {
+        let o = Otel {
             tx,
             counters,
             tag: tag.into(),
-        }
+        };
+        let every = std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms >= 100)
+            .map_or(Duration::from_secs(60), Duration::from_millis);
+        let sender = o.clone();
+        let since = now_nanos();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                sender.send(Item::Metrics(metrics.otlp(since)));
+            }
+        });
+        o
     }
 
     pub fn tag(&self) -> &str {
@@ -524,6 +633,18 @@ pub fn logs_request(t: &Target, logs: Vec<proto::LogRecord>) -> Vec<u8> {
     })
 }
 
+fn metrics_request(t: &Target, metrics: Vec<proto::Metric>) -> Vec<u8> {
+    prost::Message::encode_to_vec(&proto::ExportMetricsServiceRequest {
+        resource_metrics: vec![proto::ResourceMetrics {
+            resource: Some(resource(t)),
+            scope_metrics: vec![proto::ScopeMetrics {
+                scope: Some(scope()),
+                metrics,
+            }],
+        }],
+    })
+}
+
 fn spans_request(t: &Target, spans: Vec<proto::Span>) -> Vec<u8> {
     prost::Message::encode_to_vec(&proto::ExportTraceServiceRequest {
         resource_spans: vec![proto::ResourceSpans {
@@ -552,6 +673,7 @@ async fn export(target: Target, mut rx: mpsc::Receiver<Item>, counters: Arc<Coun
             if target.grpc {
                 let service = match kind {
                     "logs" => "opentelemetry.proto.collector.logs.v1.LogsService",
+                    "metrics" => "opentelemetry.proto.collector.metrics.v1.MetricsService",
                     _ => "opentelemetry.proto.collector.trace.v1.TraceService",
                 };
                 post_grpc(http, &format!("{}/{service}/Export", target.endpoint), body).await
@@ -568,6 +690,12 @@ async fn export(target: Target, mut rx: mpsc::Receiver<Item>, counters: Arc<Coun
             item = rx.recv() => match item {
                 Some(Item::Log(l)) => { logs.push(l); (false, false) }
                 Some(Item::Span(s)) => { spans.push(s); (false, false) }
+                Some(Item::Metrics(m)) => {
+                    let n = m.len() as u64;
+                    let r = send("metrics", metrics_request(&target, m)).await;
+                    count(&counters, n, r);
+                    (false, false)
+                }
                 None => (true, true),
             },
             _ = tick.tick() => (false, true),

@@ -97,10 +97,16 @@ impl Instance {
 
     /// Starts `lever broker` and waits for its ready line.
     pub fn start(&self) -> Broker {
-        let (child, _, log) = spawn_ready_logged(
+        self.start_env(&[])
+    }
+
+    /// [`Instance::start`] with extra environment variables.
+    pub fn start_env(&self, env: &[(&str, &str)]) -> Broker {
+        let (child, _, log) = spawn_ready_env(
             &["broker", "-c", "lever.yaml"],
             self.dir.path(),
             "lever broker ready",
+            env,
         );
         Broker {
             child: Some(child),
@@ -393,8 +399,19 @@ pub type Log = std::sync::Arc<std::sync::Mutex<String>>;
 
 /// [`spawn_ready`], also returning the process's stderr as it comes.
 pub fn spawn_ready_logged(args: &[&str], cwd: &Path, ready: &str) -> (Child, String, Log) {
+    spawn_ready_env(args, cwd, ready, &[])
+}
+
+/// [`spawn_ready_logged`] with extra environment variables.
+pub fn spawn_ready_env(
+    args: &[&str],
+    cwd: &Path,
+    ready: &str,
+    env: &[(&str, &str)],
+) -> (Child, String, Log) {
     let mut child = Command::new(lever_bin())
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(cwd)
         .env("HOME", cwd)
         .stdin(Stdio::null())

@@ -153,7 +153,8 @@ fn setup_with(endpoint: &str, extra: &str) -> Setup {
             "  upstream: {mock_url}\n  telemetry: {{otlp_endpoint: '{endpoint}', service_name: lever-test{extra}}}\n"
         ),
     );
-    let b = inst.start();
+    // Metrics every 300 ms, so a test sees them.
+    let b = inst.start_env(&[("OTEL_METRIC_EXPORT_INTERVAL", "300")]);
     let manager = b.enrol("manager");
     Setup {
         inst,
@@ -332,7 +333,49 @@ fn an_llm_call_tool_calls_and_an_enrolment_arrive_as_spans_and_logs_without_secr
     ] {
         assert!(!raw.contains(secret), "{secret:?} was exported");
     }
+    // Metrics over OTLP, the same names as /metrics: the LLM call counted.
+    let all = wait_for(&r, "metrics with the llm call", |all| {
+        metric_value(all, "lever_requests_total", "llm") >= 1.0
+    });
+    assert!(metric_value(&all, "lever_llm_calls_total", "200") >= 1.0);
+    assert!(metrics(&all).iter().any(|m| {
+        m["name"] == "lever_request_duration_seconds"
+            && m["histogram"]["dataPoints"][0]["explicitBounds"]
+                .as_array()
+                .is_some_and(|b| !b.is_empty())
+    }));
     drop(s.inst);
+}
+
+fn metrics(all: &[Value]) -> Vec<Value> {
+    all.iter()
+        .filter(|e| e["path"] == "/v1/metrics")
+        .flat_map(|e| {
+            e["msg"]["resourceMetrics"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|r| r["scopeMetrics"].as_array().cloned().unwrap_or_default())
+        .flat_map(|s| s["metrics"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The largest value of sum `name` over points with a label value `label`
+/// (exports are cumulative snapshots).
+fn metric_value(all: &[Value], name: &str, label: &str) -> f64 {
+    metrics(all)
+        .iter()
+        .filter(|m| m["name"] == name)
+        .flat_map(|m| {
+            m["sum"]["dataPoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|p| attrs(p).values().any(|v| v == label))
+        .filter_map(|p| p["asDouble"].as_f64())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -439,6 +482,7 @@ fn otlp_over_grpc_reaches_a_grpc_receiver() {
             && logs(all)
                 .iter()
                 .any(|l| attrs(l).get("lever.event") == Some(&json!("llm")))
+            && metric_value(all, "lever_requests_total", "llm") >= 1.0
     });
     assert!(all.iter().all(|e| e["content_type"] == "application/grpc"));
     let raw: Vec<u8> = all
