@@ -172,6 +172,8 @@ fn main() {
         }
     }
 
+    telemetry_cost(&rt, &dir, mock_port, &through, secs);
+
     println!("\n  time to first byte of a stream (new connection each, median of 20)");
     for (name, t) in &targets {
         let mut v: Vec<u64> = (0..20).map(|_| rt.block_on(ttfb(t))).collect();
@@ -191,6 +193,100 @@ fn main() {
     );
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Closed-loop throughput of the broker with OTLP export on (to a local
+/// sink that accepts everything) against the same broker build with it off,
+/// interleaved twice, best of each.
+fn telemetry_cost(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    mock_port: u16,
+    off: &Arc<TargetSpec>,
+    secs: u64,
+) {
+    let sink = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let _ = req.into_body().collect().await;
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::new(),
+                            )))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        port
+    });
+    let root = dir.join("otel");
+    std::fs::create_dir_all(root.join("ws")).unwrap();
+    write(&root.join("key"), KEY, 0o600);
+    let (jail, admin) = (free_port(), free_port());
+    write(
+        &root.join("lever.yaml"),
+        &format!(
+            "name: load\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1}}\nbroker:\n  api_key_file: key\n  upstream: http://127.0.0.1:{mock_port}\n  jail_port: {jail}\n  admin_port: {admin}\n  rate_limits: {{llm: {{per_minute: 1000000, burst: 100000, max_concurrent: 10000}}}}\n  telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink}'}}\n"
+        ),
+        0o644,
+    );
+    let exe = std::env::current_exe().unwrap();
+    let _broker = Proc(
+        Command::new(&exe)
+            .env("LEVER_BENCH_ROLE", "broker")
+            .env("BROKER_CONFIG", root.join("lever.yaml"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let admin_t = Target {
+        https: false,
+        host: "127.0.0.1".into(),
+        port: admin,
+    };
+    let jail_t = Target {
+        https: true,
+        host: "localhost".into(),
+        port: jail,
+    };
+    rt.block_on(wait_up(&admin_t, "/healthz"));
+    let (_, tls, token) = rt.block_on(enrol(
+        &admin_t,
+        &jail_t,
+        json!([{"tool": "llm", "op": "generate"}]),
+    ));
+    let on = Arc::new(TargetSpec {
+        port: jail,
+        tls: Some(tls),
+        path: "/llm/v1/messages",
+        auth: ("x-api-key", token),
+    });
+    println!(
+        "\n  telemetry: OTLP export on (logs and spans to a local sink) vs off, closed loop, best of 2"
+    );
+    let (mut best_off, mut best_on) = (0.0f64, 0.0f64);
+    for _ in 0..2 {
+        for (t, best) in [(off, &mut best_off), (&on, &mut best_on)] {
+            let pool = rt.block_on(Pool::new(t.clone(), 64));
+            let rps = rt.block_on(closed_loop(&pool, 64, Duration::from_secs(secs)));
+            *best = best.max(rps);
+        }
+    }
+    println!(
+        "    off {best_off:>9.0} req/s   on {best_on:>9.0} req/s   => cost {:.1}% (target < 5%)",
+        (1.0 - best_on / best_off) * 100.0
+    );
 }
 
 struct TargetSpec {
