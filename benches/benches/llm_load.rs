@@ -36,6 +36,7 @@ fn main() {
     match std::env::var("LEVER_BENCH_ROLE").as_deref() {
         Ok("mock") => return role_mock(),
         Ok("broker") => return role_broker(),
+        Ok("sink") => return role_sink(),
         _ => {}
     }
     let quick =
@@ -205,31 +206,17 @@ fn telemetry_cost(
     off: &Arc<TargetSpec>,
     secs: u64,
 ) {
-    let sink = rt.block_on(async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = l.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        |req: Request<hyper::body::Incoming>| async move {
-                            let _ = req.into_body().collect().await;
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                                Bytes::new(),
-                            )))
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
-        port
-    });
+    // The collector stand-in runs as its own process, as a collector would.
+    let sink = free_port();
+    let _sink = Proc(
+        Command::new(std::env::current_exe().unwrap())
+            .env("LEVER_BENCH_ROLE", "sink")
+            .env("SINK_PORT", sink.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    rt.block_on(wait_tcp(sink));
     let root = dir.join("otel");
     std::fs::create_dir_all(root.join("ws")).unwrap();
     write(&root.join("key"), KEY, 0o600);
@@ -606,5 +593,36 @@ fn role_mock() {
             .await
             .unwrap();
         lever_broker::mock_upstream::serve(l, Some(KEY.to_owned())).await;
+    });
+}
+
+/// An OTLP/HTTP collector stand-in: reads each export and answers 200.
+fn role_sink() {
+    let port: u16 = std::env::var("SINK_PORT").unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::new(),
+                        )))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
     });
 }

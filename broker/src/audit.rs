@@ -235,9 +235,10 @@ fn writer(
         match msg {
             Msg::Record(r) => {
                 seq += 1;
+                let now = SystemTime::now();
                 let line = Line {
                     seq,
-                    time: rfc3339_millis(SystemTime::now()),
+                    time: rfc3339_millis(now),
                     event: r.event,
                     request_id: &r.request_id,
                     identity: &r.identity,
@@ -253,13 +254,25 @@ fn writer(
                 let Ok(mut text) = serde_json::to_string(&line) else {
                     continue;
                 };
-                prev = sha256_hex(text.as_bytes());
+                let prev_line = std::mem::replace(&mut prev, sha256_hex(text.as_bytes()));
                 // Exported as written (the file stays the system of record;
                 // the export queue never blocks this thread).
-                if let Some(o) = otel.get()
-                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-                {
-                    o.audit(&v);
+                if let Some(o) = otel.get() {
+                    o.audit(&crate::otel::AuditView {
+                        seq: Some(seq),
+                        time: Some(now),
+                        event: r.event,
+                        request_id: r.request_id.as_deref(),
+                        identity: r.identity.as_deref(),
+                        tool: r.tool.as_deref(),
+                        op: r.op.as_deref(),
+                        constraints: r.constraints.as_ref(),
+                        decision: r.decision,
+                        reason: r.reason.as_deref(),
+                        token_id: r.token_id.as_deref(),
+                        detail: Some(&r.detail),
+                        prev: Some(&prev_line),
+                    });
                 }
                 text.push('\n');
                 pending.extend_from_slice(text.as_bytes());

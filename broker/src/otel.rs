@@ -24,7 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// The OTLP messages Lever sends (a subset of opentelemetry-proto v1, with
 /// the same field numbers).
@@ -317,9 +317,17 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// The export side: cheap to clone, never blocks.
 #[derive(Debug, Clone)]
 pub struct Otel {
-    tx: mpsc::Sender<Item>,
+    queue: Arc<Queue>,
     pub counters: Arc<Counters>,
     tag: Arc<str>,
+}
+
+/// Items waiting for the exporter. Senders append under a short lock and
+/// wake the exporter only when a batch is full: not one wake-up per item.
+#[derive(Debug, Default)]
+struct Queue {
+    items: std::sync::Mutex<Vec<Item>>,
+    full: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -379,32 +387,40 @@ pub fn nanos(t: SystemTime) -> u64 {
 
 /// The trace and span id of request `request_id` on instance `tag`.
 pub fn ids(tag: &str, request_id: &str) -> (Vec<u8>, Vec<u8>) {
-    let d = ring::digest::digest(
-        &ring::digest::SHA256,
-        format!("{tag}/{request_id}").as_bytes(),
-    );
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(tag.as_bytes());
+    ctx.update(b"/");
+    ctx.update(request_id.as_bytes());
+    let d = ctx.finish();
     let b = d.as_ref();
     (b[..16].to_vec(), b[16..24].to_vec())
 }
 
-/// A child span id under a request: derived from the request and a name.
+/// A child span id under a request: the request's span id mixed with the
+/// child's name (FNV-1a), so each named step has its own stable id.
 pub fn child_id(tag: &str, request_id: &str, name: &str) -> Vec<u8> {
-    let d = ring::digest::digest(
-        &ring::digest::SHA256,
-        format!("{tag}/{request_id}/{name}").as_bytes(),
-    );
-    d.as_ref()[..8].to_vec()
+    let (_, parent) = ids(tag, request_id);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    parent
+        .iter()
+        .zip(h.to_be_bytes())
+        .map(|(a, b)| a ^ b)
+        .collect()
 }
 
 impl Otel {
     /// Starts the exporter task, and a task that snapshots `metrics` every
     /// `OTEL_METRIC_EXPORT_INTERVAL` milliseconds (default 60 s).
     pub fn start(target: Target, tag: &str, metrics: Arc<crate::metrics::Metrics>) -> Otel {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let queue = Arc::new(Queue::default());
         let counters = Arc::new(Counters::default());
-        tokio::spawn(export(target, rx, counters.clone()));
+        tokio::spawn(export(target, queue.clone(), counters.clone()));
         let o = Otel {
-            tx,
+            queue,
             counters,
             tag: tag.into(),
         };
@@ -432,68 +448,128 @@ impl Otel {
 
     /// Queues an item, or counts it dropped when the queue is full.
     pub fn send(&self, item: Item) {
-        if self.tx.try_send(item).is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        let len = match self.queue.items.lock() {
+            Ok(mut q) if q.len() < QUEUE => {
+                q.push(item);
+                q.len()
+            }
+            _ => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if len == BATCH {
+            self.queue.full.notify_one();
         }
     }
 
-    /// An audit line (its JSON) as a log record.
-    pub fn audit(&self, line: &Value) {
-        self.send(Item::Log(log_record(line, &self.tag)));
+    /// An audit record as a log record.
+    pub fn audit(&self, view: &AuditView<'_>) {
+        self.send(Item::Log(log_from(view, &self.tag)));
     }
 }
 
-/// An audit line as an OTLP log record: every field an attribute
-/// (`lever.*`, `detail` flattened), correlated to its request's span.
+/// The fields of one audit line, borrowed (from the writer's record, or
+/// from a line read back for `lever audit export`).
+#[derive(Debug)]
+pub struct AuditView<'a> {
+    pub seq: Option<u64>,
+    pub time: Option<SystemTime>,
+    pub event: &'a str,
+    pub request_id: Option<&'a str>,
+    pub identity: Option<&'a str>,
+    pub tool: Option<&'a str>,
+    pub op: Option<&'a str>,
+    pub constraints: Option<&'a std::collections::BTreeMap<String, String>>,
+    pub decision: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    pub token_id: Option<&'a str>,
+    pub detail: Option<&'a serde_json::Map<String, Value>>,
+    pub prev: Option<&'a str>,
+}
+
+/// An audit line read back, as an OTLP log record.
 pub fn log_record(line: &Value, tag: &str) -> proto::LogRecord {
-    let mut attrs = Vec::new();
-    let time = line["time"]
-        .as_str()
-        .and_then(lever_policy::timefmt::parse_rfc3339)
-        .map_or_else(now_nanos, nanos);
-    for (k, v) in line.as_object().into_iter().flatten() {
-        match (k.as_str(), v) {
-            ("detail", Value::Object(d)) => {
-                for (dk, dv) in d {
-                    if let Some(val) = any(dv) {
-                        attrs.push(kv(&format!("lever.detail.{dk}"), val));
-                    }
-                }
-            }
-            ("constraints", Value::Object(c)) => {
-                for (ck, cv) in c {
-                    if let Some(val) = any(cv) {
-                        attrs.push(kv(&format!("lever.constraint.{ck}"), val));
-                    }
-                }
-            }
-            ("time", _) => {}
-            (_, v) => {
-                if let Some(val) = any(v) {
-                    attrs.push(kv(&format!("lever.{k}"), val));
-                }
-            }
+    let constraints: Option<std::collections::BTreeMap<String, String>> =
+        line["constraints"].as_object().map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                    )
+                })
+                .collect()
+        });
+    let view = AuditView {
+        seq: line["seq"].as_u64(),
+        time: line["time"]
+            .as_str()
+            .and_then(lever_policy::timefmt::parse_rfc3339),
+        event: line["event"].as_str().unwrap_or("record"),
+        request_id: line["request_id"].as_str(),
+        identity: line["identity"].as_str(),
+        tool: line["tool"].as_str(),
+        op: line["op"].as_str(),
+        constraints: constraints.as_ref(),
+        decision: line["decision"].as_str(),
+        reason: line["reason"].as_str(),
+        token_id: line["token_id"].as_str(),
+        detail: line["detail"].as_object(),
+        prev: line["prev"].as_str(),
+    };
+    log_from(&view, tag)
+}
+
+/// An audit record as an OTLP log record: every field an attribute
+/// (`lever.*`, `detail` as `lever.detail.*`, constraints as
+/// `lever.constraint.*`), correlated to its request's span when the
+/// instance tag is known (not on replay).
+pub fn log_from(v: &AuditView<'_>, tag: &str) -> proto::LogRecord {
+    let mut attrs = Vec::with_capacity(12 + v.detail.map_or(0, |d| d.len()));
+    if let Some(n) = v.seq {
+        attrs.push(kv("lever.seq", V::IntValue(n as i64)));
+    }
+    attrs.push(kv("lever.event", s(v.event)));
+    for (k, x) in [
+        ("lever.request_id", v.request_id),
+        ("lever.identity", v.identity),
+        ("lever.tool", v.tool),
+        ("lever.op", v.op),
+        ("lever.decision", v.decision),
+        ("lever.reason", v.reason),
+        ("lever.token_id", v.token_id),
+        ("lever.prev", v.prev),
+    ] {
+        if let Some(x) = x {
+            attrs.push(kv(k, s(x)));
         }
     }
-    let event = line["event"].as_str().unwrap_or("record").to_owned();
-    let deny = line["decision"] == "deny";
-    // Correlated only when the instance tag is known (not on replay).
-    let (trace_id, span_id) = match line["request_id"].as_str() {
+    for (k, x) in v.constraints.into_iter().flatten() {
+        attrs.push(kv(&format!("lever.constraint.{k}"), s(x.clone())));
+    }
+    for (k, x) in v.detail.into_iter().flatten() {
+        if let Some(val) = any(x) {
+            attrs.push(kv(&format!("lever.detail.{k}"), val));
+        }
+    }
+    let deny = v.decision == Some("deny");
+    let (trace_id, span_id) = match v.request_id {
         Some(r) if !tag.is_empty() => ids(tag, r),
         _ => (Vec::new(), Vec::new()),
     };
     proto::LogRecord {
-        time_unix_nano: time,
+        time_unix_nano: v.time.map_or_else(now_nanos, nanos),
         observed_time_unix_nano: now_nanos(),
         severity_number: if deny { 13 } else { 9 },
         severity_text: if deny { "WARN" } else { "INFO" }.into(),
         body: Some(proto::AnyValue {
-            value: Some(s(format!("lever {event}"))),
+            value: Some(s(format!("lever {}", v.event))),
         }),
         attributes: attrs,
         trace_id,
         span_id,
-        event_name: format!("lever.{event}"),
+        event_name: format!("lever.{}", v.event),
     }
 }
 
@@ -662,7 +738,7 @@ pub fn http_client() -> Result<Http, String> {
     client()
 }
 
-async fn export(target: Target, mut rx: mpsc::Receiver<Item>, counters: Arc<Counters>) {
+async fn export(target: Target, queue: Arc<Queue>, counters: Arc<Counters>) {
     let Ok(http) = build_client(target.grpc) else {
         eprintln!("lever broker: telemetry: cannot build the HTTP client; nothing is exported");
         return;
@@ -682,38 +758,38 @@ async fn export(target: Target, mut rx: mpsc::Receiver<Item>, counters: Arc<Coun
             }
         }
     };
-    let mut logs = Vec::new();
-    let mut spans = Vec::new();
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
     loop {
-        let (closed, due) = tokio::select! {
-            item = rx.recv() => match item {
-                Some(Item::Log(l)) => { logs.push(l); (false, false) }
-                Some(Item::Span(s)) => { spans.push(s); (false, false) }
-                Some(Item::Metrics(m)) => {
+        // A full batch, or a second gone by.
+        let _ = tokio::time::timeout(FLUSH_EVERY, queue.full.notified()).await;
+        let items = match queue.items.lock() {
+            Ok(mut q) => std::mem::take(&mut *q),
+            Err(_) => return,
+        };
+        let (mut logs, mut spans) = (Vec::new(), Vec::new());
+        for item in items {
+            match item {
+                Item::Log(l) => logs.push(l),
+                Item::Span(s) => spans.push(s),
+                Item::Metrics(m) => {
                     let n = m.len() as u64;
                     let r = send("metrics", metrics_request(&target, m)).await;
                     count(&counters, n, r);
-                    (false, false)
                 }
-                None => (true, true),
-            },
-            _ = tick.tick() => (false, true),
-        };
-        if (due || logs.len() >= BATCH) && !logs.is_empty() {
+            }
+        }
+        while !logs.is_empty() {
+            let rest = logs.split_off(logs.len().min(BATCH));
             let n = logs.len() as u64;
-            let body = logs_request(&target, std::mem::take(&mut logs));
-            let r = send("logs", body).await;
+            let r = send("logs", logs_request(&target, logs)).await;
             count(&counters, n, r);
+            logs = rest;
         }
-        if (due || spans.len() >= BATCH) && !spans.is_empty() {
+        while !spans.is_empty() {
+            let rest = spans.split_off(spans.len().min(BATCH));
             let n = spans.len() as u64;
-            let body = spans_request(&target, std::mem::take(&mut spans));
-            let r = send("traces", body).await;
+            let r = send("traces", spans_request(&target, spans)).await;
             count(&counters, n, r);
-        }
-        if closed {
-            return;
+            spans = rest;
         }
     }
 }
