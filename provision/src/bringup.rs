@@ -747,24 +747,10 @@ mod tests {
     }
 
     fn config(dir: &Path) -> Config {
-        std::fs::create_dir_all(dir.join("ws")).unwrap();
-        std::fs::write(dir.join("key"), "k").unwrap();
-        std::fs::set_permissions(
-            dir.join("key"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("lever.yaml"),
+        crate::common::test_config(
+            dir,
             "name: demo\nbackend: lima\ntree: ws\negress: closed\nmanager: {image: 'img/a:1', allow_ports: [3201]}\ngroves:\n  - {name: g1, dir: g1}\n  - {name: g2, dir: g2, image: 'img/b:2'}\n  - {name: g3, dir: g3, image: 'img/b:2'}\nbroker: {api_key_file: key}\n",
         )
-        .unwrap();
-        lever_policy::config::load(
-            &dir.join("lever.yaml"),
-            &lever_policy::config::Env::from_process(),
-        )
-        .unwrap()
-        .config
     }
 
     fn tmp(tag: &str) -> PathBuf {

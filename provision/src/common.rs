@@ -64,3 +64,21 @@ pub(crate) fn read_value_or_stdin(v: &str) -> std::io::Result<String> {
         Ok(v.trim().to_owned())
     }
 }
+
+/// Tests: writes `yaml` as `DIR/lever.yaml` (with a 0600 key file and the
+/// tree `ws`) and loads it.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn test_config(dir: &Path, yaml: &str) -> Config {
+    std::fs::create_dir_all(dir.join("ws")).unwrap();
+    std::fs::write(dir.join("key"), "k").unwrap();
+    std::fs::set_permissions(
+        dir.join("key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(dir.join("lever.yaml"), yaml).unwrap();
+    config::load(&dir.join("lever.yaml"), &Env::from_process())
+        .unwrap()
+        .config
+}

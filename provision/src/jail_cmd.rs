@@ -458,26 +458,12 @@ mod tests {
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("ws")).unwrap();
-        std::fs::write(dir.join("key"), "k").unwrap();
-        std::fs::set_permissions(
-            dir.join("key"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("lever.yaml"),
-            format!(
+        let c = crate::common::test_config(
+            &dir,
+            &format!(
                 "name: demo\nbackend: {backend}\ntree: ws\negress: {egress}\nscion: {{version: 666333f9}}\nmanager: {{image: 'img/a:1'}}\ngroves:\n  - {{name: g1, dir: g1}}\n  - {{name: g2, dir: g2, image: 'img/b:2'}}\nbroker: {{api_key_file: key}}\n"
             ),
-        )
-        .unwrap();
-        let c = lever_policy::config::load(
-            &dir.join("lever.yaml"),
-            &lever_policy::config::Env::from_process(),
-        )
-        .unwrap()
-        .config;
+        );
         (c, dir)
     }
 
