@@ -39,6 +39,9 @@ pub struct Ctx<'a> {
     /// Set when a handler recorded its own, richer denial: the rescue
     /// layer then does not record it again.
     audited: AtomicBool,
+    /// A refusal answered inside a successful response (an MCP JSON-RPC
+    /// error), for the request's span.
+    pub denied_inside: std::sync::OnceLock<&'static str>,
 }
 
 impl Ctx<'_> {
@@ -66,6 +69,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
         request_id: request_id(broker),
         peer: None,
         audited: AtomicBool::new(false),
+        denied_inside: std::sync::OnceLock::new(),
     };
     // Kept for the rescue layer; formatted only when a request fails.
     let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -113,6 +117,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     );
     if let Some(o) = broker.audit.otel.get() {
         let status = resp.status().as_u16();
+        let denied = denied.or_else(|| ctx.denied_inside.get().copied());
         o.send(crate::otel::Item::Span(request_span(
             o, &ctx, &method, kind, status, denied, wall,
         )));

@@ -291,6 +291,15 @@ fn an_llm_call_tool_calls_and_an_enrolment_arrive_as_spans_and_logs_without_secr
         .unwrap();
     assert_eq!(attrs(denied)["lever.deny_reason"], "constraint_mismatch");
     assert_eq!(attrs(denied)["mcp.session.id"], sid.as_str());
+    // The request that carried the denied call says so too, though its
+    // HTTP status is 200 (the refusal is a JSON-RPC error).
+    let carrier = sp
+        .iter()
+        .find(|x| x["spanId"] == denied["parentSpanId"])
+        .unwrap();
+    assert_eq!(attrs(carrier)["http.response.status_code"], "200");
+    assert_eq!(attrs(carrier)["lever.decision"], "deny");
+    assert_eq!(attrs(carrier)["lever.deny_reason"], "constraint_mismatch");
     let deny_log = lg
         .iter()
         .find(|l| {

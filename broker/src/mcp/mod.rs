@@ -561,6 +561,7 @@ async fn call(
             1,
         );
         span(name, Some(d.code()), "denied");
+        let _ = ctx.denied_inside.set(d.code());
         broker
             .audit
             .log(base(Record::new("tool").deny(d.code())))
@@ -603,6 +604,7 @@ async fn call(
                 .stats
                 .inc("lever_rate_limited_total", &[("lane", "tool")], 1);
             span(name, Some(e.code()), "denied");
+            let _ = ctx.denied_inside.set(e.code());
             broker
                 .audit
                 .log(base(Record::new("tool").deny(e.code())))
