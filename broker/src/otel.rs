@@ -320,6 +320,38 @@ pub struct Otel {
     queue: Arc<Queue>,
     pub counters: Arc<Counters>,
     tag: Arc<str>,
+    /// The share of requests whose spans are kept (1.0: all), from
+    /// `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`. Log records are
+    /// never sampled: they are the audit trail.
+    ratio: f64,
+}
+
+/// The trace sampling ratio the standard variables ask for. Incoming trace
+/// context is never read, so the `parentbased_*` samplers act as their
+/// root samplers.
+pub fn sampling_ratio(env: &dyn Fn(&str) -> Option<String>) -> f64 {
+    let arg = env("OTEL_TRACES_SAMPLER_ARG")
+        .and_then(|a| a.trim().parse::<f64>().ok())
+        .filter(|r| (0.0..=1.0).contains(r))
+        .unwrap_or(1.0);
+    match env("OTEL_TRACES_SAMPLER").as_deref().map(str::trim) {
+        Some("always_off" | "parentbased_always_off") => 0.0,
+        Some("traceidratio" | "parentbased_traceidratio") => arg,
+        _ => 1.0,
+    }
+}
+
+/// Whether a trace is kept at `ratio`: decided by its id alone, so every
+/// span of one request gets the same answer.
+fn kept(trace_id: &[u8], ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let mut b = [0u8; 8];
+    for (d, s) in b.iter_mut().zip(trace_id.iter().skip(8)) {
+        *d = *s;
+    }
+    (u64::from_be_bytes(b) as f64) < ratio * (u64::MAX as f64)
 }
 
 /// Items waiting for the exporter. Senders append under a short lock and
@@ -419,10 +451,12 @@ impl Otel {
         let queue = Arc::new(Queue::default());
         let counters = Arc::new(Counters::default());
         tokio::spawn(export(target, queue.clone(), counters.clone()));
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let o = Otel {
             queue,
             counters,
             tag: tag.into(),
+            ratio: sampling_ratio(&env),
         };
         let every = std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
             .ok()
@@ -448,6 +482,11 @@ impl Otel {
 
     /// Queues an item, or counts it dropped when the queue is full.
     pub fn send(&self, item: Item) {
+        if let Item::Span(sp) = &item
+            && !kept(&sp.trace_id, self.ratio)
+        {
+            return;
+        }
         let len = match self.queue.items.lock() {
             Ok(mut q) if q.len() < QUEUE => {
                 q.push(item);
@@ -799,4 +838,52 @@ fn count(c: &Counters, n: u64, r: Result<(), String>) {
         Ok(()) => c.exported.fetch_add(n, Ordering::Relaxed),
         Err(_) => c.dropped.fetch_add(n, Ordering::Relaxed),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_standard_sampler_variables_are_honoured() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(sampling_ratio(&env(&[])), 1.0);
+        assert_eq!(
+            sampling_ratio(&env(&[("OTEL_TRACES_SAMPLER", "always_off")])),
+            0.0
+        );
+        assert_eq!(
+            sampling_ratio(&env(&[
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.25")
+            ])),
+            0.25
+        );
+        // A bad ratio keeps everything rather than silently nothing.
+        assert_eq!(
+            sampling_ratio(&env(&[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "7")
+            ])),
+            1.0
+        );
+    }
+
+    #[test]
+    fn a_ratio_keeps_about_that_share_and_whole_traces() {
+        let kept_n = (0..4000)
+            .filter(|i| kept(&ids("tag", &format!("req-{i}")).0, 0.25))
+            .count();
+        assert!((800..1200).contains(&kept_n), "{kept_n}");
+        let (t, _) = ids("tag", "req-7");
+        assert_eq!(kept(&t, 0.25), kept(&t, 0.25));
+        assert!(!kept(&t, 0.0) && kept(&t, 1.0));
+    }
 }

@@ -144,6 +144,10 @@ fn setup(endpoint: &str) -> Setup {
 }
 
 fn setup_with(endpoint: &str, extra: &str) -> Setup {
+    setup_env(endpoint, extra, &[])
+}
+
+fn setup_env(endpoint: &str, extra: &str, env: &[(&str, &str)]) -> Setup {
     let scratch = TempDir::new("mock");
     scratch.write("key", REAL_KEY, 0o600);
     let (mock, mock_url) = start_mock(scratch.path(), "key");
@@ -154,7 +158,9 @@ fn setup_with(endpoint: &str, extra: &str) -> Setup {
         ),
     );
     // Metrics every 300 ms, so a test sees them.
-    let b = inst.start_env(&[("OTEL_METRIC_EXPORT_INTERVAL", "300")]);
+    let mut all_env = vec![("OTEL_METRIC_EXPORT_INTERVAL", "300")];
+    all_env.extend_from_slice(env);
+    let b = inst.start_env(&all_env);
     let manager = b.enrol("manager");
     Setup {
         inst,
@@ -500,4 +506,23 @@ fn otlp_over_grpc_reaches_a_grpc_receiver() {
         .collect();
     let raw = String::from_utf8_lossy(&raw);
     assert!(!raw.contains(llm.as_str()) && !raw.contains(REAL_KEY));
+}
+
+#[test]
+fn sampled_out_traces_still_leave_every_log_record() {
+    let dir = TempDir::new("otlp-sampled");
+    let r = receiver(dir.path(), "rx", false);
+    let s = setup_env(&r.url, "", &[("OTEL_TRACES_SAMPLER", "always_off")]);
+    let (llm, _) =
+        s.b.token(&s.manager, json!([{"tool": "llm", "op": "generate"}]));
+    assert_eq!(llm_call(&s, &llm), 200);
+    let all = wait_for(&r, "the llm log record", |all| {
+        logs(all)
+            .iter()
+            .any(|l| attrs(l).get("lever.event") == Some(&json!("llm")))
+    });
+    // Another flush interval: no span ever comes.
+    std::thread::sleep(Duration::from_millis(1500));
+    let all = [all, received(&r)].concat();
+    assert!(spans(&all).is_empty(), "{:#?}", spans(&all));
 }
