@@ -217,63 +217,84 @@ fn telemetry_cost(
             .unwrap(),
     );
     rt.block_on(wait_tcp(sink));
-    let root = dir.join("otel");
-    std::fs::create_dir_all(root.join("ws")).unwrap();
-    write(&root.join("key"), KEY, 0o600);
-    let (jail, admin) = (free_port(), free_port());
-    write(
-        &root.join("lever.yaml"),
-        &format!(
-            "name: load\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1}}\nbroker:\n  api_key_file: key\n  upstream: http://127.0.0.1:{mock_port}\n  jail_port: {jail}\n  admin_port: {admin}\n  rate_limits: {{llm: {{per_minute: 1000000, burst: 100000, max_concurrent: 10000}}}}\n  telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink}'}}\n"
+    // Two brokers exporting: every trace kept, and traces sampled at 10%
+    // (log records are never sampled).
+    let mut procs = Vec::new();
+    let mut on = Vec::new();
+    for (name, env) in [
+        ("otel", vec![]),
+        (
+            "otel-sampled",
+            vec![
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+            ],
         ),
-        0o644,
-    );
-    let exe = std::env::current_exe().unwrap();
-    let _broker = Proc(
-        Command::new(&exe)
-            .env("LEVER_BENCH_ROLE", "broker")
-            .env("BROKER_CONFIG", root.join("lever.yaml"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let admin_t = Target {
-        https: false,
-        host: "127.0.0.1".into(),
-        port: admin,
-    };
-    let jail_t = Target {
-        https: true,
-        host: "localhost".into(),
-        port: jail,
-    };
-    rt.block_on(wait_up(&admin_t, "/healthz"));
-    let (_, tls, token) = rt.block_on(enrol(
-        &admin_t,
-        &jail_t,
-        json!([{"tool": "llm", "op": "generate"}]),
-    ));
-    let on = Arc::new(TargetSpec {
-        port: jail,
-        tls: Some(tls),
-        path: "/llm/v1/messages",
-        auth: ("x-api-key", token),
-    });
-    println!(
-        "\n  telemetry: OTLP export on (logs and spans to a local sink) vs off, closed loop, best of 2"
-    );
-    let (mut best_off, mut best_on) = (0.0f64, 0.0f64);
-    for _ in 0..2 {
-        for (t, best) in [(off, &mut best_off), (&on, &mut best_on)] {
-            let pool = rt.block_on(Pool::new(t.clone(), 64));
-            let rps = rt.block_on(closed_loop(&pool, 64, Duration::from_secs(secs)));
-            *best = best.max(rps);
-        }
+    ] {
+        let root = dir.join(name);
+        std::fs::create_dir_all(root.join("ws")).unwrap();
+        write(&root.join("key"), KEY, 0o600);
+        let (jail, admin) = (free_port(), free_port());
+        write(
+            &root.join("lever.yaml"),
+            &format!(
+                "name: load\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1}}\nbroker:\n  api_key_file: key\n  upstream: http://127.0.0.1:{mock_port}\n  jail_port: {jail}\n  admin_port: {admin}\n  rate_limits: {{llm: {{per_minute: 1000000, burst: 100000, max_concurrent: 10000}}}}\n  telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink}'}}\n"
+            ),
+            0o644,
+        );
+        procs.push(Proc(
+            Command::new(std::env::current_exe().unwrap())
+                .env("LEVER_BENCH_ROLE", "broker")
+                .env("BROKER_CONFIG", root.join("lever.yaml"))
+                .envs(env)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+        let admin_t = Target {
+            https: false,
+            host: "127.0.0.1".into(),
+            port: admin,
+        };
+        let jail_t = Target {
+            https: true,
+            host: "localhost".into(),
+            port: jail,
+        };
+        rt.block_on(wait_up(&admin_t, "/healthz"));
+        let (_, tls, token) = rt.block_on(enrol(
+            &admin_t,
+            &jail_t,
+            json!([{"tool": "llm", "op": "generate"}]),
+        ));
+        on.push(Arc::new(TargetSpec {
+            port: jail,
+            tls: Some(tls),
+            path: "/llm/v1/messages",
+            auth: ("x-api-key", token),
+        }));
     }
     println!(
-        "    off {best_off:>9.0} req/s   on {best_on:>9.0} req/s   => cost {:.1}% (target < 5%)",
-        (1.0 - best_on / best_off) * 100.0
+        "\n  telemetry: OTLP export (logs, spans, metrics to a collector stand-in process) vs off, closed loop, best of 2"
     );
+    let mut best = [0.0f64; 3];
+    for _ in 0..2 {
+        for (i, t) in [off, &on[0], &on[1]].into_iter().enumerate() {
+            let pool = rt.block_on(Pool::new(t.clone(), 64));
+            let rps = rt.block_on(closed_loop(&pool, 64, Duration::from_secs(secs)));
+            best[i] = best[i].max(rps);
+        }
+    }
+    let cost = |x: f64| (1.0 - x / best[0]) * 100.0;
+    println!(
+        "    off {:>9.0} req/s   on {:>9.0} req/s => cost {:.1}% (target < 5%)   on, traces sampled 10% {:>9.0} req/s => cost {:.1}%",
+        best[0],
+        best[1],
+        cost(best[1]),
+        best[2],
+        cost(best[2])
+    );
+    drop(procs);
 }
 
 struct TargetSpec {
