@@ -25,8 +25,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use lever_benches::setup::{Proc, enrol, free_port, role_broker};
-use lever_broker::client::{self, ClientTls, Target};
+use lever_benches::setup::{Proc, enrol, free_port, role_broker, start_broker};
+use lever_broker::client::ClientTls;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -68,30 +68,12 @@ fn main() {
             .spawn()
             .unwrap(),
     );
-    let broker = Proc(
-        Command::new(&exe)
-            .env("LEVER_BENCH_ROLE", "broker")
-            .env("BROKER_CONFIG", dir.join("lever.yaml"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let admin_t = Target {
-        https: false,
-        host: "127.0.0.1".into(),
-        port: admin,
-    };
-    let jail_t = Target {
-        https: true,
-        host: "localhost".into(),
-        port: jail,
-    };
-    rt.block_on(wait_up(&admin_t, "/healthz"));
+    let (broker, admin_t, jail_t) = start_broker(&rt, &dir.join("lever.yaml"), (admin, jail), &[]);
     rt.block_on(wait_tcp(mock_port));
 
     // Enrol one agent and take a token, as `lever agent` would.
@@ -242,26 +224,9 @@ fn telemetry_cost(
             ),
             0o644,
         );
-        procs.push(Proc(
-            Command::new(std::env::current_exe().unwrap())
-                .env("LEVER_BENCH_ROLE", "broker")
-                .env("BROKER_CONFIG", root.join("lever.yaml"))
-                .envs(env)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        ));
-        let admin_t = Target {
-            https: false,
-            host: "127.0.0.1".into(),
-            port: admin,
-        };
-        let jail_t = Target {
-            https: true,
-            host: "localhost".into(),
-            port: jail,
-        };
-        rt.block_on(wait_up(&admin_t, "/healthz"));
+        let (proc, admin_t, jail_t) =
+            start_broker(rt, &root.join("lever.yaml"), (admin, jail), &env);
+        procs.push(proc);
         let (_, tls, token) = rt.block_on(enrol(
             &admin_t,
             &jail_t,
@@ -501,19 +466,6 @@ fn raise_fd_limit() {
         l.current = Some(max.min(65_536));
         let _ = setrlimit(Resource::Nofile, l);
     }
-}
-
-async fn wait_up(t: &Target, path: &str) {
-    for _ in 0..200 {
-        if client::send(t, None, http::Method::GET, path, &[], None)
-            .await
-            .is_ok_and(|r| r.status == 200)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{path} never came up");
 }
 
 async fn wait_tcp(port: u16) {

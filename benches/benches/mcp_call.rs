@@ -13,7 +13,6 @@
 //! connections gives throughput. The broker and the tool run as their own
 //! processes (this binary re-executed in a role).
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use lever_benches::setup::{Proc, connect, enrol, free_port, role_broker};
-use lever_broker::client::{self, ClientTls, Target};
+use lever_benches::setup::{connect, enrol, free_port, role_broker, start_broker};
+use lever_broker::client::ClientTls;
 use serde_json::{Value, json};
 
 const ROLE_TOOL: &str = "--bench-role-tool";
@@ -64,34 +63,12 @@ fn main() {
         ),
     )
     .unwrap();
-    let broker = Proc(
-        Command::new(&exe)
-            .env("LEVER_BENCH_ROLE", "broker")
-            .env("BROKER_CONFIG", dir.join("lever.yaml"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let admin_t = Target {
-        https: false,
-        host: "127.0.0.1".into(),
-        port: admin,
-    };
-    let jail_t = Target {
-        https: true,
-        host: "localhost".into(),
-        port: jail,
-    };
-    rt.block_on(wait(|| async {
-        client::send(&admin_t, None, http::Method::GET, "/healthz", &[], None)
-            .await
-            .is_ok()
-    }));
+    let (broker, admin_t, jail_t) = start_broker(&rt, &dir.join("lever.yaml"), (admin, jail), &[]);
     let (_, tls, token) = rt.block_on(enrol(
         &admin_t,
         &jail_t,

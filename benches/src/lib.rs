@@ -173,6 +173,49 @@ pub mod setup {
         rt.block_on(lever_broker::run(broker)).unwrap();
     }
 
+    /// Starts this bench binary in the broker role on `config` (with extra
+    /// `env`) and waits until its admin port answers `/healthz`:
+    /// (process, admin target, jail target).
+    pub fn start_broker(
+        rt: &tokio::runtime::Runtime,
+        config: &std::path::Path,
+        (admin, jail): (u16, u16),
+        env: &[(&str, &str)],
+    ) -> (Proc, Target, Target) {
+        let proc = Proc(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .env("LEVER_BENCH_ROLE", "broker")
+                .env("BROKER_CONFIG", config)
+                .envs(env.iter().copied())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let admin = Target {
+            https: false,
+            host: "127.0.0.1".into(),
+            port: admin,
+        };
+        let jail = Target {
+            https: true,
+            host: "localhost".into(),
+            port: jail,
+        };
+        rt.block_on(async {
+            for _ in 0..600 {
+                if client::send(&admin, None, http::Method::GET, "/healthz", &[], None)
+                    .await
+                    .is_ok_and(|r| r.status == 200)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the broker never answered /healthz");
+        });
+        (proc, admin, jail)
+    }
+
     /// Enrols the manager with a bootstrap ticket, as `lever agent` would,
     /// and mints a token for `grants`: (CA PEM, client TLS, token).
     pub async fn enrol(
