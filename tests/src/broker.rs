@@ -16,21 +16,28 @@ use crate::{TempDir, lever_bin};
 
 /// Two free loopback ports (bound, read, released).
 pub fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
+    (free_port(), free_port())
 }
 
-/// One free loopback port.
+/// One free loopback port (bound, read, released), never one handed out
+/// before in this process: tests run in parallel threads, and a port one
+/// test has released but not yet given to its broker must not go to
+/// another test.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no fresh loopback port after 1000 tries");
 }
 
 /// An instance directory with a config, a key file and the tree.

@@ -444,11 +444,7 @@ fn upstream_failures_reach_the_client_as_anthropic_errors_and_the_broker_stays_u
 
 #[test]
 fn an_unreachable_upstream_is_a_502_api_error() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = lever_tests::broker::free_port();
     let inst = Instance::new(
         DEFAULT_AGENTS,
         &format!("  upstream: http://127.0.0.1:{closed}\n"),
