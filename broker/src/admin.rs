@@ -34,6 +34,13 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                 .all()
                 .map(|t| t.restarts.load(std::sync::atomic::Ordering::Relaxed))
                 .sum();
+            let (exported, dropped) = b.audit.otel.get().map_or((0, 0), |o| {
+                let c = &o.counters;
+                (
+                    c.exported.load(std::sync::atomic::Ordering::Relaxed),
+                    c.dropped.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            });
             let text = b.stats.render(&[
                 (
                     "lever_tool_backend_restarts_total",
@@ -45,21 +52,13 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                     "lever_otel_exported_total",
                     "counter",
                     "Telemetry items (logs, spans) the collector accepted.",
-                    b.audit.otel.get().map_or(0, |o| {
-                        o.counters
-                            .exported
-                            .load(std::sync::atomic::Ordering::Relaxed)
-                    }) as f64,
+                    exported as f64,
                 ),
                 (
                     "lever_otel_dropped_total",
                     "counter",
                     "Telemetry items dropped: queue full, or the collector failed or was too slow.",
-                    b.audit.otel.get().map_or(0, |o| {
-                        o.counters
-                            .dropped
-                            .load(std::sync::atomic::Ordering::Relaxed)
-                    }) as f64,
+                    dropped as f64,
                 ),
                 (
                     "lever_epoch",

@@ -621,7 +621,7 @@ impl Meter {
             ));
         }
         crate::otel::proto::Span {
-            span_id: crate::otel::child_id(o.tag(), rid, "llm"),
+            span_id: crate::otel::child_id(&parent, "llm"),
             trace_id,
             parent_span_id: parent,
             name: format!("chat {}", self.model),

@@ -140,6 +140,19 @@ fn num(v: f64) -> String {
 }
 
 impl Metrics {
+    /// Every histogram, copied out from under the lock: (cumulative bucket
+    /// counts, sum, count) by name and labels.
+    fn histogram_snapshot(&self) -> BTreeMap<(&'static str, Labels), (Vec<u64>, f64, u64)> {
+        self.histograms
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, h)| (k.clone(), (h.counts.clone(), h.sum, h.count)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn inc(&self, name: &'static str, pairs: &[(&'static str, &str)], by: u64) {
         if let Ok(mut m) = self.counters.lock() {
             *m.entry((name, labels(pairs))).or_default() += by;
@@ -159,15 +172,7 @@ impl Metrics {
     pub fn render(&self, extra: &[(&str, &str, &str, f64)]) -> String {
         let mut out = String::new();
         let counters = self.counters.lock().map(|m| m.clone()).unwrap_or_default();
-        let histograms = self
-            .histograms
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, h)| (k.clone(), (h.counts.clone(), h.sum, h.count)))
-                    .collect::<BTreeMap<_, _>>()
-            })
-            .unwrap_or_default();
+        let histograms = self.histogram_snapshot();
         for (name, kind, help) in FAMILIES {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             if *kind == "counter" {
@@ -298,15 +303,7 @@ impl Metrics {
                 }],
             })),
         });
-        let histograms = self
-            .histograms
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, h)| (k.clone(), (h.counts.clone(), h.sum, h.count)))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
+        let histograms = self.histogram_snapshot();
         let mut hist: BTreeMap<&str, Vec<p::HistogramDataPoint>> = BTreeMap::new();
         for ((name, l), (cumulative, sum, count)) in &histograms {
             // OTLP counts per bucket, the last one above every bound.

@@ -279,7 +279,7 @@ impl Otel {
             attributes.push(kv("lever.deny_reason", s(r)));
         }
         self.send(Item::Span(proto::Span {
-            span_id: child_id(&self.tag, rid, name),
+            span_id: child_id(&parent, name),
             trace_id,
             parent_span_id: parent,
             name: name.to_owned(),
@@ -428,10 +428,9 @@ pub fn ids(tag: &str, request_id: &str) -> (Vec<u8>, Vec<u8>) {
     (b[..16].to_vec(), b[16..24].to_vec())
 }
 
-/// A child span id under a request: the request's span id mixed with the
-/// child's name (FNV-1a), so each named step has its own stable id.
-pub fn child_id(tag: &str, request_id: &str, name: &str) -> Vec<u8> {
-    let (_, parent) = ids(tag, request_id);
+/// A child span id under a request's span `parent`: the parent id mixed
+/// with the child's name (FNV-1a), so each named step has its own stable id.
+pub fn child_id(parent: &[u8], name: &str) -> Vec<u8> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         h ^= u64::from(b);

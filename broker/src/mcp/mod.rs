@@ -737,7 +737,7 @@ fn tool_span(
     }
     let failed = reason.is_some() || !(outcome == "ok" || outcome == "tool_error");
     crate::otel::proto::Span {
-        span_id: crate::otel::child_id(o.tag(), &ctx.request_id, "tools/call"),
+        span_id: crate::otel::child_id(&parent, "tools/call"),
         trace_id,
         parent_span_id: parent,
         name: format!("tools/call {name}"),
