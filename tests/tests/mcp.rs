@@ -625,6 +625,16 @@ manager:
     - {tool: everything, op: trigger-long-running-operation}
 ";
 
+/// An instance with server-everything over `transport` and the manager
+/// holding a token for its three operations.
+fn everything(transport: &str) -> Env {
+    env(
+        EVERYTHING_AGENTS,
+        &everything_tools(transport),
+        everything_grants(),
+    )
+}
+
 fn everything_grants() -> Value {
     json!([
         {"tool": "everything", "op": "echo"},
@@ -697,11 +707,7 @@ fn a_backend_killed_mid_call_errors_and_is_back_within_two_seconds() {
         manager,
         token,
         ..
-    } = env(
-        EVERYTHING_AGENTS,
-        &everything_tools("stdio"),
-        everything_grants(),
-    );
+    } = everything("stdio");
     let raw = Raw::new(&b, &manager, &token);
     let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let everything = children(b.pid().unwrap())
@@ -753,11 +759,7 @@ fn a_cancelled_call_returns_at_once() {
         manager,
         token,
         ..
-    } = env(
-        EVERYTHING_AGENTS,
-        &everything_tools("stdio"),
-        everything_grants(),
-    );
+    } = everything("stdio");
     let raw = Raw::new(&b, &manager, &token);
     let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let started = Instant::now();
@@ -798,11 +800,7 @@ fn a_backend_that_does_not_answer_in_time_is_a_timeout_not_a_hang() {
         manager,
         token,
         ..
-    } = env(
-        EVERYTHING_AGENTS,
-        &everything_tools("stdio"),
-        everything_grants(),
-    );
+    } = everything("stdio");
     let raw = Raw::new(&b, &manager, &token);
     let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let started = Instant::now();
@@ -854,11 +852,7 @@ fn stopping_the_broker_stops_its_backends() {
         manager,
         token,
         ..
-    } = env(
-        EVERYTHING_AGENTS,
-        &everything_tools("http"),
-        everything_grants(),
-    );
+    } = everything("http");
     let raw = Raw::new(&b, &manager, &token);
     let _sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     // The http backend is a shell wrapper exec'ing node: its whole group.
