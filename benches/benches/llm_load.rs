@@ -43,6 +43,9 @@ fn main() {
         std::env::args().any(|a| a == "--quick") || std::env::var_os("LEVER_BENCH_QUICK").is_some();
     raise_fd_limit();
     let secs = if quick { 1 } else { 5 };
+    // `LEVER_BENCH_ONLY=open,closed,telemetry,ttfb,memory` runs some sections.
+    let only = std::env::var("LEVER_BENCH_ONLY").unwrap_or_default();
+    let run = |section: &str| only.is_empty() || only.split(',').any(|s| s == section);
     println!(
         "llm load ({} mode: {secs}s per point)",
         if quick { "quick" } else { "full" }
@@ -113,10 +116,12 @@ fn main() {
         targets.push(("nginx", via_nginx.clone()));
     }
 
-    println!(
-        "\n  open loop (latency from the intended send time, kept by a thread; 64 keep-alive connections)"
-    );
-    for rate in [1000u64, 3000] {
+    if run("open") {
+        println!(
+            "\n  open loop (latency from the intended send time, kept by a thread; 64 keep-alive connections)"
+        );
+    }
+    for rate in [1000u64, 3000].into_iter().filter(|_| run("open")) {
         let mut base = (0u64, 0u64);
         for (name, t) in &targets {
             let pool = rt.block_on(Pool::new(t.clone(), 64));
@@ -139,9 +144,11 @@ fn main() {
         }
     }
 
-    println!("\n  closed loop (64 workers, as fast as each answers)");
+    if run("closed") {
+        println!("\n  closed loop (64 workers, as fast as each answers)");
+    }
     let mut base_rps = 0.0;
-    for (name, t) in &targets {
+    for (name, t) in targets.iter().filter(|_| run("closed")) {
         let pool = rt.block_on(Pool::new(t.clone(), 64));
         let rps = rt.block_on(closed_loop(&pool, 64, Duration::from_secs(secs)));
         if *name == "direct" {
@@ -155,15 +162,24 @@ fn main() {
         }
     }
 
-    telemetry_cost(&rt, &dir, mock_port, &through, secs);
+    if run("telemetry") {
+        telemetry_cost(&rt, &dir, mock_port, &through, secs);
+    }
 
-    println!("\n  time to first byte of a stream (new connection each, median of 20)");
-    for (name, t) in &targets {
+    if run("ttfb") {
+        println!("\n  time to first byte of a stream (new connection each, median of 20)");
+    }
+    for (name, t) in targets.iter().filter(|_| run("ttfb")) {
         let mut v: Vec<u64> = (0..20).map(|_| rt.block_on(ttfb(t))).collect();
         v.sort_unstable();
         println!("    {name:<7} {:>6} us", v[v.len() / 2]);
     }
 
+    if !run("memory") {
+        drop(nginx);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     println!("\n  broker memory with 1,000 open streams");
     let before = rss_kib(broker.0.id());
     let held = rt.block_on(hold_streams(&through, 1000));
@@ -368,7 +384,13 @@ fn open_loop(rt: &tokio::runtime::Runtime, pool: &Arc<Pool>, rate: u64, dur: Dur
     v
 }
 
+/// Closed-loop throughput over `dur`, after a warm-up of a fifth of it.
 async fn closed_loop(pool: &Arc<Pool>, workers: usize, dur: Duration) -> f64 {
+    run_closed(pool, workers, dur / 5).await;
+    run_closed(pool, workers, dur).await
+}
+
+async fn run_closed(pool: &Arc<Pool>, workers: usize, dur: Duration) -> f64 {
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let deadline = Instant::now() + dur;
     let start = Instant::now();

@@ -41,7 +41,9 @@ pub struct Record {
     pub decision: Option<&'static str>,
     pub reason: Option<String>,
     pub token_id: Option<String>,
-    pub detail: serde_json::Map<String, serde_json::Value>,
+    /// Event-specific fields, written as the `detail` object in key order
+    /// (a key set twice keeps its last value).
+    pub detail: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl Record {
@@ -81,9 +83,34 @@ impl Record {
         self.token_id = Some(id.into());
         self
     }
-    pub fn detail(mut self, key: &str, v: impl Into<serde_json::Value>) -> Self {
-        self.detail.insert(key.to_owned(), v.into());
+    pub fn detail(mut self, key: &'static str, v: impl Into<serde_json::Value>) -> Self {
+        let v = v.into();
+        match self.detail.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = v,
+            None => self.detail.push((key, v)),
+        }
         self
+    }
+
+    /// A detail field's value.
+    pub fn detail_value(&self, key: &str) -> Option<&serde_json::Value> {
+        self.detail.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// The detail fields sorted by key, as they are written.
+    fn sorted_detail(&self) -> Vec<(&'static str, &serde_json::Value)> {
+        let mut d: Vec<_> = self.detail.iter().map(|(k, v)| (*k, v)).collect();
+        d.sort_unstable_by_key(|(k, _)| *k);
+        d
+    }
+}
+
+/// The `detail` object of a line.
+struct Detail<'a>(&'a [(&'static str, &'a serde_json::Value)]);
+
+impl Serialize for Detail<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (*k, *v)))
     }
 }
 
@@ -100,7 +127,7 @@ struct Line<'a> {
     decision: &'a Option<&'static str>,
     reason: &'a Option<String>,
     token_id: &'a Option<String>,
-    detail: &'a serde_json::Map<String, serde_json::Value>,
+    detail: Detail<'a>,
     prev: &'a str,
 }
 
@@ -236,6 +263,7 @@ fn writer(
             Msg::Record(r) => {
                 seq += 1;
                 let now = SystemTime::now();
+                let detail = r.sorted_detail();
                 let line = Line {
                     seq,
                     time: rfc3339_millis(now),
@@ -248,13 +276,16 @@ fn writer(
                     decision: &r.decision,
                     reason: &r.reason,
                     token_id: &r.token_id,
-                    detail: &r.detail,
+                    detail: Detail(&detail),
                     prev: &prev,
                 };
-                let Ok(mut text) = serde_json::to_string(&line) else {
+                // Serialized straight onto the pending batch, hashed there.
+                let start = pending.len();
+                if serde_json::to_writer(&mut pending, &line).is_err() {
+                    pending.truncate(start);
                     continue;
-                };
-                let prev_line = std::mem::replace(&mut prev, sha256_hex(text.as_bytes()));
+                }
+                let prev_line = std::mem::replace(&mut prev, sha256_hex(&pending[start..]));
                 // Exported as written (the file stays the system of record;
                 // the export queue never blocks this thread).
                 if let Some(o) = otel.get() {
@@ -270,12 +301,11 @@ fn writer(
                         decision: r.decision,
                         reason: r.reason.as_deref(),
                         token_id: r.token_id.as_deref(),
-                        detail: Some(&r.detail),
+                        detail: crate::otel::Details::Pairs(&detail),
                         prev: Some(&prev_line),
                     });
                 }
-                text.push('\n');
-                pending.extend_from_slice(text.as_bytes());
+                pending.push(b'\n');
                 // One write per burst rather than per record: write when the
                 // queue is drained (or the batch is large).
                 batch += 1;

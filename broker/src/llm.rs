@@ -241,23 +241,15 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let t = std::time::SystemTime::now();
     let authorized = broker.authorize_token(&token, &peer, LLM_TOOL, LLM_OP, &no_args);
     if let Some(o) = otel {
-        let mut a = vec![crate::otel::kv(
-            "lever.right",
-            crate::otel::s("llm/generate"),
-        )];
-        if let Ok(v) = &authorized {
-            a.push(crate::otel::kv(
-                "lever.token_id",
-                crate::otel::s(v.token_id.as_str()),
-            ));
+        let right = ("lever.right", "llm/generate");
+        let step = |a: &[(&str, &str)]| {
+            let refused = authorized.as_ref().err().map(|d| d.code());
+            o.step(&ctx.trace_ids(o), "verify capability", t, a, refused);
+        };
+        match &authorized {
+            Ok(v) => step(&[right, ("lever.token_id", v.token_id.as_str())]),
+            Err(_) => step(&[right]),
         }
-        o.step(
-            &ctx.request_id,
-            "verify capability",
-            t,
-            a,
-            authorized.as_ref().err().map(|d| d.code()),
-        );
     }
     let verified = match authorized {
         Ok(v) => v,
@@ -284,10 +276,10 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     });
     if let Some(o) = otel {
         o.step(
-            &ctx.request_id,
+            &ctx.trace_ids(o),
             "rate limit",
             t,
-            vec![crate::otel::kv("lever.lane", crate::otel::s("llm"))],
+            &[("lever.lane", "llm")],
             admitted.as_ref().err().map(|e| e.code()),
         );
     }
@@ -401,7 +393,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             .audit
             .otel
             .get()
-            .map(|o| (o.clone(), ctx.request_id.clone(), wall)),
+            .map(|o| (o.clone(), ctx.trace_ids(o), wall)),
         model: peek.model.clone().unwrap_or_default(),
         record: Some(
             Record::new("llm")
@@ -524,7 +516,7 @@ struct Meter {
     /// The upstream's status.
     status: u16,
     /// Telemetry: the exporter, the request id and when the call began.
-    otel: Option<(crate::otel::Otel, String, std::time::SystemTime)>,
+    otel: Option<(crate::otel::Otel, crate::otel::Ids, std::time::SystemTime)>,
     model: String,
     record: Option<Record>,
     started: Instant,
@@ -592,48 +584,31 @@ impl Meter {
     fn span(
         &self,
         o: &crate::otel::Otel,
-        rid: &str,
+        ids: &crate::otel::Ids,
         start: std::time::SystemTime,
         completed: bool,
-    ) -> crate::otel::proto::Span {
-        use crate::otel::{V, kv, s};
-        let (trace_id, parent) = crate::otel::ids(o.tag(), rid);
-        let mut attributes = vec![
-            kv("gen_ai.operation.name", s("chat")),
-            kv("gen_ai.provider.name", s("anthropic")),
-            kv("gen_ai.request.model", s(self.model.clone())),
-            kv(
-                "http.response.status_code",
-                V::IntValue(i64::from(self.status)),
-            ),
-            kv("lever.completed", V::BoolValue(completed)),
-        ];
+    ) {
+        use crate::otel::Val;
+        let name = ["chat ", self.model.as_str()];
+        let Some(mut sp) = o.span(ids, Some("llm"), &name, crate::otel::CLIENT, start) else {
+            return;
+        };
+        sp.str("gen_ai.operation.name", "chat")
+            .str("gen_ai.provider.name", "anthropic")
+            .str("gen_ai.request.model", &self.model)
+            .int("http.response.status_code", i64::from(self.status))
+            .attr("lever.completed", Val::Bool(completed));
         if let Some(n) = self.input_tokens {
-            attributes.push(kv("gen_ai.usage.input_tokens", V::IntValue(n as i64)));
+            sp.int("gen_ai.usage.input_tokens", n as i64);
         }
         if let Some(n) = self.output_tokens {
-            attributes.push(kv("gen_ai.usage.output_tokens", V::IntValue(n as i64)));
+            sp.int("gen_ai.usage.output_tokens", n as i64);
         }
         if let Some(t) = self.first_byte {
-            attributes.push(kv(
-                "lever.ttfb_ms",
-                V::DoubleValue(t.as_secs_f64() * 1000.0),
-            ));
+            sp.attr("lever.ttfb_ms", Val::Double(t.as_secs_f64() * 1000.0));
         }
-        crate::otel::proto::Span {
-            span_id: crate::otel::child_id(&parent, "llm"),
-            trace_id,
-            parent_span_id: parent,
-            name: format!("chat {}", self.model),
-            kind: crate::otel::CLIENT,
-            start_time_unix_nano: crate::otel::nanos(start),
-            end_time_unix_nano: crate::otel::now_nanos(),
-            attributes,
-            status: (!completed || self.status >= 500).then(|| crate::otel::proto::Status {
-                message: self.failed.clone().unwrap_or_default(),
-                code: 2,
-            }),
-        }
+        let failed = !completed || self.status >= 500;
+        sp.end(failed.then(|| self.failed.as_deref().unwrap_or("")));
     }
 
     fn finish(&mut self, completed: bool) {
@@ -677,10 +652,8 @@ impl Meter {
         if let Some(t) = self.first_byte {
             stats.observe("lever_llm_ttfb_seconds", &[], t);
         }
-        if let Some((o, rid, start)) = &self.otel {
-            o.send(crate::otel::Item::Span(
-                self.span(o, rid, *start, completed),
-            ));
+        if let Some((o, ids, start)) = &self.otel {
+            self.span(o, ids, *start, completed);
         }
         if let Some((budget, agent)) = &self.budget {
             budget.spend(

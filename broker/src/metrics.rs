@@ -41,11 +41,81 @@ impl Histogram {
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Series of one kind, found by name and label values without allocating
+/// (a hash of both indexes the entries; a new series is the only
+/// allocation).
+#[derive(Debug)]
+struct Series<T> {
+    entries: Vec<(&'static str, Labels, T)>,
+    index: std::collections::HashMap<u64, usize>,
+}
+
+impl<T> Default for Series<T> {
+    fn default() -> Self {
+        Series {
+            entries: Vec::new(),
+            index: std::collections::HashMap::new(),
+        }
+    }
+}
+
+fn series_hash(name: &str, pairs: &[(&'static str, &str)]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for x in b.iter().chain(&[0xff]) {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(name.as_bytes());
+    for (k, v) in pairs {
+        eat(k.as_bytes());
+        eat(v.as_bytes());
+    }
+    h
+}
+
+impl<T: Default> Series<T> {
+    fn get(&mut self, name: &'static str, pairs: &[(&'static str, &str)]) -> &mut T {
+        let same = |(n, l, _): &(&'static str, Labels, T)| {
+            *n == name
+                && l.len() == pairs.len()
+                && l.iter().zip(pairs).all(|((a, x), (b, y))| a == b && x == y)
+        };
+        let h = series_hash(name, pairs);
+        let at = match self.index.get(&h) {
+            Some(&i) if same(&self.entries[i]) => i,
+            // A hash collision (never seen in practice): a linear search.
+            Some(_) => match self.entries.iter().position(same) {
+                Some(i) => i,
+                None => {
+                    self.entries.push((name, labels(pairs), T::default()));
+                    self.entries.len() - 1
+                }
+            },
+            None => {
+                self.entries.push((name, labels(pairs), T::default()));
+                self.index.insert(h, self.entries.len() - 1);
+                self.entries.len() - 1
+            }
+        };
+        &mut self.entries[at].2
+    }
+
+    /// Every series, sorted by name and labels.
+    fn snapshot<U>(&self, f: impl Fn(&T) -> U) -> BTreeMap<(&'static str, Labels), U> {
+        self.entries
+            .iter()
+            .map(|(n, l, v)| ((*n, l.clone()), f(v)))
+            .collect()
+    }
+}
+
 /// The broker's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
-    histograms: Mutex<BTreeMap<(&'static str, Labels), Histogram>>,
+    counters: Mutex<Series<u64>>,
+    histograms: Mutex<Series<Histogram>>,
     pub open_streams: AtomicI64,
     pub token_cache_hits: AtomicU64,
     pub token_cache_misses: AtomicU64,
@@ -145,25 +215,26 @@ impl Metrics {
     fn histogram_snapshot(&self) -> BTreeMap<(&'static str, Labels), (Vec<u64>, f64, u64)> {
         self.histograms
             .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, h)| (k.clone(), (h.counts.clone(), h.sum, h.count)))
-                    .collect()
-            })
+            .map(|m| m.snapshot(|h| (h.counts.clone(), h.sum, h.count)))
+            .unwrap_or_default()
+    }
+
+    fn counter_snapshot(&self) -> BTreeMap<(&'static str, Labels), u64> {
+        self.counters
+            .lock()
+            .map(|m| m.snapshot(|v| *v))
             .unwrap_or_default()
     }
 
     pub fn inc(&self, name: &'static str, pairs: &[(&'static str, &str)], by: u64) {
         if let Ok(mut m) = self.counters.lock() {
-            *m.entry((name, labels(pairs))).or_default() += by;
+            *m.get(name, pairs) += by;
         }
     }
 
     pub fn observe(&self, name: &'static str, pairs: &[(&'static str, &str)], d: Duration) {
         if let Ok(mut m) = self.histograms.lock() {
-            m.entry((name, labels(pairs)))
-                .or_default()
-                .observe(d.as_secs_f64());
+            m.get(name, pairs).observe(d.as_secs_f64());
         }
     }
 
@@ -171,7 +242,7 @@ impl Metrics {
     /// and counters owned elsewhere (name, type, help, value).
     pub fn render(&self, extra: &[(&str, &str, &str, f64)]) -> String {
         let mut out = String::new();
-        let counters = self.counters.lock().map(|m| m.clone()).unwrap_or_default();
+        let counters = self.counter_snapshot();
         let histograms = self.histogram_snapshot();
         for (name, kind, help) in FAMILIES {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -250,7 +321,7 @@ impl Metrics {
                 .to_owned()
         };
         let mut out = Vec::new();
-        let counters = self.counters.lock().map(|m| m.clone()).unwrap_or_default();
+        let counters = self.counter_snapshot();
         let mut by_name: BTreeMap<&str, Vec<p::NumberDataPoint>> = BTreeMap::new();
         for ((name, l), v) in &counters {
             by_name.entry(name).or_default().push(p::NumberDataPoint {
@@ -404,6 +475,79 @@ mod tests {
             t.contains("# TYPE lever_open_streams gauge\nlever_open_streams 0\n"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn series_are_found_again_and_kept_apart() {
+        let m = Metrics::default();
+        for _ in 0..3 {
+            m.inc(
+                "lever_requests_total",
+                &[("route", "llm"), ("status", "200")],
+                1,
+            );
+        }
+        m.inc(
+            "lever_requests_total",
+            &[("route", "llm"), ("status", "429")],
+            1,
+        );
+        m.inc(
+            "lever_requests_total",
+            &[("route", "mcp"), ("status", "200")],
+            1,
+        );
+        // Label boundaries count: ("ab","c") is not ("a","bc").
+        m.inc(
+            "lever_denials_total",
+            &[("route", "ab"), ("reason", "c")],
+            1,
+        );
+        m.inc(
+            "lever_denials_total",
+            &[("route", "a"), ("reason", "bc")],
+            5,
+        );
+        let c = m.counter_snapshot();
+        let get = |n: &'static str, l: &[(&'static str, &str)]| c.get(&(n, labels(l))).copied();
+        assert_eq!(
+            get(
+                "lever_requests_total",
+                &[("route", "llm"), ("status", "200")]
+            ),
+            Some(3)
+        );
+        assert_eq!(
+            get(
+                "lever_requests_total",
+                &[("route", "llm"), ("status", "429")]
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            get(
+                "lever_requests_total",
+                &[("route", "mcp"), ("status", "200")]
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            get("lever_denials_total", &[("route", "ab"), ("reason", "c")]),
+            Some(1)
+        );
+        assert_eq!(
+            get("lever_denials_total", &[("route", "a"), ("reason", "bc")]),
+            Some(5)
+        );
+        assert_eq!(c.len(), 5);
+        // A collision in the index still finds the right series.
+        let mut s: Series<u64> = Series::default();
+        *s.get("x", &[("k", "1")]) += 1;
+        let h = series_hash("x", &[("k", "2")]);
+        s.index.insert(h, 0);
+        *s.get("x", &[("k", "2")]) += 7;
+        assert_eq!(*s.get("x", &[("k", "1")]), 1);
+        assert_eq!(*s.get("x", &[("k", "2")]), 7);
     }
 
     #[test]

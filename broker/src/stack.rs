@@ -42,9 +42,16 @@ pub struct Ctx<'a> {
     /// A refusal answered inside a successful response (an MCP JSON-RPC
     /// error), for the request's span.
     pub denied_inside: std::sync::OnceLock<&'static str>,
+    /// The request's trace ids, derived once when telemetry asks.
+    trace: std::sync::OnceLock<crate::otel::Ids>,
 }
 
 impl Ctx<'_> {
+    /// The request's trace and span ids.
+    pub fn trace_ids(&self, o: &crate::otel::Otel) -> crate::otel::Ids {
+        *self.trace.get_or_init(|| o.ids(&self.request_id))
+    }
+
     /// Records a denial the handler is about to return.
     pub async fn audit_deny(&self, rec: Record) {
         self.audited.store(true, Ordering::Relaxed);
@@ -70,6 +77,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
         peer: None,
         audited: AtomicBool::new(false),
         denied_inside: std::sync::OnceLock::new(),
+        trace: std::sync::OnceLock::new(),
     };
     // Kept for the rescue layer; formatted only when a request fails.
     let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -118,9 +126,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     if let Some(o) = broker.audit.otel.get() {
         let status = resp.status().as_u16();
         let denied = denied.or_else(|| ctx.denied_inside.get().copied());
-        o.send(crate::otel::Item::Span(request_span(
-            o, &ctx, &method, kind, status, denied, wall,
-        )));
+        request_span(o, &ctx, &method, kind, status, denied, wall);
     }
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -137,43 +143,36 @@ fn request_span(
     status: u16,
     denied: Option<&'static str>,
     start: std::time::SystemTime,
-) -> crate::otel::proto::Span {
-    use crate::otel::{V, kv, s};
-    let (trace_id, span_id) = crate::otel::ids(o.tag(), &ctx.request_id);
+) {
     let route = route_template(kind);
-    let mut attributes = vec![
-        kv("http.request.method", s(method.as_str())),
-        kv("http.route", s(route)),
-        kv("http.response.status_code", V::IntValue(i64::from(status))),
-        kv("lever.request_id", s(ctx.request_id.clone())),
-        kv(
+    let ids = ctx.trace_ids(o);
+    let Some(mut sp) = o.span(
+        &ids,
+        None,
+        &[method.as_str(), " ", route],
+        crate::otel::SERVER,
+        start,
+    ) else {
+        return;
+    };
+    sp.str("http.request.method", method.as_str())
+        .str("http.route", route)
+        .int("http.response.status_code", i64::from(status))
+        .str("lever.request_id", &ctx.request_id)
+        .str(
             "lever.decision",
-            s(if denied.is_some() { "deny" } else { "allow" }),
-        ),
-    ];
+            if denied.is_some() { "deny" } else { "allow" },
+        );
     if let Some(reason) = denied {
-        attributes.push(kv("lever.deny_reason", s(reason)));
+        sp.str("lever.deny_reason", reason);
     }
     if let Some(p) = &ctx.peer {
-        attributes.push(kv("lever.identity", s(p.clone())));
+        sp.str("lever.identity", p);
     }
     if kind == "llm" || kind == "mcp" || kind == "capabilities" || kind == "delegate" {
-        attributes.push(kv("lever.epoch", V::IntValue(ctx.broker.epoch() as i64)));
+        sp.int("lever.epoch", ctx.broker.epoch() as i64);
     }
-    crate::otel::proto::Span {
-        trace_id,
-        span_id,
-        parent_span_id: Vec::new(),
-        name: format!("{method} {route}"),
-        kind: crate::otel::SERVER,
-        start_time_unix_nano: crate::otel::nanos(start),
-        end_time_unix_nano: crate::otel::now_nanos(),
-        attributes,
-        status: (status >= 500).then(|| crate::otel::proto::Status {
-            message: String::new(),
-            code: 2,
-        }),
-    }
+    sp.end((status >= 500).then_some(""));
 }
 
 /// The route template of a route kind (never the request's own path).

@@ -158,14 +158,14 @@ fn export(
     let Ok(http) = otel::http_client() else {
         return fail("cannot build the HTTP client");
     };
-    let mut batch = Vec::new();
+    let mut batch = otel::Batch::default();
     let (mut sent, mut skipped) = (0usize, 0usize);
-    let mut flush = |batch: &mut Vec<otel::proto::LogRecord>| -> Result<(), String> {
+    let mut flush = |batch: &mut otel::Batch| -> Result<(), String> {
         if batch.is_empty() {
             return Ok(());
         }
         let n = batch.len();
-        let body = otel::logs_request(&target, std::mem::take(batch));
+        let body = otel::logs_request(&target, &std::mem::take(batch));
         rt.block_on(otel::post(
             &http,
             &format!("{}/v1/logs", target.endpoint),
@@ -189,9 +189,7 @@ fn export(
         {
             continue;
         }
-        // Trace ids as the broker derives them need its instance tag,
-        // which the file does not hold: replayed records carry none.
-        batch.push(otel::log_record(&v, ""));
+        batch.push_line(&v);
         if batch.len() >= 512
             && let Err(e) = flush(&mut batch)
         {

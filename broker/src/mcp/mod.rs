@@ -465,9 +465,7 @@ async fn call(
     let wall = std::time::SystemTime::now();
     let span = |name: &str, reason: Option<&str>, outcome: &str| {
         if let Some(o) = broker.audit.otel.get() {
-            o.send(crate::otel::Item::Span(tool_span(
-                o, ctx, sid, name, verified, reason, outcome, wall,
-            )));
+            tool_span(o, ctx, sid, name, verified, reason, outcome, wall);
         }
     };
     let Some(name) = params.get("name").and_then(Value::as_str) else {
@@ -544,12 +542,12 @@ async fn call(
     let authorized = broker.authorize_token(token, peer, tool, op, &judged);
     if let Some(o) = broker.audit.otel.get() {
         o.step(
-            &ctx.request_id,
+            &ctx.trace_ids(o),
             "verify capability",
             t,
-            vec![
-                crate::otel::kv("lever.right", crate::otel::s(format!("{tool}/{op}"))),
-                crate::otel::kv("lever.token_id", crate::otel::s(verified.token_id.as_str())),
+            &[
+                ("lever.right", &format!("{tool}/{op}")),
+                ("lever.token_id", verified.token_id.as_str()),
             ],
             authorized.as_ref().err().map(|d| d.code()),
         );
@@ -585,10 +583,10 @@ async fn call(
     let admitted = broker.limits.tools.admit(peer);
     if let Some(o) = broker.audit.otel.get() {
         o.step(
-            &ctx.request_id,
+            &ctx.trace_ids(o),
             "rate limit",
             t,
-            vec![crate::otel::kv("lever.lane", crate::otel::s("tool"))],
+            &[("lever.lane", "tool")],
             admitted.as_ref().err().map(|e| e.code()),
         );
     }
@@ -677,8 +675,7 @@ async fn call(
         }
     };
     let outcome = rec
-        .detail
-        .get("outcome")
+        .detail_value("outcome")
         .and_then(serde_json::Value::as_str)
         .unwrap_or("")
         .to_owned();
@@ -712,44 +709,35 @@ fn tool_span(
     reason: Option<&str>,
     outcome: &str,
     start: std::time::SystemTime,
-) -> crate::otel::proto::Span {
-    use crate::otel::{kv, s};
-    let (trace_id, parent) = crate::otel::ids(o.tag(), &ctx.request_id);
-    let mut attributes = vec![
-        kv("mcp.method.name", s("tools/call")),
-        kv("mcp.session.id", s(sid)),
-        kv("gen_ai.operation.name", s("execute_tool")),
-        kv("gen_ai.tool.name", s(name)),
-        kv("lever.token_id", s(verified.token_id.as_str())),
-        kv("lever.identity", s(verified.holder.clone())),
-        kv(
+) {
+    let ids = ctx.trace_ids(o);
+    let title = ["tools/call ", name];
+    let Some(mut sp) = o.span(
+        &ids,
+        Some("tools/call"),
+        &title,
+        crate::otel::INTERNAL,
+        start,
+    ) else {
+        return;
+    };
+    sp.str("mcp.method.name", "tools/call")
+        .str("mcp.session.id", sid)
+        .str("gen_ai.operation.name", "execute_tool")
+        .str("gen_ai.tool.name", name)
+        .str("lever.token_id", verified.token_id.as_str())
+        .str("lever.identity", &verified.holder)
+        .str(
             "lever.decision",
-            s(if reason.is_some() { "deny" } else { "allow" }),
-        ),
-        kv("lever.outcome", s(outcome)),
-        kv(
-            "lever.epoch",
-            crate::otel::V::IntValue(verified.epoch as i64),
-        ),
-    ];
+            if reason.is_some() { "deny" } else { "allow" },
+        )
+        .str("lever.outcome", outcome)
+        .int("lever.epoch", verified.epoch as i64);
     if let Some(r) = reason {
-        attributes.push(kv("lever.deny_reason", s(r)));
+        sp.str("lever.deny_reason", r);
     }
     let failed = reason.is_some() || !(outcome == "ok" || outcome == "tool_error");
-    crate::otel::proto::Span {
-        span_id: crate::otel::child_id(&parent, "tools/call"),
-        trace_id,
-        parent_span_id: parent,
-        name: format!("tools/call {name}"),
-        kind: crate::otel::INTERNAL,
-        start_time_unix_nano: crate::otel::nanos(start),
-        end_time_unix_nano: crate::otel::now_nanos(),
-        attributes,
-        status: failed.then(|| crate::otel::proto::Status {
-            message: reason.unwrap_or(outcome).to_owned(),
-            code: 2,
-        }),
-    }
+    sp.end(failed.then(|| reason.unwrap_or(outcome)));
 }
 
 fn pins_of(verified: &Verified, tool: &str, op: &str) -> String {

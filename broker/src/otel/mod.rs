@@ -245,74 +245,57 @@ pub mod proto {
     }
 }
 
-pub use proto::any_value::Value as V;
+pub mod wire;
 
-/// An attribute value.
-pub fn kv(key: &str, v: V) -> proto::KeyValue {
-    proto::KeyValue {
-        key: key.to_owned(),
-        value: Some(proto::AnyValue { value: Some(v) }),
-    }
-}
-
-pub fn s(v: impl Into<String>) -> V {
-    V::StringValue(v.into())
-}
-
-impl Otel {
-    /// Records an internal step of request `rid` (token verification, a
-    /// rate limit) as a child of the request's span.
-    pub fn step(
-        &self,
-        rid: &str,
-        name: &'static str,
-        start: SystemTime,
-        mut attributes: Vec<proto::KeyValue>,
-        refused: Option<&str>,
-    ) {
-        let (trace_id, parent) = ids(&self.tag, rid);
-        attributes.push(kv(
-            "lever.decision",
-            s(if refused.is_some() { "deny" } else { "allow" }),
-        ));
-        if let Some(r) = refused {
-            attributes.push(kv("lever.deny_reason", s(r)));
-        }
-        self.send(Item::Span(proto::Span {
-            span_id: child_id(&parent, name),
-            trace_id,
-            parent_span_id: parent,
-            name: name.to_owned(),
-            kind: INTERNAL,
-            start_time_unix_nano: nanos(start),
-            end_time_unix_nano: now_nanos(),
-            attributes,
-            status: refused.map(|r| proto::Status {
-                message: r.to_owned(),
-                code: 2,
-            }),
-        }));
-    }
-}
+pub use wire::Val;
 
 /// OTLP span kinds.
 pub const SERVER: i32 = 2;
 pub const CLIENT: i32 = 3;
 pub const INTERNAL: i32 = 1;
 
-/// What goes to the collector.
-#[derive(Debug)]
-pub enum Item {
-    Log(proto::LogRecord),
-    Span(proto::Span),
-    /// A snapshot of every metric (sent as one export).
-    Metrics(Vec<proto::Metric>),
-}
-
 const QUEUE: usize = 8192;
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const DEADLINE: Duration = Duration::from_secs(5);
+
+/// The trace and span id of one request, derived from the instance tag and
+/// the request id, so the audit writer finds the same ids from the record
+/// alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ids {
+    pub trace: [u8; 16],
+    pub span: [u8; 8],
+}
+
+impl Ids {
+    /// The ids of request `request_id` on instance `tag`.
+    pub fn of(tag: &str, request_id: &str) -> Ids {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(tag.as_bytes());
+        ctx.update(b"/");
+        ctx.update(request_id.as_bytes());
+        let d = ctx.finish();
+        let mut ids = Ids {
+            trace: [0; 16],
+            span: [0; 8],
+        };
+        ids.trace.copy_from_slice(&d.as_ref()[..16]);
+        ids.span.copy_from_slice(&d.as_ref()[16..24]);
+        ids
+    }
+
+    /// The id of the request's child span `name`: the request's span id
+    /// mixed with the name (FNV-1a), stable per named step.
+    pub fn child(&self, name: &str) -> [u8; 8] {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        (u64::from_be_bytes(self.span) ^ h).to_be_bytes()
+    }
+}
 
 /// The export side: cheap to clone, never blocks.
 #[derive(Debug, Clone)]
@@ -343,22 +326,77 @@ pub fn sampling_ratio(env: &dyn Fn(&str) -> Option<String>) -> f64 {
 
 /// Whether a trace is kept at `ratio`: decided by its id alone, so every
 /// span of one request gets the same answer.
-fn kept(trace_id: &[u8], ratio: f64) -> bool {
+fn kept(trace_id: &[u8; 16], ratio: f64) -> bool {
     if ratio >= 1.0 {
         return true;
     }
     let mut b = [0u8; 8];
-    for (d, s) in b.iter_mut().zip(trace_id.iter().skip(8)) {
-        *d = *s;
-    }
+    b.copy_from_slice(&trace_id[8..]);
     (u64::from_be_bytes(b) as f64) < ratio * (u64::MAX as f64)
 }
 
-/// Items waiting for the exporter. Senders append under a short lock and
-/// wake the exporter only when a batch is full: not one wake-up per item.
+/// Encoded items of one kind, each framed as a repeated field of its scope
+/// message, ready to be wrapped into one export request.
+#[derive(Debug, Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    n: usize,
+}
+
+impl Batch {
+    /// Appends one encoded item (a `Span` or `LogRecord` message).
+    fn push(&mut self, item: &[u8]) {
+        if self.bytes.capacity() == 0 {
+            self.bytes.reserve(BATCH * 256);
+        }
+        wire::bytes_field(&mut self.bytes, 2, item);
+        self.n += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Appends an audit line read back from `audit.jsonl`.
+    pub fn push_line(&mut self, line: &Value) {
+        SCRATCH.with(|c| {
+            let mut buf = c.take();
+            log_record_from_line(&mut buf, line);
+            self.push(&buf);
+            buf.clear();
+            c.set(buf);
+        });
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Logs,
+    Traces,
+}
+
+/// What waits for the exporter. Senders append under a short lock and wake
+/// the exporter only when a batch is full: not one wake-up per item.
+#[derive(Debug, Default)]
+struct Pending {
+    spans: Batch,
+    logs: Batch,
+    /// Full batches, oldest first.
+    ready: Vec<(Kind, Batch)>,
+    /// Items held in all of the above (at most `QUEUE`).
+    held: usize,
+    /// The latest metrics snapshot not yet sent (a newer one replaces it:
+    /// they are cumulative).
+    metrics: Option<Vec<proto::Metric>>,
+}
+
 #[derive(Debug, Default)]
 struct Queue {
-    items: std::sync::Mutex<Vec<Item>>,
+    pending: std::sync::Mutex<Pending>,
     full: Notify,
 }
 
@@ -366,6 +404,47 @@ struct Queue {
 pub struct Counters {
     pub exported: AtomicU64,
     pub dropped: AtomicU64,
+}
+
+thread_local! {
+    /// A reusable buffer for encoding one item.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A span being written straight into its wire form; sent by
+/// [`SpanWriter::end`].
+#[derive(Debug)]
+pub struct SpanWriter<'a> {
+    otel: &'a Otel,
+    buf: Vec<u8>,
+}
+
+impl SpanWriter<'_> {
+    pub fn attr(&mut self, key: &str, v: Val<'_>) -> &mut Self {
+        wire::attr(&mut self.buf, wire::span::ATTRIBUTES, &[key], v);
+        self
+    }
+
+    pub fn str(&mut self, key: &str, v: &str) -> &mut Self {
+        self.attr(key, Val::Str(v))
+    }
+
+    pub fn int(&mut self, key: &str, v: i64) -> &mut Self {
+        self.attr(key, Val::Int(v))
+    }
+
+    /// Ends the span now, with an error status carrying `error` if given,
+    /// and queues it.
+    pub fn end(mut self, error: Option<&str>) {
+        wire::fixed64_field(&mut self.buf, wire::span::END, now_nanos());
+        if let Some(m) = error {
+            wire::error_status(&mut self.buf, m);
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        self.otel.push(Kind::Traces, &buf);
+        buf.clear();
+        SCRATCH.with(|c| c.set(buf));
+    }
 }
 
 /// Where and as whom to export: the config first, then the standard
@@ -417,32 +496,6 @@ pub fn nanos(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// The trace and span id of request `request_id` on instance `tag`.
-pub fn ids(tag: &str, request_id: &str) -> (Vec<u8>, Vec<u8>) {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(tag.as_bytes());
-    ctx.update(b"/");
-    ctx.update(request_id.as_bytes());
-    let d = ctx.finish();
-    let b = d.as_ref();
-    (b[..16].to_vec(), b[16..24].to_vec())
-}
-
-/// A child span id under a request's span `parent`: the parent id mixed
-/// with the child's name (FNV-1a), so each named step has its own stable id.
-pub fn child_id(parent: &[u8], name: &str) -> Vec<u8> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    parent
-        .iter()
-        .zip(h.to_be_bytes())
-        .map(|(a, b)| a ^ b)
-        .collect()
-}
-
 impl Otel {
     /// Starts the exporter task, and a task that snapshots `metrics` every
     /// `OTEL_METRIC_EXPORT_INTERVAL` milliseconds (default 60 s).
@@ -469,7 +522,7 @@ impl Otel {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                sender.send(Item::Metrics(metrics.otlp(since)));
+                sender.send_metrics(metrics.otlp(since));
             }
         });
         o
@@ -479,31 +532,127 @@ impl Otel {
         &self.tag
     }
 
-    /// Queues an item, or counts it dropped when the queue is full.
-    pub fn send(&self, item: Item) {
-        if let Item::Span(sp) = &item
-            && !kept(&sp.trace_id, self.ratio)
-        {
-            return;
+    /// The ids of request `request_id`.
+    pub fn ids(&self, request_id: &str) -> Ids {
+        Ids::of(&self.tag, request_id)
+    }
+
+    /// Starts a span of the request `ids`: the request's own span when
+    /// `child` is `None`, else its child span of that stable name. `name`
+    /// is the displayed span name, in parts. `None` when the trace is
+    /// sampled out.
+    pub fn span(
+        &self,
+        ids: &Ids,
+        child: Option<&str>,
+        name: &[&str],
+        kind: i32,
+        start: SystemTime,
+    ) -> Option<SpanWriter<'_>> {
+        if !kept(&ids.trace, self.ratio) {
+            return None;
         }
-        let len = match self.queue.items.lock() {
-            Ok(mut q) if q.len() < QUEUE => {
-                q.push(item);
-                q.len()
+        let mut buf = SCRATCH.with(std::cell::Cell::take);
+        wire::bytes_field(&mut buf, wire::span::TRACE_ID, &ids.trace);
+        match child {
+            None => wire::bytes_field(&mut buf, wire::span::SPAN_ID, &ids.span),
+            Some(c) => {
+                wire::bytes_field(&mut buf, wire::span::SPAN_ID, &ids.child(c));
+                wire::bytes_field(&mut buf, wire::span::PARENT_SPAN_ID, &ids.span);
+            }
+        }
+        wire::str_field(&mut buf, wire::span::NAME, name);
+        wire::varint_field(&mut buf, wire::span::KIND, kind as u64);
+        wire::fixed64_field(&mut buf, wire::span::START, nanos(start));
+        Some(SpanWriter { otel: self, buf })
+    }
+
+    /// Records an internal step of a request (token verification, a rate
+    /// limit) as a child of the request's span.
+    pub fn step(
+        &self,
+        ids: &Ids,
+        name: &'static str,
+        start: SystemTime,
+        attributes: &[(&str, &str)],
+        refused: Option<&str>,
+    ) {
+        let Some(mut sp) = self.span(ids, Some(name), &[name], INTERNAL, start) else {
+            return;
+        };
+        for (k, v) in attributes {
+            sp.str(k, v);
+        }
+        sp.str(
+            "lever.decision",
+            if refused.is_some() { "deny" } else { "allow" },
+        );
+        if let Some(r) = refused {
+            sp.str("lever.deny_reason", r);
+        }
+        sp.end(refused);
+    }
+
+    /// Queues an encoded item, or counts it dropped when the queue is full.
+    fn push(&self, kind: Kind, item: &[u8]) {
+        let full = match self.queue.pending.lock() {
+            Ok(mut q) if q.held < QUEUE => {
+                q.held += 1;
+                let batch = match kind {
+                    Kind::Logs => &mut q.logs,
+                    Kind::Traces => &mut q.spans,
+                };
+                batch.push(item);
+                if batch.n == BATCH {
+                    let b = std::mem::take(batch);
+                    q.ready.push((kind, b));
+                    true
+                } else {
+                    false
+                }
             }
             _ => {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
-        if len == BATCH {
+        if full {
             self.queue.full.notify_one();
+        }
+    }
+
+    fn send_metrics(&self, m: Vec<proto::Metric>) {
+        if let Ok(mut q) = self.queue.pending.lock() {
+            q.metrics = Some(m);
         }
     }
 
     /// An audit record as a log record.
     pub fn audit(&self, view: &AuditView<'_>) {
-        self.send(Item::Log(log_from(view, &self.tag)));
+        let ids = view.request_id.map(|r| self.ids(r));
+        let mut buf = SCRATCH.with(std::cell::Cell::take);
+        log_record(&mut buf, view, ids.as_ref());
+        self.push(Kind::Logs, &buf);
+        buf.clear();
+        SCRATCH.with(|c| c.set(buf));
+    }
+}
+
+/// The `detail` fields of an audit record.
+#[derive(Debug, Clone, Copy)]
+pub enum Details<'a> {
+    /// As the writer holds them.
+    Pairs(&'a [(&'static str, &'a Value)]),
+    /// As read back from a line.
+    Map(&'a serde_json::Map<String, Value>),
+}
+
+impl Details<'_> {
+    fn for_each(&self, mut f: impl FnMut(&str, &Value)) {
+        match self {
+            Details::Pairs(p) => p.iter().for_each(|(k, v)| f(k, v)),
+            Details::Map(m) => m.iter().for_each(|(k, v)| f(k, v)),
+        }
     }
 }
 
@@ -522,12 +671,14 @@ pub struct AuditView<'a> {
     pub decision: Option<&'a str>,
     pub reason: Option<&'a str>,
     pub token_id: Option<&'a str>,
-    pub detail: Option<&'a serde_json::Map<String, Value>>,
+    pub detail: Details<'a>,
     pub prev: Option<&'a str>,
 }
 
-/// An audit line read back, as an OTLP log record.
-pub fn log_record(line: &Value, tag: &str) -> proto::LogRecord {
+/// An audit line read back, as an OTLP log record. Trace ids as the broker
+/// derives them need its instance tag, which the file does not hold:
+/// replayed records carry none.
+fn log_record_from_line(buf: &mut Vec<u8>, line: &Value) {
     let constraints: Option<std::collections::BTreeMap<String, String>> =
         line["constraints"].as_object().map(|m| {
             m.iter()
@@ -539,6 +690,7 @@ pub fn log_record(line: &Value, tag: &str) -> proto::LogRecord {
                 })
                 .collect()
         });
+    let empty = serde_json::Map::new();
     let view = AuditView {
         seq: line["seq"].as_u64(),
         time: line["time"]
@@ -553,22 +705,34 @@ pub fn log_record(line: &Value, tag: &str) -> proto::LogRecord {
         decision: line["decision"].as_str(),
         reason: line["reason"].as_str(),
         token_id: line["token_id"].as_str(),
-        detail: line["detail"].as_object(),
+        detail: Details::Map(line["detail"].as_object().unwrap_or(&empty)),
         prev: line["prev"].as_str(),
     };
-    log_from(&view, tag)
+    log_record(buf, &view, None);
 }
 
 /// An audit record as an OTLP log record: every field an attribute
 /// (`lever.*`, `detail` as `lever.detail.*`, constraints as
-/// `lever.constraint.*`), correlated to its request's span when the
-/// instance tag is known (not on replay).
-pub fn log_from(v: &AuditView<'_>, tag: &str) -> proto::LogRecord {
-    let mut attrs = Vec::with_capacity(12 + v.detail.map_or(0, |d| d.len()));
-    if let Some(n) = v.seq {
-        attrs.push(kv("lever.seq", V::IntValue(n as i64)));
+/// `lever.constraint.*`), correlated to its request's span by `ids`.
+fn log_record(buf: &mut Vec<u8>, v: &AuditView<'_>, ids: Option<&Ids>) {
+    use wire::log as f;
+    let deny = v.decision == Some("deny");
+    wire::fixed64_field(buf, f::TIME, v.time.map_or_else(now_nanos, nanos));
+    wire::fixed64_field(buf, f::OBSERVED_TIME, now_nanos());
+    wire::varint_field(buf, f::SEVERITY_NUMBER, if deny { 13 } else { 9 });
+    wire::str_field(buf, f::SEVERITY_TEXT, &[if deny { "WARN" } else { "INFO" }]);
+    let body = ["lever ", v.event].concat();
+    wire::any_field(buf, f::BODY, Val::Str(&body));
+    wire::str_field(buf, f::EVENT_NAME, &["lever.", v.event]);
+    if let Some(ids) = ids {
+        wire::bytes_field(buf, f::TRACE_ID, &ids.trace);
+        wire::bytes_field(buf, f::SPAN_ID, &ids.span);
     }
-    attrs.push(kv("lever.event", s(v.event)));
+    let mut attr = |k: &[&str], x: Val<'_>| wire::attr(buf, f::ATTRIBUTES, k, x);
+    if let Some(n) = v.seq {
+        attr(&["lever.seq"], Val::Int(n as i64));
+    }
+    attr(&["lever.event"], Val::Str(v.event));
     for (k, x) in [
         ("lever.request_id", v.request_id),
         ("lever.identity", v.identity),
@@ -580,48 +744,18 @@ pub fn log_from(v: &AuditView<'_>, tag: &str) -> proto::LogRecord {
         ("lever.prev", v.prev),
     ] {
         if let Some(x) = x {
-            attrs.push(kv(k, s(x)));
+            attr(&[k], Val::Str(x));
         }
     }
     for (k, x) in v.constraints.into_iter().flatten() {
-        attrs.push(kv(&format!("lever.constraint.{k}"), s(x.clone())));
+        attr(&["lever.constraint.", k], Val::Str(x));
     }
-    for (k, x) in v.detail.into_iter().flatten() {
-        if let Some(val) = any(x) {
-            attrs.push(kv(&format!("lever.detail.{k}"), val));
-        }
-    }
-    let deny = v.decision == Some("deny");
-    let (trace_id, span_id) = match v.request_id {
-        Some(r) if !tag.is_empty() => ids(tag, r),
-        _ => (Vec::new(), Vec::new()),
-    };
-    proto::LogRecord {
-        time_unix_nano: v.time.map_or_else(now_nanos, nanos),
-        observed_time_unix_nano: now_nanos(),
-        severity_number: if deny { 13 } else { 9 },
-        severity_text: if deny { "WARN" } else { "INFO" }.into(),
-        body: Some(proto::AnyValue {
-            value: Some(s(format!("lever {}", v.event))),
-        }),
-        attributes: attrs,
-        trace_id,
-        span_id,
-        event_name: format!("lever.{}", v.event),
-    }
+    v.detail
+        .for_each(|k, x| wire::json_attr(buf, f::ATTRIBUTES, &["lever.detail.", k], x));
 }
 
-fn any(v: &Value) -> Option<V> {
-    Some(match v {
-        Value::Null => return None,
-        Value::Bool(b) => V::BoolValue(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => V::IntValue(i),
-            None => V::DoubleValue(n.as_f64()?),
-        },
-        Value::String(x) => V::StringValue(x.clone()),
-        other => V::StringValue(other.to_string()),
-    })
+fn encode<M: prost::Message>(m: &M) -> Vec<u8> {
+    m.encode_to_vec()
 }
 
 fn resource(t: &Target) -> proto::Resource {
@@ -640,6 +774,18 @@ fn scope() -> proto::InstrumentationScope {
         name: "lever".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     }
+}
+
+/// An attribute for the prost messages (metrics).
+pub fn kv(key: &str, v: proto::any_value::Value) -> proto::KeyValue {
+    proto::KeyValue {
+        key: key.to_owned(),
+        value: Some(proto::AnyValue { value: Some(v) }),
+    }
+}
+
+pub fn s(v: impl Into<String>) -> proto::any_value::Value {
+    proto::any_value::Value::StringValue(v.into())
 }
 
 type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -734,17 +880,9 @@ pub async fn post(http: &Http, url: &str, body: Vec<u8>) -> Result<(), String> {
     }
 }
 
-/// Encodes log records as an export request.
-pub fn logs_request(t: &Target, logs: Vec<proto::LogRecord>) -> Vec<u8> {
-    prost::Message::encode_to_vec(&proto::ExportLogsServiceRequest {
-        resource_logs: vec![proto::ResourceLogs {
-            resource: Some(resource(t)),
-            scope_logs: vec![proto::ScopeLogs {
-                scope: Some(scope()),
-                log_records: logs,
-            }],
-        }],
-    })
+/// Encodes a batch of log records as an export request.
+pub fn logs_request(t: &Target, logs: &Batch) -> Vec<u8> {
+    wire::export_request(&encode(&resource(t)), &encode(&scope()), &logs.bytes)
 }
 
 fn metrics_request(t: &Target, metrics: Vec<proto::Metric>) -> Vec<u8> {
@@ -754,18 +892,6 @@ fn metrics_request(t: &Target, metrics: Vec<proto::Metric>) -> Vec<u8> {
             scope_metrics: vec![proto::ScopeMetrics {
                 scope: Some(scope()),
                 metrics,
-            }],
-        }],
-    })
-}
-
-fn spans_request(t: &Target, spans: Vec<proto::Span>) -> Vec<u8> {
-    prost::Message::encode_to_vec(&proto::ExportTraceServiceRequest {
-        resource_spans: vec![proto::ResourceSpans {
-            resource: Some(resource(t)),
-            scope_spans: vec![proto::ScopeSpans {
-                scope: Some(scope()),
-                spans,
             }],
         }],
     })
@@ -781,6 +907,7 @@ async fn export(target: Target, queue: Arc<Queue>, counters: Arc<Counters>) {
         eprintln!("lever broker: telemetry: cannot build the HTTP client; nothing is exported");
         return;
     };
+    let (res, scp) = (encode(&resource(&target)), encode(&scope()));
     let send = |kind: &'static str, body: Vec<u8>| {
         let (http, target) = (&http, &target);
         async move {
@@ -799,35 +926,34 @@ async fn export(target: Target, queue: Arc<Queue>, counters: Arc<Counters>) {
     loop {
         // A full batch, or a second gone by.
         let _ = tokio::time::timeout(FLUSH_EVERY, queue.full.notified()).await;
-        let items = match queue.items.lock() {
-            Ok(mut q) => std::mem::take(&mut *q),
+        let (mut batches, metrics) = match queue.pending.lock() {
+            Ok(mut q) => {
+                let mut b = std::mem::take(&mut q.ready);
+                for (kind, part) in [
+                    (Kind::Logs, std::mem::take(&mut q.logs)),
+                    (Kind::Traces, std::mem::take(&mut q.spans)),
+                ] {
+                    if !part.is_empty() {
+                        b.push((kind, part));
+                    }
+                }
+                q.held = 0;
+                (b, q.metrics.take())
+            }
             Err(_) => return,
         };
-        let (mut logs, mut spans) = (Vec::new(), Vec::new());
-        for item in items {
-            match item {
-                Item::Log(l) => logs.push(l),
-                Item::Span(s) => spans.push(s),
-                Item::Metrics(m) => {
-                    let n = m.len() as u64;
-                    let r = send("metrics", metrics_request(&target, m)).await;
-                    count(&counters, n, r);
-                }
-            }
-        }
-        while !logs.is_empty() {
-            let rest = logs.split_off(logs.len().min(BATCH));
-            let n = logs.len() as u64;
-            let r = send("logs", logs_request(&target, logs)).await;
+        if let Some(m) = metrics {
+            let n = m.len() as u64;
+            let r = send("metrics", metrics_request(&target, m)).await;
             count(&counters, n, r);
-            logs = rest;
         }
-        while !spans.is_empty() {
-            let rest = spans.split_off(spans.len().min(BATCH));
-            let n = spans.len() as u64;
-            let r = send("traces", spans_request(&target, spans)).await;
-            count(&counters, n, r);
-            spans = rest;
+        // Logs first: they are the audit trail.
+        batches.sort_by_key(|(k, _)| *k != Kind::Logs);
+        for (kind, batch) in batches {
+            let body = wire::export_request(&res, &scp, &batch.bytes);
+            let name = if kind == Kind::Logs { "logs" } else { "traces" };
+            let r = send(name, body).await;
+            count(&counters, batch.n as u64, r);
         }
     }
 }
@@ -878,11 +1004,234 @@ mod tests {
     #[test]
     fn a_ratio_keeps_about_that_share_and_whole_traces() {
         let kept_n = (0..4000)
-            .filter(|i| kept(&ids("tag", &format!("req-{i}")).0, 0.25))
+            .filter(|i| kept(&Ids::of("tag", &format!("req-{i}")).trace, 0.25))
             .count();
         assert!((800..1200).contains(&kept_n), "{kept_n}");
-        let (t, _) = ids("tag", "req-7");
+        let t = Ids::of("tag", "req-7").trace;
         assert_eq!(kept(&t, 0.25), kept(&t, 0.25));
         assert!(!kept(&t, 0.0) && kept(&t, 1.0));
+    }
+
+    fn otel(ratio: f64) -> Otel {
+        Otel {
+            queue: Arc::default(),
+            counters: Arc::default(),
+            tag: "tag".into(),
+            ratio,
+        }
+    }
+
+    /// Everything queued, decoded with the prost messages.
+    fn drain(o: &Otel) -> (Vec<proto::Span>, Vec<proto::LogRecord>) {
+        use prost::Message;
+        let mut q = o.queue.pending.lock().unwrap();
+        let mut all = std::mem::take(&mut q.ready);
+        all.push((Kind::Logs, std::mem::take(&mut q.logs)));
+        all.push((Kind::Traces, std::mem::take(&mut q.spans)));
+        let (mut spans, mut logs) = (Vec::new(), Vec::new());
+        for (kind, b) in all {
+            let body = wire::export_request(
+                &encode(&resource(
+                    &Target::resolve(Some("x".into()), None, &|_| None).unwrap(),
+                )),
+                &encode(&scope()),
+                &b.bytes,
+            );
+            if kind == Kind::Traces {
+                let r = proto::ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+                let ss = &r.resource_spans[0].scope_spans[0];
+                assert_eq!(ss.scope.as_ref().unwrap().name, "lever");
+                spans.extend(ss.spans.iter().cloned());
+            } else {
+                let r = proto::ExportLogsServiceRequest::decode(body.as_slice()).unwrap();
+                let rl = &r.resource_logs[0];
+                let service = &rl.resource.as_ref().unwrap().attributes[0];
+                assert_eq!(service.key, "service.name");
+                logs.extend(rl.scope_logs[0].log_records.iter().cloned());
+            }
+        }
+        (spans, logs)
+    }
+
+    fn attr<'a>(a: &'a [proto::KeyValue], k: &str) -> Option<&'a proto::any_value::Value> {
+        a.iter()
+            .find(|x| x.key == k)
+            .and_then(|x| x.value.as_ref()?.value.as_ref())
+    }
+
+    #[test]
+    fn spans_written_as_bytes_decode_as_otlp_spans() {
+        let o = otel(1.0);
+        let ids = o.ids("tag-000001");
+        let t0 = SystemTime::now();
+        let mut sp = o
+            .span(&ids, None, &["POST ", "/llm/{path}"], SERVER, t0)
+            .unwrap();
+        sp.str("http.route", "/llm/{path}")
+            .int("http.response.status_code", 200);
+        sp.attr("lever.completed", Val::Bool(true));
+        sp.attr("lever.ttfb_ms", Val::Double(0.25));
+        sp.end(None);
+        o.step(
+            &ids,
+            "rate limit",
+            t0,
+            &[("lever.lane", "llm")],
+            Some("rate_limited"),
+        );
+        let (spans, logs) = drain(&o);
+        assert!(logs.is_empty());
+        assert_eq!(spans.len(), 2);
+        let (root, step) = (&spans[0], &spans[1]);
+        assert_eq!(root.name, "POST /llm/{path}");
+        assert_eq!(root.kind, SERVER);
+        assert_eq!(root.trace_id, ids.trace);
+        assert_eq!(root.span_id, ids.span);
+        assert!(root.parent_span_id.is_empty());
+        assert_eq!(root.start_time_unix_nano, nanos(t0));
+        assert!(root.end_time_unix_nano >= root.start_time_unix_nano);
+        assert!(root.status.is_none());
+        use proto::any_value::Value as V;
+        assert_eq!(
+            attr(&root.attributes, "http.route"),
+            Some(&V::StringValue("/llm/{path}".into()))
+        );
+        assert_eq!(
+            attr(&root.attributes, "http.response.status_code"),
+            Some(&V::IntValue(200))
+        );
+        assert_eq!(
+            attr(&root.attributes, "lever.completed"),
+            Some(&V::BoolValue(true))
+        );
+        assert_eq!(
+            attr(&root.attributes, "lever.ttfb_ms"),
+            Some(&V::DoubleValue(0.25))
+        );
+        assert_eq!(step.name, "rate limit");
+        assert_eq!(step.kind, INTERNAL);
+        assert_eq!(step.trace_id, ids.trace);
+        assert_eq!(step.parent_span_id, ids.span);
+        assert_eq!(step.span_id, ids.child("rate limit"));
+        assert_ne!(step.span_id, ids.child("verify capability"));
+        let st = step.status.as_ref().unwrap();
+        assert_eq!((st.code, st.message.as_str()), (2, "rate_limited"));
+        assert_eq!(
+            attr(&step.attributes, "lever.deny_reason"),
+            Some(&V::StringValue("rate_limited".into()))
+        );
+        assert_eq!(
+            attr(&step.attributes, "lever.decision"),
+            Some(&V::StringValue("deny".into()))
+        );
+    }
+
+    #[test]
+    fn audit_records_written_as_bytes_decode_as_otlp_log_records() {
+        let o = otel(0.0); // traces sampled out; logs never are
+        let constraints: std::collections::BTreeMap<String, String> =
+            [("table".to_owned(), "users".to_owned())].into();
+        let (model, n, nul) = (Value::from("claude"), Value::from(7u64), Value::Null);
+        let list = serde_json::json!(["a", "b"]);
+        let detail = [
+            ("input_tokens", &n),
+            ("model", &model),
+            ("none", &nul),
+            ("list", &list),
+        ];
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        o.audit(&AuditView {
+            seq: Some(42),
+            time: Some(at),
+            event: "tool",
+            request_id: Some("tag-000009"),
+            identity: Some("agent-a"),
+            tool: Some("db"),
+            op: Some("read"),
+            constraints: Some(&constraints),
+            decision: Some("deny"),
+            reason: Some("constraint_mismatch"),
+            token_id: Some("tok"),
+            detail: Details::Pairs(&detail),
+            prev: Some("abc"),
+        });
+        assert!(
+            o.span(&o.ids("tag-000009"), None, &["x"], SERVER, at)
+                .is_none()
+        );
+        let (spans, logs) = drain(&o);
+        assert!(spans.is_empty());
+        let l = &logs[0];
+        let ids = o.ids("tag-000009");
+        assert_eq!(
+            (l.trace_id.as_slice(), l.span_id.as_slice()),
+            (&ids.trace[..], &ids.span[..])
+        );
+        assert_eq!(l.time_unix_nano, 1_700_000_000_000_000_000);
+        assert_eq!((l.severity_number, l.severity_text.as_str()), (13, "WARN"));
+        assert_eq!(l.event_name, "lever.tool");
+        use proto::any_value::Value as V;
+        assert_eq!(
+            l.body.as_ref().unwrap().value,
+            Some(V::StringValue("lever tool".into()))
+        );
+        let a = &l.attributes;
+        assert_eq!(attr(a, "lever.seq"), Some(&V::IntValue(42)));
+        assert_eq!(
+            attr(a, "lever.identity"),
+            Some(&V::StringValue("agent-a".into()))
+        );
+        assert_eq!(
+            attr(a, "lever.reason"),
+            Some(&V::StringValue("constraint_mismatch".into()))
+        );
+        assert_eq!(
+            attr(a, "lever.constraint.table"),
+            Some(&V::StringValue("users".into()))
+        );
+        assert_eq!(attr(a, "lever.detail.input_tokens"), Some(&V::IntValue(7)));
+        assert_eq!(
+            attr(a, "lever.detail.model"),
+            Some(&V::StringValue("claude".into()))
+        );
+        assert_eq!(
+            attr(a, "lever.detail.list"),
+            Some(&V::StringValue("[\"a\",\"b\"]".into()))
+        );
+        assert!(attr(a, "lever.detail.none").is_none());
+        // A line read back gives the same attributes, without trace ids.
+        let mut b = Batch::default();
+        b.push_line(
+            &serde_json::json!({"seq": 42, "event": "tool", "decision": "deny",
+            "request_id": "tag-000009", "constraints": {"table": "users"},
+            "detail": {"input_tokens": 7, "model": "claude", "none": null, "list": ["a", "b"]}}),
+        );
+        let mut q = o.queue.pending.lock().unwrap();
+        q.logs = b;
+        drop(q);
+        let (_, back) = drain(&o);
+        assert!(back[0].trace_id.is_empty());
+        for k in [
+            "lever.seq",
+            "lever.constraint.table",
+            "lever.detail.input_tokens",
+            "lever.detail.model",
+            "lever.detail.list",
+        ] {
+            assert_eq!(attr(&back[0].attributes, k), attr(a, k), "{k}");
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let o = otel(1.0);
+        let ids = o.ids("r");
+        for _ in 0..QUEUE + 10 {
+            o.step(&ids, "rate limit", SystemTime::now(), &[], None);
+        }
+        assert_eq!(o.counters.dropped.load(Ordering::Relaxed), 10);
+        let q = o.queue.pending.lock().unwrap();
+        assert_eq!(q.ready.len(), QUEUE / BATCH);
+        assert!(q.ready.iter().all(|(_, b)| b.n == BATCH));
     }
 }
