@@ -145,20 +145,30 @@ fn main() {
     }
 
     if run("closed") {
-        println!("\n  closed loop (64 workers, as fast as each answers)");
-    }
-    let mut base_rps = 0.0;
-    for (name, t) in targets.iter().filter(|_| run("closed")) {
-        let pool = rt.block_on(Pool::new(t.clone(), 64));
-        let rps = rt.block_on(closed_loop(&pool, 64, Duration::from_secs(secs)));
-        if *name == "direct" {
-            base_rps = rps;
-            println!("    {name:<7} {rps:>9.0} req/s");
-        } else {
-            println!(
-                "    {name:<7} {rps:>9.0} req/s  ({:.2}x direct)",
-                rps / base_rps
-            );
+        // Interleaved, best of two: the load generator shares the cores, so
+        // one run alone can catch a bad scheduling spell.
+        println!("\n  closed loop (64 workers, as fast as each answers; best of 2, interleaved)");
+        let mut best = vec![0.0f64; targets.len()];
+        for _ in 0..2 {
+            for (i, (_, t)) in targets.iter().enumerate() {
+                let pool = rt.block_on(Pool::new(t.clone(), 64));
+                let rps = rt.block_on(closed_loop(&pool, 64, Duration::from_secs(secs)));
+                best[i] = best[i].max(rps);
+            }
+        }
+        for ((name, _), rps) in targets.iter().zip(&best) {
+            if *name == "direct" {
+                println!("    {name:<7} {rps:>9.0} req/s");
+            } else {
+                println!(
+                    "    {name:<7} {rps:>9.0} req/s  ({:.2}x direct{})",
+                    rps / best[0],
+                    match targets.iter().position(|(n, _)| *n == "nginx") {
+                        Some(n) if *name != "nginx" => format!(", {:.2}x nginx", rps / best[n]),
+                        _ => String::new(),
+                    }
+                );
+            }
         }
     }
 

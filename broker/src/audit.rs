@@ -12,6 +12,7 @@
 //! `seq`, `time`, `event`, `request_id`, `identity`, `tool`, `op`,
 //! `constraints`, `decision`, `reason`, `token_id`, `detail`, `prev`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -19,7 +20,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use lever_policy::timefmt::rfc3339_millis;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -35,8 +35,8 @@ pub struct Record {
     pub event: &'static str,
     pub request_id: Option<String>,
     pub identity: Option<String>,
-    pub tool: Option<String>,
-    pub op: Option<String>,
+    pub tool: Option<Cow<'static, str>>,
+    pub op: Option<Cow<'static, str>>,
     pub constraints: Option<BTreeMap<String, String>>,
     pub decision: Option<&'static str>,
     pub reason: Option<String>,
@@ -50,6 +50,7 @@ impl Record {
     pub fn new(event: &'static str) -> Record {
         Record {
             event,
+            detail: Vec::with_capacity(12),
             ..Record::default()
         }
     }
@@ -70,9 +71,13 @@ impl Record {
         self.request_id = Some(id.to_owned());
         self
     }
-    pub fn right(mut self, tool: &str, op: &str) -> Self {
-        self.tool = Some(tool.to_owned());
-        self.op = Some(op.to_owned());
+    pub fn right(
+        mut self,
+        tool: impl Into<Cow<'static, str>>,
+        op: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        self.tool = Some(tool.into());
+        self.op = Some(op.into());
         self
     }
     pub fn constraints(mut self, c: &BTreeMap<String, String>) -> Self {
@@ -117,12 +122,12 @@ impl Serialize for Detail<'_> {
 #[derive(Serialize)]
 struct Line<'a> {
     seq: u64,
-    time: String,
+    time: &'a str,
     event: &'a str,
     request_id: &'a Option<String>,
     identity: &'a Option<String>,
-    tool: &'a Option<String>,
-    op: &'a Option<String>,
+    tool: &'a Option<Cow<'static, str>>,
+    op: &'a Option<Cow<'static, str>>,
     constraints: &'a Option<BTreeMap<String, String>>,
     decision: &'a Option<&'static str>,
     reason: &'a Option<String>,
@@ -224,6 +229,37 @@ fn sha256_hex(bytes: &[u8]) -> String {
     lever_policy::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
+/// The writer's clock: RFC 3339 with milliseconds, the whole-second part
+/// formatted once per second.
+#[derive(Default)]
+struct Clock {
+    secs: Option<u64>,
+    base: String,
+    text: String,
+}
+
+impl Clock {
+    fn format(&mut self, t: SystemTime) -> &str {
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        if self.secs != Some(d.as_secs()) {
+            self.secs = Some(d.as_secs());
+            self.base = lever_policy::timefmt::rfc3339(
+                std::time::UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+            );
+            self.base.pop(); // the `Z`
+        }
+        let ms = d.subsec_millis();
+        self.text.clear();
+        self.text.push_str(&self.base);
+        self.text.push('.');
+        for div in [100, 10, 1] {
+            self.text.push(char::from(b'0' + (ms / div % 10) as u8));
+        }
+        self.text.push('Z');
+        &self.text
+    }
+}
+
 fn writer(
     mut file: File,
     path: PathBuf,
@@ -236,6 +272,8 @@ fn writer(
     let mut dirty = false;
     let mut pending: Vec<u8> = Vec::with_capacity(BATCH);
     let mut batch = 0usize;
+    let mut clock = Clock::default();
+    let mut prev_line = String::with_capacity(64);
     loop {
         let msg = if dirty {
             // Wake up to fsync even when nothing new arrives.
@@ -266,7 +304,7 @@ fn writer(
                 let detail = r.sorted_detail();
                 let line = Line {
                     seq,
-                    time: rfc3339_millis(now),
+                    time: clock.format(now),
                     event: r.event,
                     request_id: &r.request_id,
                     identity: &r.identity,
@@ -285,7 +323,12 @@ fn writer(
                     pending.truncate(start);
                     continue;
                 }
-                let prev_line = std::mem::replace(&mut prev, sha256_hex(&pending[start..]));
+                // `prev` becomes this line's hash; `prev_line` keeps the one
+                // this line carries (both buffers reused).
+                std::mem::swap(&mut prev, &mut prev_line);
+                prev.clear();
+                let digest = ring::digest::digest(&ring::digest::SHA256, &pending[start..]);
+                lever_policy::hex::encode_into(&mut prev, digest.as_ref());
                 // Exported as written (the file stays the system of record;
                 // the export queue never blocks this thread).
                 if let Some(o) = otel.get() {
@@ -475,4 +518,68 @@ pub fn verify_file(path: &Path) -> std::io::Result<Verdict> {
         records: n,
         tip: prev,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_clock_formats_as_rfc3339_with_milliseconds() {
+        let mut c = Clock::default();
+        for (secs, ms) in [
+            (0u64, 0u32),
+            (1_700_000_000, 7),
+            (1_700_000_000, 999),
+            (1_700_000_001, 40),
+        ] {
+            let t = std::time::UNIX_EPOCH
+                + Duration::from_secs(secs)
+                + Duration::from_millis(ms.into());
+            assert_eq!(c.format(t), lever_policy::timefmt::rfc3339_millis(t));
+        }
+    }
+
+    #[test]
+    fn records_chain_and_details_are_written_in_key_order() {
+        let dir = std::env::temp_dir().join(format!("lever-audit-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let (audit, handle) = Audit::open(&path).unwrap();
+        for i in 0..3u64 {
+            audit.log_blocking(
+                Record::new("llm")
+                    .allow()
+                    .right("llm", "generate")
+                    .detail("status", 200)
+                    .detail("model", "m")
+                    .detail("status", 200 + i),
+            );
+        }
+        drop(audit);
+        handle.join().unwrap();
+        assert_eq!(
+            verify_file(&path).unwrap(),
+            Verdict::Intact {
+                records: 3,
+                tip: sha256_hex(
+                    std::fs::read_to_string(&path)
+                        .unwrap()
+                        .lines()
+                        .last()
+                        .unwrap()
+                        .as_bytes()
+                )
+            }
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last = text.lines().last().unwrap();
+        assert!(
+            last.contains(r#""detail":{"model":"m","status":202}"#),
+            "{last}"
+        );
+        assert!(last.contains(r#""tool":"llm","op":"generate""#), "{last}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

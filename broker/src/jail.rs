@@ -273,7 +273,9 @@ fn grants_detail(grants: &[Grant]) -> serde_json::Value {
 
 fn with_right(rec: Record, grants: &[Grant]) -> Record {
     match grants {
-        [g] => rec.right(&g.tool, &g.op).constraints(&g.constraints),
+        [g] => rec
+            .right(g.tool.clone(), g.op.clone())
+            .constraints(&g.constraints),
         _ => rec,
     }
 }

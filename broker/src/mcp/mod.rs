@@ -537,7 +537,11 @@ async fn call(
             (k.clone(), v)
         })
         .collect();
-    let base = |rec: Record| base(rec).right(tool, op).constraints(&pinned);
+    let base = |rec: Record| {
+        base(rec)
+            .right(tool.to_owned(), op.to_owned())
+            .constraints(&pinned)
+    };
     let t = std::time::SystemTime::now();
     let authorized = broker.authorize_token(token, peer, tool, op, &judged);
     if let Some(o) = broker.audit.otel.get() {
