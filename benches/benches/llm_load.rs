@@ -173,7 +173,7 @@ fn main() {
     }
 
     if run("telemetry") {
-        telemetry_cost(&rt, &dir, mock_port, &through, secs);
+        telemetry_cost(&rt, &dir, mock_port, (&through, broker.0.id()), secs);
     }
 
     if run("ttfb") {
@@ -211,7 +211,7 @@ fn telemetry_cost(
     rt: &tokio::runtime::Runtime,
     dir: &std::path::Path,
     mock_port: u16,
-    off: &Arc<TargetSpec>,
+    (off, off_pid): (&Arc<TargetSpec>, u32),
     secs: u64,
 ) {
     // The collector stand-in runs as its own process, as a collector would.
@@ -269,11 +269,26 @@ fn telemetry_cost(
         "\n  telemetry: OTLP export (logs, spans, metrics to a collector stand-in process) vs off, closed loop, best of 2"
     );
     let mut best = [0.0f64; 3];
+    // CPU time per request (µs) of the broker, and of the collector
+    // stand-in, in the best run.
+    let mut cpu = [(0.0f64, 0.0f64); 3];
+    let pids = [off_pid, procs[0].0.id(), procs[1].0.id()];
     for _ in 0..2 {
         for (i, t) in [off, &on[0], &on[1]].into_iter().enumerate() {
             let pool = rt.block_on(Pool::new(t.clone(), 64));
-            let rps = rt.block_on(closed_loop(&pool, 64, Duration::from_secs(secs)));
-            best[i] = best[i].max(rps);
+            let dur = Duration::from_secs(secs);
+            rt.block_on(run_closed(&pool, 64, dur / 5));
+            let before = (cpu_ns(pids[i]), cpu_ns(_sink.0.id()));
+            let (n, took) = rt.block_on(run_closed(&pool, 64, dur));
+            let rps = n as f64 / took.as_secs_f64();
+            if rps > best[i] {
+                best[i] = rps;
+                let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / 1000.0 / n.max(1) as f64;
+                cpu[i] = (
+                    per(cpu_ns(pids[i]), before.0),
+                    per(cpu_ns(_sink.0.id()), before.1),
+                );
+            }
         }
     }
     let cost = |x: f64| (1.0 - x / best[0]) * 100.0;
@@ -284,6 +299,16 @@ fn telemetry_cost(
         cost(best[1]),
         best[2],
         cost(best[2])
+    );
+    println!(
+        "    CPU per request: broker off {:.1} us, on {:.1} us ({:+.1}%), sampled {:.1} us ({:+.1}%); collector stand-in {:.1} us / {:.1} us",
+        cpu[0].0,
+        cpu[1].0,
+        (cpu[1].0 / cpu[0].0 - 1.0) * 100.0,
+        cpu[2].0,
+        (cpu[2].0 / cpu[0].0 - 1.0) * 100.0,
+        cpu[1].1,
+        cpu[2].1,
     );
     drop(procs);
 }
@@ -397,10 +422,12 @@ fn open_loop(rt: &tokio::runtime::Runtime, pool: &Arc<Pool>, rate: u64, dur: Dur
 /// Closed-loop throughput over `dur`, after a warm-up of a fifth of it.
 async fn closed_loop(pool: &Arc<Pool>, workers: usize, dur: Duration) -> f64 {
     run_closed(pool, workers, dur / 5).await;
-    run_closed(pool, workers, dur).await
+    let (n, took) = run_closed(pool, workers, dur).await;
+    n as f64 / took.as_secs_f64()
 }
 
-async fn run_closed(pool: &Arc<Pool>, workers: usize, dur: Duration) -> f64 {
+/// Requests completed and the time taken.
+async fn run_closed(pool: &Arc<Pool>, workers: usize, dur: Duration) -> (u64, Duration) {
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let deadline = Instant::now() + dur;
     let start = Instant::now();
@@ -417,7 +444,22 @@ async fn run_closed(pool: &Arc<Pool>, workers: usize, dur: Duration) -> f64 {
     for t in tasks {
         t.await.unwrap();
     }
-    done.load(std::sync::atomic::Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    (
+        done.load(std::sync::atomic::Ordering::Relaxed),
+        start.elapsed(),
+    )
+}
+
+/// CPU time a process has used (all its threads), in nanoseconds.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 async fn ttfb(t: &TargetSpec) -> u64 {

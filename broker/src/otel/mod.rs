@@ -346,9 +346,6 @@ pub struct Batch {
 impl Batch {
     /// Appends one encoded item (a `Span` or `LogRecord` message).
     fn push(&mut self, item: &[u8]) {
-        if self.bytes.capacity() == 0 {
-            self.bytes.reserve(BATCH * 256);
-        }
         wire::bytes_field(&mut self.bytes, 2, item);
         self.n += 1;
     }
@@ -392,7 +389,13 @@ struct Pending {
     /// The latest metrics snapshot not yet sent (a newer one replaces it:
     /// they are cumulative).
     metrics: Option<Vec<proto::Metric>>,
+    /// Buffers of sent batches, for the next ones (no allocation and no
+    /// fresh pages per batch).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Batch buffers kept for reuse.
+const SPARE: usize = 8;
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -598,14 +601,23 @@ impl Otel {
         let full = match self.queue.pending.lock() {
             Ok(mut q) if q.held < QUEUE => {
                 q.held += 1;
+                let Pending {
+                    spare,
+                    spans,
+                    logs,
+                    ready,
+                    ..
+                } = &mut *q;
                 let batch = match kind {
-                    Kind::Logs => &mut q.logs,
-                    Kind::Traces => &mut q.spans,
+                    Kind::Logs => logs,
+                    Kind::Traces => spans,
                 };
+                if batch.bytes.capacity() == 0 {
+                    batch.bytes = spare.pop().unwrap_or_else(|| Vec::with_capacity(64 << 10));
+                }
                 batch.push(item);
                 if batch.n == BATCH {
-                    let b = std::mem::take(batch);
-                    q.ready.push((kind, b));
+                    ready.push((kind, std::mem::take(batch)));
                     true
                 } else {
                     false
@@ -949,11 +961,17 @@ async fn export(target: Target, queue: Arc<Queue>, counters: Arc<Counters>) {
         }
         // Logs first: they are the audit trail.
         batches.sort_by_key(|(k, _)| *k != Kind::Logs);
-        for (kind, batch) in batches {
+        for (kind, mut batch) in batches {
             let body = wire::export_request(&res, &scp, &batch.bytes);
             let name = if kind == Kind::Logs { "logs" } else { "traces" };
             let r = send(name, body).await;
             count(&counters, batch.n as u64, r);
+            batch.bytes.clear();
+            if let Ok(mut q) = queue.pending.lock()
+                && q.spare.len() < SPARE
+            {
+                q.spare.push(batch.bytes);
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ const LEN: u8 = 2;
 const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
 
+#[inline]
 pub fn varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         buf.push((v as u8) | 0x80);
@@ -17,36 +18,50 @@ pub fn varint(buf: &mut Vec<u8>, mut v: u64) {
     buf.push(v as u8);
 }
 
+#[inline]
 pub fn varint_len(v: u64) -> usize {
-    // 1 byte per started group of 7 bits (at least one).
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+    // Lengths and tags are almost always under 128 or 16384.
+    if v < 1 << 7 {
+        1
+    } else if v < 1 << 14 {
+        2
+    } else {
+        // 1 byte per started group of 7 bits.
+        (64 - v.leading_zeros() as usize).div_ceil(7)
+    }
 }
 
+#[inline]
 fn key(buf: &mut Vec<u8>, field: u32, wire: u8) {
     varint(buf, u64::from(field << 3 | u32::from(wire)));
 }
 
+#[inline]
 fn key_len(field: u32) -> usize {
     varint_len(u64::from(field << 3))
 }
 
 /// A length-delimited field's header: key and length.
+#[inline]
 pub fn len_field(buf: &mut Vec<u8>, field: u32, len: usize) {
     key(buf, field, LEN);
     varint(buf, len as u64);
 }
 
 /// The encoded size of a length-delimited field whose content is `len`.
+#[inline]
 pub fn len_field_size(field: u32, len: usize) -> usize {
     key_len(field) + varint_len(len as u64) + len
 }
 
+#[inline]
 pub fn bytes_field(buf: &mut Vec<u8>, field: u32, b: &[u8]) {
     len_field(buf, field, b.len());
     buf.extend_from_slice(b);
 }
 
 /// A string field made of `parts` (written as one string).
+#[inline]
 pub fn str_field(buf: &mut Vec<u8>, field: u32, parts: &[&str]) {
     len_field(buf, field, parts.iter().map(|p| p.len()).sum());
     for p in parts {
@@ -54,11 +69,13 @@ pub fn str_field(buf: &mut Vec<u8>, field: u32, parts: &[&str]) {
     }
 }
 
+#[inline]
 pub fn varint_field(buf: &mut Vec<u8>, field: u32, v: u64) {
     key(buf, field, VARINT);
     varint(buf, v);
 }
 
+#[inline]
 pub fn fixed64_field(buf: &mut Vec<u8>, field: u32, v: u64) {
     key(buf, field, FIXED64);
     buf.extend_from_slice(&v.to_le_bytes());
@@ -75,6 +92,7 @@ pub enum Val<'a> {
 
 impl Val<'_> {
     /// The size of the `AnyValue` message holding this value.
+    #[inline]
     fn size(&self) -> usize {
         match self {
             Val::Str(s) => len_field_size(1, s.len()),
@@ -85,6 +103,7 @@ impl Val<'_> {
     }
 
     /// Writes the `AnyValue` message's content.
+    #[inline]
     fn write(&self, buf: &mut Vec<u8>) {
         match self {
             Val::Str(s) => bytes_field(buf, 1, s.as_bytes()),
@@ -106,8 +125,13 @@ pub fn any_field(buf: &mut Vec<u8>, field: u32, v: Val<'_>) {
 pub fn attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
     let klen: usize = key.iter().map(|k| k.len()).sum();
     let any = v.size();
-    len_field(buf, field, len_field_size(1, klen) + len_field_size(2, any));
-    str_field(buf, 1, key);
+    let inner = len_field_size(1, klen) + len_field_size(2, any);
+    buf.reserve(len_field_size(field, inner));
+    len_field(buf, field, inner);
+    len_field(buf, 1, klen);
+    for k in key {
+        buf.extend_from_slice(k.as_bytes());
+    }
     len_field(buf, 2, any);
     v.write(buf);
 }
