@@ -162,11 +162,15 @@ pub mod setup {
         .unwrap()
         .config;
         let broker = lever_broker::open(cfg).unwrap();
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = std::env::var("LEVER_BENCH_WORKERS")
+        let workers: Option<usize> = std::env::var("LEVER_BENCH_WORKERS")
             .ok()
-            .and_then(|v| v.parse().ok())
-        {
+            .and_then(|v| v.parse().ok());
+        let mut b = if workers == Some(0) {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+        };
+        if let Some(n) = workers.filter(|n| *n > 0) {
             b.worker_threads(n);
         }
         let rt = b.enable_all().build().unwrap();

@@ -112,7 +112,7 @@ async fn register(ctx: &Ctx<'_>, identity: &str) -> Result<Response<Body>, ApiEr
     if broker.config.agent(identity).is_none() {
         return Err(ApiError::UnknownAgent(identity.to_owned()));
     }
-    let (ticket, expires_at) = tokio::task::block_in_place(|| broker.issue_ticket(identity))?;
+    let (ticket, expires_at) = crate::blocking(|| broker.issue_ticket(identity))?;
     broker
         .audit
         .log(
@@ -140,7 +140,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
     match (body.identity, body.token_id) {
         (Some(identity), None) => {
             Name::parse(&identity).map_err(ApiError::BadRequest)?;
-            tokio::task::block_in_place(|| {
+            crate::blocking(|| {
                 broker.state.update(|s| {
                     s.revoked_identities.entry(identity.clone()).or_insert(now);
                     Ok::<_, ApiError>(())
@@ -161,7 +161,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
             let id = TokenId::parse(&token_id).ok_or_else(|| {
                 ApiError::BadRequest("token_id must be the hex id returned at mint".into())
             })?;
-            let revoked = tokio::task::block_in_place(|| {
+            let revoked = crate::blocking(|| {
                 broker.state.update(|s| {
                     Ok::<_, ApiError>(crate::state::revoke_token_tree(s, id.as_str(), now))
                 })
@@ -189,7 +189,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
 
 async fn bump_epoch(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
     let broker = ctx.broker;
-    let epoch = tokio::task::block_in_place(|| {
+    let epoch = crate::blocking(|| {
         broker.state.update(|s| {
             s.epoch += 1;
             Ok::<_, ApiError>(s.epoch)

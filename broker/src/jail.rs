@@ -94,7 +94,7 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
     // Redeem: check and consume under the state lock, durably. Of two
     // concurrent redeems of one ticket, exactly one sees it unconsumed.
     let state = &broker.state;
-    let outcome = tokio::task::block_in_place(|| {
+    let outcome = crate::blocking(|| {
         state.update(|s| {
             let revoked = &s.revoked_identities;
             let Some(t) = s.tickets.get_mut(&hash) else {
@@ -180,7 +180,7 @@ async fn renew(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
     rcgen::CertificateSigningRequestParams::from_pem(&body.csr)
         .map_err(|e| ApiError::BadRequest(format!("invalid CSR: {e}")))?;
     let state = &ctx.broker.state;
-    let serial = tokio::task::block_in_place(|| {
+    let serial = crate::blocking(|| {
         state.update(|s| {
             if s.revoked_identities.contains_key(&identity) {
                 return Err(ApiError::IdentityRevoked(identity.clone()));
@@ -455,7 +455,7 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
     // Record the link before answering: revoking the parent must revoke
     // the child even if the child's own facts were ever not consulted.
     let (parent_id, child_id) = (parent.token_id.to_string(), minted.token_id.to_string());
-    tokio::task::block_in_place(|| {
+    crate::blocking(|| {
         broker.state.update(|s| {
             s.children
                 .entry(parent_id.clone())
@@ -536,7 +536,7 @@ async fn provision(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         return Err(ApiError::UnknownAgent(body.agent));
     }
     let broker = ctx.broker;
-    let (ticket, expires_at) = tokio::task::block_in_place(|| broker.issue_ticket(&body.agent))?;
+    let (ticket, expires_at) = crate::blocking(|| broker.issue_ticket(&body.agent))?;
     broker
         .audit
         .log(

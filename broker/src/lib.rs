@@ -388,3 +388,14 @@ pub(crate) fn is_ticket_shaped(s: &str) -> bool {
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
     })
 }
+
+/// Runs blocking work (a state file update and its fsync) from a request
+/// handler: through `block_in_place` on a multi-threaded runtime, so the
+/// worker's other tasks move elsewhere meanwhile; inline on a
+/// current-thread runtime, where there is nowhere else to move them.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
