@@ -44,26 +44,26 @@ const ROUTES: &[(&str, Method)] = &[
 ];
 
 /// Request headers forwarded upstream (everything else is dropped).
-const FORWARDED: &[&str] = &[
-    "content-type",
-    "accept",
-    "anthropic-version",
-    "anthropic-beta",
-    "user-agent",
+static FORWARDED: [HeaderName; 5] = [
+    HeaderName::from_static("content-type"),
+    HeaderName::from_static("accept"),
+    HeaderName::from_static("anthropic-version"),
+    HeaderName::from_static("anthropic-beta"),
+    HeaderName::from_static("user-agent"),
 ];
 
 /// Response headers never passed back.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "set-cookie",
+static HOP_BY_HOP: [HeaderName; 10] = [
+    HeaderName::from_static("connection"),
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("proxy-authenticate"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("te"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("transfer-encoding"),
+    HeaderName::from_static("upgrade"),
+    HeaderName::from_static("set-cookie"),
 ];
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
@@ -321,9 +321,9 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     }
     let mut out = Request::builder().method(parts.method.clone()).uri(&uri);
     if let Some(h) = out.headers_mut() {
-        for name in FORWARDED {
-            for v in parts.headers.get_all(*name) {
-                h.append(HeaderName::from_static(name), v.clone());
+        for name in &FORWARDED {
+            for v in parts.headers.get_all(name) {
+                h.append(name.clone(), v.clone());
             }
         }
         for (name, v) in &parts.headers {
@@ -362,8 +362,8 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         .stats
         .observe("lever_llm_upstream_latency_seconds", &[], latency);
     let (mut head, upstream_body) = resp.into_parts();
-    for h in HOP_BY_HOP {
-        head.headers.remove(*h);
+    for h in &HOP_BY_HOP {
+        head.headers.remove(h);
     }
     if let Some(k) = &upstream.key_bytes {
         let leaked: Vec<HeaderName> = head
