@@ -580,6 +580,31 @@ mod tests {
             "{last}"
         );
         assert!(last.contains(r#""tool":"llm","op":"generate""#), "{last}");
+        // The schema's keys, every one present, in order.
+        assert!(last.starts_with(r#"{"seq":3,"time":""#), "{last}");
+        let keys = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(last)
+            .unwrap()
+            .len();
+        assert_eq!(keys, 13, "{last}");
+        let at: Vec<usize> = [
+            "seq",
+            "time",
+            "event",
+            "request_id",
+            "identity",
+            "tool",
+            "op",
+            "constraints",
+            "decision",
+            "reason",
+            "token_id",
+            "detail",
+            "prev",
+        ]
+        .iter()
+        .map(|k| last.find(&format!("\"{k}\":")).unwrap())
+        .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{last}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
