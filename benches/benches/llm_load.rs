@@ -145,13 +145,10 @@ fn main() {
     }
 
     if run("closed") {
-        // Interleaved, best of two: the load generator shares the cores, so
-        // one run alone can catch a bad scheduling spell.
-        println!("\n  closed loop (64 workers, as fast as each answers; best of 2, interleaved)");
-        let mut best = vec![0.0f64; targets.len()];
-        // CPU time per request of the proxy process in its best run.
-        // (proxy, mock, load generator)
-        let mut cpu = vec![Vec::new(); targets.len()];
+        let rounds = if quick { 4 } else { 10 };
+        println!(
+            "\n  closed loop (64 connections each, as fast as each answers; {rounds} rounds of {secs}s slices, the targets alternating; medians)"
+        );
         let pids = |name: &str| -> Vec<u32> {
             match name {
                 "broker" => vec![broker.0.id()],
@@ -161,30 +158,30 @@ fn main() {
                 _ => Vec::new(),
             }
         };
-        let others = [mock.0.id(), std::process::id()];
-        for _ in 0..2 {
-            for (i, (name, t)) in targets.iter().enumerate() {
-                let (rps, used) =
-                    measure_closed(&rt, t, secs, &[&pids(name), &others[..1], &others[1..]]);
-                if rps > best[i] {
-                    (best[i], cpu[i]) = (rps, used);
-                }
-            }
-        }
-        for (((name, _), rps), cpu) in targets.iter().zip(&best).zip(&cpu) {
+        // Per target: the proxy, the mock, the load generator (this process).
+        let groups: Vec<Vec<Vec<u32>>> = targets
+            .iter()
+            .map(|(n, _)| vec![pids(n), vec![mock.0.id()], vec![std::process::id()]])
+            .collect();
+        let specs: Vec<Arc<TargetSpec>> = targets.iter().map(|(_, t)| t.clone()).collect();
+        let m = alternate(&rt, &specs, &groups, rounds, Duration::from_secs(secs));
+        let nginx_at = targets.iter().position(|(n, _)| *n == "nginx");
+        for (i, (name, _)) in targets.iter().enumerate() {
             let budget = format!(
                 "CPU per request: mock {:.1} us, load generator {:.1} us",
-                cpu[1], cpu[2]
+                m.cpu(i, 1),
+                m.cpu(i, 2)
             );
-            if *name == "direct" {
-                println!("    {name:<7} {rps:>9.0} req/s  ({budget})");
+            if i == 0 {
+                println!("    {name:<7} {:>9.0} req/s  ({budget})", m.rps(i));
             } else {
-                let cpu = cpu[0];
                 println!(
-                    "    {name:<7} {rps:>9.0} req/s  {cpu:.1} us CPU per request ({:.2}x direct{}; {budget})",
-                    rps / best[0],
-                    match targets.iter().position(|(n, _)| *n == "nginx") {
-                        Some(n) if *name != "nginx" => format!(", {:.2}x nginx", rps / best[n]),
+                    "    {name:<7} {:>9.0} req/s  {:.1} us CPU per request ({:.2}x direct{}; {budget})",
+                    m.rps(i),
+                    m.cpu(i, 0),
+                    m.ratio(i, 0),
+                    match nginx_at {
+                        Some(n) if n != i => format!(", {:.2}x nginx", m.ratio(i, n)),
                         _ => String::new(),
                     }
                 );
@@ -226,8 +223,8 @@ fn main() {
 
 /// Closed-loop throughput of the broker with OTLP export on (to a local
 /// sink that accepts everything) against the same broker build with it off,
-/// interleaved three times, best of each (the box's noise is several
-/// percent from run to run, the same size as what is measured).
+/// in alternating slices (the box's noise is several percent from run to
+/// run, the same size as what is measured: adjacent slices share it).
 fn telemetry_cost(
     rt: &tokio::runtime::Runtime,
     dir: &std::path::Path,
@@ -287,39 +284,34 @@ fn telemetry_cost(
         }));
     }
     println!(
-        "\n  telemetry: OTLP export (logs, spans, metrics to a collector stand-in process) vs off, closed loop, best of 3 interleaved"
+        "\n  telemetry: OTLP export (logs, spans, metrics to a collector stand-in process) vs off, closed loop, alternating slices; cost = 1 - median(on/off) of adjacent slices"
     );
-    let mut best = [0.0f64; 3];
-    // CPU time per request (µs) of the broker, and of the collector
-    // stand-in, in the best run.
-    let mut cpu = [(0.0f64, 0.0f64); 3];
-    let pids = [off_pid, procs[0].0.id(), procs[1].0.id()];
-    for _ in 0..3 {
-        for (i, t) in [off, &on[0], &on[1]].into_iter().enumerate() {
-            let (rps, used) = measure_closed(rt, t, secs, &[&[pids[i]], &[_sink.0.id()]]);
-            if rps > best[i] {
-                (best[i], cpu[i]) = (rps, (used[0], used[1]));
-            }
-        }
-    }
-    let cost = |x: f64| (1.0 - x / best[0]) * 100.0;
+    let rounds = if secs <= 1 { 4 } else { 10 };
+    let groups: Vec<Vec<Vec<u32>>> = [off_pid, procs[0].0.id(), procs[1].0.id()]
+        .into_iter()
+        .map(|p| vec![vec![p], vec![_sink.0.id()]])
+        .collect();
+    let specs = [off.clone(), on[0].clone(), on[1].clone()];
+    let m = alternate(rt, &specs, &groups, rounds, Duration::from_secs(secs));
+    let cost = |i: usize| (1.0 - m.ratio(i, 0)) * 100.0;
     println!(
         "    off {:>9.0} req/s   on {:>9.0} req/s => cost {:.1}% (target < 5%)   on, traces sampled 10% {:>9.0} req/s => cost {:.1}%",
-        best[0],
-        best[1],
-        cost(best[1]),
-        best[2],
-        cost(best[2])
+        m.rps(0),
+        m.rps(1),
+        cost(1),
+        m.rps(2),
+        cost(2)
     );
+    let more = |i: usize| (m.cpu(i, 0) / m.cpu(0, 0) - 1.0) * 100.0;
     println!(
         "    CPU per request: broker off {:.1} us, on {:.1} us ({:+.1}%), sampled {:.1} us ({:+.1}%); collector stand-in {:.1} us / {:.1} us",
-        cpu[0].0,
-        cpu[1].0,
-        (cpu[1].0 / cpu[0].0 - 1.0) * 100.0,
-        cpu[2].0,
-        (cpu[2].0 / cpu[0].0 - 1.0) * 100.0,
-        cpu[1].1,
-        cpu[2].1,
+        m.cpu(0, 0),
+        m.cpu(1, 0),
+        more(1),
+        m.cpu(2, 0),
+        more(2),
+        m.cpu(1, 1),
+        m.cpu(2, 1),
     );
     drop(procs);
 }
@@ -430,32 +422,82 @@ fn open_loop(rt: &tokio::runtime::Runtime, pool: &Arc<Pool>, rate: u64, dur: Dur
     v
 }
 
-/// Closed-loop throughput over `secs` on fresh connections (64 workers),
-/// after a warm-up of a fifth of that, and the CPU time (µs per request)
-/// each group of `procs` used while measured.
-fn measure_closed(
+/// Closed-loop measurements of several targets in alternating slices.
+struct Slices {
+    /// `[target][round]`: requests per second.
+    rps: Vec<Vec<f64>>,
+    /// `[target][round][group]`: CPU µs per request of each process group.
+    cpu: Vec<Vec<Vec<f64>>>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+impl Slices {
+    fn rps(&self, t: usize) -> f64 {
+        median(self.rps[t].clone())
+    }
+
+    /// The median over rounds of target `t`'s throughput over `base`'s in
+    /// the same round (adjacent slices: a slow spell of the machine hits
+    /// both).
+    fn ratio(&self, t: usize, base: usize) -> f64 {
+        median(
+            self.rps[t]
+                .iter()
+                .zip(&self.rps[base])
+                .map(|(a, b)| a / b)
+                .collect(),
+        )
+    }
+
+    fn cpu(&self, t: usize, group: usize) -> f64 {
+        median(self.cpu[t].iter().map(|g| g[group]).collect())
+    }
+}
+
+/// Runs `rounds` rounds; in each, every target in turn for `slice` (64
+/// connections each, opened and warmed up once), and reads the CPU time
+/// each of its process `groups` used meanwhile.
+fn alternate(
     rt: &tokio::runtime::Runtime,
-    t: &Arc<TargetSpec>,
-    secs: u64,
-    procs: &[&[u32]],
-) -> (f64, Vec<f64>) {
-    let pool = rt.block_on(Pool::new(t.clone(), 64));
-    let dur = Duration::from_secs(secs);
-    rt.block_on(run_closed(&pool, 64, dur / 5));
-    let cpu = || -> Vec<u64> {
-        procs
-            .iter()
-            .map(|g| g.iter().copied().map(cpu_ns).sum())
+    targets: &[Arc<TargetSpec>],
+    groups: &[Vec<Vec<u32>>],
+    rounds: usize,
+    slice: Duration,
+) -> Slices {
+    let pools: Vec<Arc<Pool>> = targets
+        .iter()
+        .map(|t| rt.block_on(Pool::new(t.clone(), 64)))
+        .collect();
+    for p in &pools {
+        rt.block_on(run_closed(p, 64, slice / 5));
+    }
+    let cpu_of = |g: &[Vec<u32>]| -> Vec<u64> {
+        g.iter()
+            .map(|ps| ps.iter().copied().map(cpu_ns).sum())
             .collect()
     };
-    let before = cpu();
-    let (n, took) = rt.block_on(run_closed(&pool, 64, dur));
-    let used = cpu()
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| a.saturating_sub(*b) as f64 / 1000.0 / n.max(1) as f64)
-        .collect();
-    (n as f64 / took.as_secs_f64(), used)
+    let mut out = Slices {
+        rps: vec![Vec::new(); targets.len()],
+        cpu: vec![Vec::new(); targets.len()],
+    };
+    for _ in 0..rounds {
+        for (i, pool) in pools.iter().enumerate() {
+            let before = cpu_of(&groups[i]);
+            let (n, took) = rt.block_on(run_closed(pool, 64, slice));
+            let used = cpu_of(&groups[i])
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| a.saturating_sub(*b) as f64 / 1000.0 / n.max(1) as f64)
+                .collect();
+            out.rps[i].push(n as f64 / took.as_secs_f64());
+            out.cpu[i].push(used);
+        }
+    }
+    out
 }
 
 /// Requests completed and the time taken.
