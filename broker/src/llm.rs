@@ -515,7 +515,8 @@ struct Meter {
     stats: Arc<crate::metrics::Metrics>,
     /// The upstream's status.
     status: u16,
-    /// Telemetry: the exporter, the request id and when the call began.
+    /// Telemetry: the exporter, the request's trace ids and when the call
+    /// began.
     otel: Option<(crate::otel::Otel, crate::otel::Ids, std::time::SystemTime)>,
     model: String,
     record: Option<Record>,

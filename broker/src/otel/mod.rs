@@ -1,10 +1,12 @@
-//! OpenTelemetry export over OTLP/HTTP (protobuf): every audit record as a
-//! log record, and spans for requests, LLM upstream calls and tool calls.
+//! OpenTelemetry export over OTLP (HTTP/protobuf or gRPC): every audit
+//! record as a log record, spans for requests, their steps, LLM upstream
+//! calls and tool calls, and metric snapshots.
 //!
-//! Export is off the hot path: items go into a bounded queue with
-//! `try_send` (a full queue drops the item and counts it, never waits), and
-//! one task batches them (up to 512, or every second) and posts them with a
-//! deadline. A slow or dead collector costs requests nothing; what could
+//! Export is off the hot path: spans and log records are written straight
+//! into protobuf bytes where they happen (`wire`) and appended to a batch
+//! of their kind under a short lock; at most 8192 items wait (beyond that
+//! one is dropped and counted, nothing ever waits). One task posts each
+//! batch when 512 items have gathered, or every second, with a deadline. A slow or dead collector costs requests nothing; what could
 //! not be delivered is counted in `lever_otel_dropped_total`. The local
 //! `audit.jsonl` stays the system of record (`lever audit export` replays it).
 //!
