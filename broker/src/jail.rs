@@ -25,27 +25,34 @@ const SMALL_BODY: usize = 16 * 1024;
 const MAX_VALUE: usize = 256;
 
 pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let path = req.uri().path().to_owned();
-    match path.as_str() {
+    // Each handler's future is boxed: the connection's task then holds a
+    // small future, and a long-lived response stream (an LLM call) keeps
+    // no room for a handler that has finished (4 KiB per connection
+    // unboxed).
+    let path = req.uri().path();
+    if path.starts_with("/llm/") {
+        return Box::pin(crate::llm::proxy(ctx, req)).await;
+    }
+    match path {
         "/healthz" => {
             expect_method(&req, Method::GET)?;
             ok(json!({"status": "ok"}))
         }
         "/v1/enrol" => {
             expect_method(&req, Method::POST)?;
-            enrol(ctx, req).await
+            Box::pin(enrol(ctx, req)).await
         }
         "/v1/renew" => {
             expect_method(&req, Method::POST)?;
-            renew(ctx, req).await
+            Box::pin(renew(ctx, req)).await
         }
         "/v1/capabilities" => {
             expect_method(&req, Method::POST)?;
-            capabilities(ctx, req).await
+            Box::pin(capabilities(ctx, req)).await
         }
         "/v1/capabilities/delegate" => {
             expect_method(&req, Method::POST)?;
-            delegate(ctx, req).await
+            Box::pin(delegate(ctx, req)).await
         }
         "/v1/tools" => {
             expect_method(&req, Method::GET)?;
@@ -53,11 +60,10 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
         "/v1/provision" => {
             expect_method(&req, Method::POST)?;
-            provision(ctx, req).await
+            Box::pin(provision(ctx, req)).await
         }
-        p if p.starts_with("/llm/") => crate::llm::proxy(ctx, req).await,
-        "/mcp" => crate::mcp::handle(ctx, req).await,
-        _ => Err(ApiError::NotFound(path)),
+        "/mcp" => Box::pin(crate::mcp::handle(ctx, req)).await,
+        other => Err(ApiError::NotFound(other.to_owned())),
     }
 }
 

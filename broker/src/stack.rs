@@ -87,7 +87,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     let kind = crate::metrics::route_kind(conn.listener == Listener::Admin, uri.path());
     let result = match conn.listener {
         Listener::Admin => match admin_guard(&req) {
-            Ok(()) => admin::route(&ctx, req).await,
+            Ok(()) => Box::pin(admin::route(&ctx, req)).await,
             Err(e) => Err(e),
         },
         Listener::Jail => match authenticate(&mut ctx, &req) {
@@ -110,7 +110,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
                     .stats
                     .inc("lever_rate_limited_total", &[("lane", lane)], 1);
             }
-            rescue(&ctx, &format!("{method} {}", uri.path()), e).await
+            Box::pin(rescue(&ctx, &format!("{method} {}", uri.path()), e)).await
         }
     };
     broker.stats.inc(
