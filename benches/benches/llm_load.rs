@@ -147,7 +147,7 @@ fn main() {
     if run("closed") {
         let rounds = if quick { 4 } else { 10 };
         println!(
-            "\n  closed loop (64 connections each, as fast as each answers; {rounds} rounds of {secs}s slices, the targets alternating; medians)"
+            "\n  closed loop (64 connections each, as fast as each answers; {rounds} rounds of 1 s slices, the targets alternating; medians)"
         );
         let pids = |name: &str| -> Vec<u32> {
             match name {
@@ -164,7 +164,7 @@ fn main() {
             .map(|(n, _)| vec![pids(n), vec![mock.0.id()], vec![std::process::id()]])
             .collect();
         let specs: Vec<Arc<TargetSpec>> = targets.iter().map(|(_, t)| t.clone()).collect();
-        let m = alternate(&rt, &specs, &groups, rounds, Duration::from_secs(secs));
+        let m = alternate(&rt, &specs, &groups, rounds, SLICE);
         let nginx_at = targets.iter().position(|(n, _)| *n == "nginx");
         for (i, (name, _)) in targets.iter().enumerate() {
             let budget = format!(
@@ -292,7 +292,7 @@ fn telemetry_cost(
         .map(|p| vec![vec![p], vec![_sink.0.id()]])
         .collect();
     let specs = [off.clone(), on[0].clone(), on[1].clone()];
-    let m = alternate(rt, &specs, &groups, rounds, Duration::from_secs(secs));
+    let m = alternate(rt, &specs, &groups, rounds, SLICE);
     let cost = |i: usize| (1.0 - m.ratio(i, 0)) * 100.0;
     println!(
         "    off {:>9.0} req/s   on {:>9.0} req/s => cost {:.1}% (target < 5%)   on, traces sampled 10% {:>9.0} req/s => cost {:.1}%",
@@ -421,6 +421,9 @@ fn open_loop(rt: &tokio::runtime::Runtime, pool: &Arc<Pool>, rate: u64, dur: Dur
     v.sort_unstable();
     v
 }
+
+/// One slice of an alternating closed-loop measurement.
+const SLICE: Duration = Duration::from_secs(1);
 
 /// Closed-loop measurements of several targets in alternating slices.
 struct Slices {
