@@ -133,12 +133,32 @@ pub fn lever(args: &[&str], cwd: &Path, home: &Path) -> Output {
 
 /// Runs a command to completion with a 60 s bound.
 pub fn run(cmd: &mut Command) -> Output {
-    let child = cmd
-        .stdin(std::process::Stdio::null())
+    run_with_input(cmd, None)
+}
+
+/// Runs a command to completion with a 60 s bound, writing `input` to its
+/// stdin first (stdin is empty without it).
+pub fn run_with_input(cmd: &mut Command, input: Option<&[u8]>) -> Output {
+    use std::io::Write as _;
+    let stdin = match input {
+        Some(_) => std::process::Stdio::piped(),
+        None => std::process::Stdio::null(),
+    };
+    let mut child = cmd
+        .stdin(stdin)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    if let (Some(data), Some(mut w)) = (input, child.stdin.take()) {
+        // From a thread, so a child that writes before reading everything
+        // cannot block us past the deadline; dropping the handle closes the
+        // pipe and the child sees the end.
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&data);
+        });
+    }
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     let (tx, rx) = std::sync::mpsc::channel();

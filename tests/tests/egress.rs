@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -320,24 +320,11 @@ impl Net {
         } else {
             "ip6tables-restore"
         };
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.jail, cmd, "-w", "--noflush"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(ruleset.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd}: {}\n{ruleset}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = lever_tests::run_with_input(
+            Command::new("ip").args(["netns", "exec", &self.jail, cmd, "-w", "--noflush"]),
+            Some(ruleset.as_bytes()),
         );
+        assert!(out.code == 0, "{cmd}: {}\n{ruleset}", out.stderr);
     }
 }
 

@@ -4,38 +4,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::Method;
 use lever_tests::broker::{DEFAULT_AGENTS, Instance, start_mock};
-use lever_tests::workspace_root;
+use lever_tests::{run_with_input, workspace_root};
 use serde_json::{Value, json};
 
 const REAL_KEY: &str = "sk-ant-test-real-key";
 
 fn parse(text: &str) -> Vec<Value> {
-    let mut child = Command::new("python3")
-        .arg(workspace_root().join("tests/py/prom_parse.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the Prometheus parser refused the text (pip install -r tests/requirements.txt):\n{}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_with_input(
+        Command::new("python3").arg(workspace_root().join("tests/py/prom_parse.py")),
+        Some(text.as_bytes()),
     );
-    serde_json::from_slice::<Value>(&out.stdout)
+    assert!(
+        out.code == 0,
+        "the Prometheus parser refused the text (pip install -r tests/requirements.txt):\n{}\n{text}",
+        out.stderr
+    );
+    serde_json::from_str::<Value>(&out.stdout)
         .unwrap()
         .as_array()
         .unwrap()
