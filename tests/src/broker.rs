@@ -537,3 +537,101 @@ pub fn start_gateway(dir: &Path, agent: &Agent, jail_port: u16) -> (Proc, String
     let url = line.split_whitespace().nth(3).unwrap().to_owned();
     (Proc(child), url)
 }
+
+/// Raw MCP over mTLS straight to the broker's `/mcp`, as `agent` holding
+/// `token`.
+#[derive(Debug)]
+pub struct RawMcp<'a> {
+    b: &'a Broker,
+    agent: &'a Agent,
+    token: String,
+}
+
+impl RawMcp<'_> {
+    pub fn new<'a>(b: &'a Broker, agent: &'a Agent, token: &str) -> RawMcp<'a> {
+        RawMcp {
+            b,
+            agent,
+            token: token.to_owned(),
+        }
+    }
+
+    /// A session, opened once `name` answers (its backend is up).
+    pub fn ready_session(&self, name: &str, args: Value) -> String {
+        let (sid, _) = self.initialize("2025-11-25");
+        self.wait_ready(&sid, name, args);
+        sid
+    }
+
+    pub fn post(&self, session: Option<&str>, msg: Value) -> Reply {
+        let auth = format!("Bearer {}", self.token);
+        let mut h = vec![("authorization", auth.as_str())];
+        if let Some(s) = session {
+            h.push(("mcp-session-id", s));
+        }
+        self.b
+            .jail(&self.agent.tls(), Method::POST, "/mcp", &h, Some(msg))
+    }
+
+    /// Any method, headers and body to `/mcp` (no token added).
+    pub fn send(&self, method: Method, headers: &[(&str, &str)], body: bytes::Bytes) -> Reply {
+        self.b
+            .rt
+            .block_on(client::send_bytes(
+                &self.b.jail,
+                Some(&self.agent.tls()),
+                method,
+                "/mcp",
+                headers,
+                body,
+            ))
+            .unwrap()
+    }
+
+    /// `initialize` at protocol `version`: the session id and the answer.
+    pub fn initialize(&self, version: &str) -> (String, Value) {
+        let r = self.post(
+            None,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": version, "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "0"}}}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let sid = r.headers["mcp-session-id"].to_str().unwrap().to_owned();
+        (sid, r.json())
+    }
+
+    /// `tools/call` of `name` with `args` in session `sid`: the JSON-RPC
+    /// answer.
+    pub fn call(&self, sid: &str, name: &str, args: Value) -> Value {
+        let r = self.post(
+            Some(sid),
+            json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                   "params": {"name": name, "arguments": args}}),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    }
+
+    /// Calls `name` until its backend is up (20 s at most): the first
+    /// answer that is not `backend_unavailable`.
+    pub fn wait_ready(&self, sid: &str, name: &str, args: Value) -> Value {
+        self.wait_ready_counting(sid, name, args).0
+    }
+
+    /// [`RawMcp::wait_ready`], also counting the `backend_unavailable`
+    /// refusals seen on the way.
+    pub fn wait_ready_counting(&self, sid: &str, name: &str, args: Value) -> (Value, u32) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut refused = 0;
+        loop {
+            let v = self.call(sid, name, args.clone());
+            if v["error"]["data"]["reason"] != "backend_unavailable" {
+                return (v, refused);
+            }
+            refused += 1;
+            assert!(Instant::now() < deadline, "the backend never came up: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
-use lever_broker::client::{self, Reply};
-use lever_tests::broker::{Agent, Broker, DEFAULT_AGENTS, Instance, free_port, start_gateway};
+use lever_tests::broker::{
+    Agent, Broker, DEFAULT_AGENTS, Instance, RawMcp, free_port, start_gateway,
+};
 use lever_tests::{run, workspace_root};
 use serde_json::{Value, json};
 
@@ -43,76 +44,6 @@ fn everything_dir() -> PathBuf {
         "server-everything is not installed: npm install --prefix tests/node (.ci/run does it)"
     );
     d
-}
-
-/// Raw MCP over mTLS straight to the broker.
-struct Raw<'a> {
-    b: &'a Broker,
-    agent: &'a Agent,
-    token: String,
-}
-
-impl Raw<'_> {
-    fn new<'a>(b: &'a Broker, agent: &'a Agent, token: &str) -> Raw<'a> {
-        Raw {
-            b,
-            agent,
-            token: token.to_owned(),
-        }
-    }
-
-    /// A session, opened once `name` answers (its backend is up).
-    fn ready_session(&self, name: &str, args: Value) -> String {
-        let (sid, _) = self.initialize("2025-11-25");
-        wait_tool_ready(self, &sid, name, args);
-        sid
-    }
-
-    fn post(&self, session: Option<&str>, msg: Value) -> Reply {
-        let auth = format!("Bearer {}", self.token);
-        let mut h = vec![("authorization", auth.as_str())];
-        if let Some(s) = session {
-            h.push(("mcp-session-id", s));
-        }
-        self.b
-            .jail(&self.agent.tls(), Method::POST, "/mcp", &h, Some(msg))
-    }
-
-    fn send(&self, method: Method, headers: &[(&str, &str)], body: Bytes) -> Reply {
-        self.b
-            .rt
-            .block_on(client::send_bytes(
-                &self.b.jail,
-                Some(&self.agent.tls()),
-                method,
-                "/mcp",
-                headers,
-                body,
-            ))
-            .unwrap()
-    }
-
-    fn initialize(&self, version: &str) -> (String, Value) {
-        let r = self.post(
-            None,
-            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                "protocolVersion": version, "capabilities": {},
-                "clientInfo": {"name": "raw", "version": "0"}}}),
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let sid = r.headers["mcp-session-id"].to_str().unwrap().to_owned();
-        (sid, r.json())
-    }
-
-    fn call(&self, sid: &str, name: &str, args: Value) -> Value {
-        let r = self.post(
-            Some(sid),
-            json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-                   "params": {"name": name, "arguments": args}}),
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        r.json()
-    }
 }
 
 /// A running instance with the manager enrolled and holding a token.
@@ -185,19 +116,6 @@ fn alive(pid: u32) -> bool {
         !s.rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
     })
-}
-
-/// Waits until the broker's tools answer (the backend is up).
-fn wait_tool_ready(raw: &Raw<'_>, sid: &str, name: &str, args: Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = raw.call(sid, name, args.clone());
-        if v["error"]["data"]["reason"] != "backend_unavailable" {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "the backend never came up: {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -288,9 +206,9 @@ fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
         token,
         ..
     } = env(DEFAULT_AGENTS, "", users());
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-06-18");
-    let ok = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
+    let ok = raw.wait_ready(&sid, "db_read", json!({"table": "users"}));
     assert!(
         ok["result"]["content"][0]["text"]
             .as_str()
@@ -351,7 +269,7 @@ fn a_token_for_another_tool_or_only_for_llm_sees_and_calls_nothing() {
         "",
         json!([{"tool": "llm", "op": "generate"}]),
     );
-    let raw = Raw::new(&b, &manager, &llm_only);
+    let raw = RawMcp::new(&b, &manager, &llm_only);
     let (sid, _) = raw.initialize("2025-11-25");
     let r = raw.post(
         Some(&sid),
@@ -364,7 +282,7 @@ fn a_token_for_another_tool_or_only_for_llm_sees_and_calls_nothing() {
     // Another agent's token, presented by the manager: refused outright.
     let g1 = b.enrol("g1");
     let (theirs, _) = b.token(&g1, users());
-    let raw2 = Raw::new(&b, &manager, &theirs);
+    let raw2 = RawMcp::new(&b, &manager, &theirs);
     let r = raw2.post(
         Some(&sid),
         json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
@@ -383,7 +301,7 @@ fn sessions_versions_and_unsupported_messages_get_clear_answers() {
         token,
         ..
     } = env(DEFAULT_AGENTS, "", users());
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     // Version negotiation: a known version is echoed, an unknown one gets ours.
     for (asked, got) in [
         ("2025-03-26", "2025-03-26"),
@@ -413,7 +331,7 @@ fn sessions_versions_and_unsupported_messages_get_clear_answers() {
         &g1,
         json!([{"tool": "db", "op": "read", "constraints": {"table": "orders"}}]),
     );
-    let other = Raw::new(&b, &g1, &g1_token);
+    let other = RawMcp::new(&b, &g1, &g1_token);
     let r = other.post(Some(&sid), ping.clone());
     assert_eq!(r.status, 404, "another identity used the manager's session");
     assert_eq!(r.json()["error"]["data"]["reason"], "session_unknown");
@@ -527,9 +445,9 @@ fn revoked_and_epoch_bumped_tokens_lose_the_tools_at_once() {
         token,
         token_id,
     } = env(DEFAULT_AGENTS, "", users());
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
-    let v = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
+    let v = raw.wait_ready(&sid, "db_read", json!({"table": "users"}));
     assert!(v["result"].is_object(), "{v}");
     let r = b.admin(Method::POST, "/revoke", Some(json!({"token_id": token_id})));
     assert_eq!(r.status, 200);
@@ -541,7 +459,7 @@ fn revoked_and_epoch_bumped_tokens_lose_the_tools_at_once() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["data"]["reason"], "token_revoked");
     let (token2, _) = b.token(&manager, users());
-    let raw2 = Raw::new(&b, &manager, &token2);
+    let raw2 = RawMcp::new(&b, &manager, &token2);
     assert!(raw2.call(&sid, "db_read", json!({"table": "users"}))["result"].is_object());
     assert_eq!(
         b.admin(Method::POST, "/bump-epoch", Some(json!({}))).status,
@@ -568,9 +486,9 @@ fn tool_calls_are_rate_limited_per_agent() {
         "  rate_limits: {tools: {per_minute: 2, burst: 2, max_concurrent: 4}}\n",
         users(),
     );
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
-    let first = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
+    let first = raw.wait_ready(&sid, "db_read", json!({"table": "users"}));
     assert!(first["result"].is_object(), "{first}");
     let mut limited = None;
     for _ in 0..3 {
@@ -588,7 +506,7 @@ fn tool_calls_are_rate_limited_per_agent() {
     // Another agent has its own allowance.
     let g1 = b.enrol("g1");
     let (t, _) = b.token(&g1, users());
-    let raw2 = Raw::new(&b, &g1, &t);
+    let raw2 = RawMcp::new(&b, &g1, &t);
     let (sid2, _) = raw2.initialize("2025-11-25");
     assert!(raw2.call(&sid2, "db_read", json!({"table": "users"}))["result"].is_object());
 }
@@ -657,7 +575,7 @@ fn third_party_behind_the_broker(transport: &str) {
     );
     let (_gw, gw_url) = start_gateway(inst.dir.path(), &manager, inst.jail_port);
     // Wait for the backend through the raw client, then the SDK.
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let _sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let v = sdk(
         &format!("{gw_url}/mcp"),
@@ -708,7 +626,7 @@ fn a_backend_killed_mid_call_errors_and_is_back_within_two_seconds() {
         token,
         ..
     } = everything("stdio");
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let everything = children(b.pid().unwrap())
         .into_iter()
@@ -760,7 +678,7 @@ fn a_cancelled_call_returns_at_once() {
         token,
         ..
     } = everything("stdio");
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let started = Instant::now();
     let v = std::thread::scope(|s| {
@@ -801,7 +719,7 @@ fn a_backend_that_does_not_answer_in_time_is_a_timeout_not_a_hang() {
         token,
         ..
     } = everything("stdio");
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let started = Instant::now();
     // 10 s of work against a 1.5 s tool timeout.
@@ -833,9 +751,9 @@ fn an_oversized_tool_response_is_refused_and_the_broker_stays_up() {
     let b = inst.start();
     let manager = b.enrol("manager");
     let (token, _) = b.token(&manager, users());
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
-    let v = wait_tool_ready(&raw, &sid, "db_read", json!({"table": "users"}));
+    let v = raw.wait_ready(&sid, "db_read", json!({"table": "users"}));
     assert_eq!(
         v["error"]["data"]["reason"], "backend_response_too_large",
         "{v}"
@@ -853,7 +771,7 @@ fn stopping_the_broker_stops_its_backends() {
         token,
         ..
     } = everything("http");
-    let raw = Raw::new(&b, &manager, &token);
+    let raw = RawMcp::new(&b, &manager, &token);
     let _sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     // The http backend is a shell wrapper exec'ing node: its whole group.
     let pids = children(b.pid().unwrap());

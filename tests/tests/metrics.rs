@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use http::Method;
-use lever_tests::broker::{DEFAULT_AGENTS, Instance, start_mock};
+use lever_tests::broker::{DEFAULT_AGENTS, Instance, RawMcp, start_mock};
 use lever_tests::{run_with_input, workspace_root};
 use serde_json::{Value, json};
 
@@ -89,42 +88,15 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
         &manager,
         json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
     );
-    let auth = format!("Bearer {db}");
-    let post = |sid: Option<&str>, msg: Value| {
-        let mut h = vec![("authorization", auth.as_str())];
-        if let Some(s) = sid {
-            h.push(("mcp-session-id", s));
-        }
-        b.jail(&manager.tls(), Method::POST, "/mcp", &h, Some(msg))
-    };
-    let init = post(
-        None,
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}),
+    let raw = RawMcp::new(&b, &manager, &db);
+    let (sid, _) = raw.initialize("2025-11-25");
+    let (v, unavailable) = raw.wait_ready_counting(&sid, "db_read", json!({"table": "users"}));
+    assert!(v["result"].is_object(), "{v}");
+    let unavailable = f64::from(unavailable);
+    assert_eq!(
+        raw.call(&sid, "db_read", json!({"table": "orders"}))["error"]["code"],
+        -32001
     );
-    let sid = init.headers["mcp-session-id"].to_str().unwrap().to_owned();
-    let call = |table: &str| {
-        post(
-            Some(&sid),
-            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-            "params": {"name": "db_read", "arguments": {"table": table}}}),
-        )
-        .json()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut unavailable = 0.0;
-    loop {
-        let v = call("users");
-        if v["error"]["data"]["reason"] == "backend_unavailable" {
-            unavailable += 1.0;
-            assert!(Instant::now() < deadline, "the tool never came up");
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        }
-        assert!(v["result"].is_object(), "{v}");
-        break;
-    }
-    assert_eq!(call("orders")["error"]["code"], -32001);
 
     let m = b.admin(Method::GET, "/metrics", None);
     assert_eq!(m.status, 200);

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::Method;
-use lever_tests::broker::{Broker, DEFAULT_AGENTS, Instance, start_mock};
+use lever_tests::broker::{Broker, DEFAULT_AGENTS, Instance, RawMcp, start_mock};
 use lever_tests::{TempDir, lever, workspace_root};
 use serde_json::{Value, json};
 
@@ -197,30 +197,14 @@ fn an_llm_call_tool_calls_and_an_enrolment_arrive_as_spans_and_logs_without_secr
         &s.manager,
         json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
     );
-    let auth = format!("Bearer {db}");
-    let post = |sid: Option<&str>, msg: Value| {
-        let mut h = vec![("authorization", auth.as_str())];
-        if let Some(x) = sid {
-            h.push(("mcp-session-id", x));
-        }
-        s.b.jail(&s.manager.tls(), Method::POST, "/mcp", &h, Some(msg))
-    };
-    let init = post(
-        None,
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}),
+    let raw = RawMcp::new(&s.b, &s.manager, &db);
+    let (sid, _) = raw.initialize("2025-11-25");
+    let args = |table: &str| json!({"table": table, "filter": "Grace-secret-filter"});
+    raw.wait_ready(&sid, "db_read", args("users"));
+    assert_eq!(
+        raw.call(&sid, "db_read", args("orders"))["error"]["code"],
+        -32001
     );
-    let sid = init.headers["mcp-session-id"].to_str().unwrap().to_owned();
-    let call = |table: &str| {
-        post(Some(&sid), json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-            "params": {"name": "db_read", "arguments": {"table": table, "filter": "Grace-secret-filter"}}})).json()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while call("users")["error"]["data"]["reason"] == "backend_unavailable" {
-        assert!(Instant::now() < deadline, "the tool never came up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(call("orders")["error"]["code"], -32001);
 
     let all = wait_for(&r, "the llm span and the tool denial log", |all| {
         let sp = spans(all);
