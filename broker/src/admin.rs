@@ -119,7 +119,7 @@ async fn register(ctx: &Ctx<'_>, identity: &str) -> Result<Response<Body>, ApiEr
             Record::new("ticket_issue")
                 .allow()
                 .identity(identity)
-                .request(&ctx.request_id)
+                .request(ctx)
                 .detail("by", "admin")
                 .detail("expires_at", rfc3339(expires_at)),
         )
@@ -152,7 +152,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
                     Record::new("revoke")
                         .allow()
                         .identity(&identity)
-                        .request(&ctx.request_id),
+                        .request(ctx),
                 )
                 .await;
             ok(json!({"revoked": {"identity": identity}}))
@@ -172,7 +172,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
                     Record::new("revoke")
                         .allow()
                         .token(id.as_str())
-                        .request(&ctx.request_id)
+                        .request(ctx)
                         .detail(
                             "also_revoked",
                             revoked.iter().skip(1).cloned().collect::<Vec<_>>(),
@@ -200,7 +200,7 @@ async fn bump_epoch(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
         .log_durable(
             Record::new("bump_epoch")
                 .allow()
-                .request(&ctx.request_id)
+                .request(ctx)
                 .detail("epoch", epoch),
         )
         .await;

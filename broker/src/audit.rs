@@ -41,6 +41,9 @@ pub struct Record {
     pub decision: Option<&'static str>,
     pub reason: Option<String>,
     pub token_id: Option<String>,
+    /// The request's trace ids when telemetry already derived them (the
+    /// writer derives them otherwise).
+    pub trace: Option<crate::otel::Ids>,
     /// Event-specific fields, written as the `detail` object in key order
     /// (a key set twice keeps its last value).
     pub detail: Vec<(&'static str, serde_json::Value)>,
@@ -67,8 +70,10 @@ impl Record {
         self.identity = Some(id.into());
         self
     }
-    pub fn request(mut self, id: &str) -> Self {
-        self.request_id = Some(id.to_owned());
+    /// The request the record is about (and its trace ids, if known).
+    pub fn request(mut self, ctx: &crate::stack::Ctx<'_>) -> Self {
+        self.request_id = Some(ctx.request_id.clone());
+        self.trace = ctx.known_trace_ids();
         self
     }
     pub fn right(
@@ -332,21 +337,24 @@ fn writer(
                 // Exported as written (the file stays the system of record;
                 // the export queue never blocks this thread).
                 if let Some(o) = otel.get() {
-                    o.audit(&crate::otel::AuditView {
-                        seq: Some(seq),
-                        time: Some(now),
-                        event: r.event,
-                        request_id: r.request_id.as_deref(),
-                        identity: r.identity.as_deref(),
-                        tool: r.tool.as_deref(),
-                        op: r.op.as_deref(),
-                        constraints: r.constraints.as_ref(),
-                        decision: r.decision,
-                        reason: r.reason.as_deref(),
-                        token_id: r.token_id.as_deref(),
-                        detail: crate::otel::Details::Pairs(&detail),
-                        prev: Some(&prev_line),
-                    });
+                    o.audit(
+                        &crate::otel::AuditView {
+                            seq: Some(seq),
+                            time: Some(now),
+                            event: r.event,
+                            request_id: r.request_id.as_deref(),
+                            identity: r.identity.as_deref(),
+                            tool: r.tool.as_deref(),
+                            op: r.op.as_deref(),
+                            constraints: r.constraints.as_ref(),
+                            decision: r.decision,
+                            reason: r.reason.as_deref(),
+                            token_id: r.token_id.as_deref(),
+                            detail: crate::otel::Details::Pairs(&detail),
+                            prev: Some(&prev_line),
+                        },
+                        r.trace,
+                    );
                 }
                 pending.push(b'\n');
                 // One write per burst rather than per record: write when the

@@ -132,7 +132,7 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
                     ("identity_revoked", "the ticket's identity is revoked")
                 }
             };
-            let mut rec = Record::new("enrol").deny(code).request(&ctx.request_id);
+            let mut rec = Record::new("enrol").deny(code).request(ctx);
             if let Some(i) = identity {
                 rec = rec.identity(i);
             }
@@ -158,7 +158,7 @@ async fn issue_certificate(
     let rec = Record::new(event)
         .allow()
         .identity(identity)
-        .request(&ctx.request_id)
+        .request(ctx)
         .detail("serial", serial)
         .detail("not_after", rfc3339(not_after));
     if event == "enrol" {
@@ -295,7 +295,7 @@ async fn capabilities(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<
         let rec = Record::new("mint")
             .deny(e.code())
             .identity(me.identity.as_str())
-            .request(&ctx.request_id)
+            .request(ctx)
             .detail("grants", grants_detail(&body.grants));
         ctx.audit_deny(with_right(rec, &body.grants)).await;
         return Err(e);
@@ -316,7 +316,7 @@ async fn capabilities(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<
     let rec = Record::new("mint")
         .allow()
         .identity(me.identity.as_str())
-        .request(&ctx.request_id)
+        .request(ctx)
         .token(minted.token_id.as_str())
         .detail("grants", grants_detail(&body.grants))
         .detail("epoch", epoch)
@@ -374,7 +374,7 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
                 Record::new("delegate")
                     .deny(d.code())
                     .identity(me.identity.as_str())
-                    .request(&ctx.request_id),
+                    .request(ctx),
             )
             .await;
             return Err(ApiError::Token(d));
@@ -385,7 +385,7 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
         let rec = Record::new("delegate")
             .deny(e.code())
             .identity(me.identity.as_str())
-            .request(&ctx.request_id)
+            .request(ctx)
             .token(parent.token_id.as_str())
             .detail("to", to.to_owned())
             .detail("grants", grants_detail(grants));
@@ -473,7 +473,7 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
     let rec = Record::new("delegate")
         .allow()
         .identity(me.identity.as_str())
-        .request(&ctx.request_id)
+        .request(ctx)
         .token(minted.token_id.as_str())
         .detail("to", to.clone())
         .detail("parent", parent_id)
@@ -549,7 +549,7 @@ async fn provision(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             Record::new("ticket_issue")
                 .allow()
                 .identity(&body.agent)
-                .request(&ctx.request_id)
+                .request(ctx)
                 .detail("by", me)
                 .detail("expires_at", rfc3339(expires_at)),
         )

@@ -259,7 +259,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                     .deny(d.code())
                     .identity(&peer)
                     .right(LLM_TOOL, LLM_OP)
-                    .request(&ctx.request_id)
+                    .request(ctx)
                     .detail("path", path),
             )
             .await;
@@ -292,7 +292,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                     .identity(&peer)
                     .right(LLM_TOOL, LLM_OP)
                     .token(verified.token_id.as_str())
-                    .request(&ctx.request_id)
+                    .request(ctx)
                     .detail("message", e.to_string()),
             )
             .await;
@@ -401,7 +401,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                 .identity(&peer)
                 .right(LLM_TOOL, LLM_OP)
                 .token(verified.token_id.as_str())
-                .request(&ctx.request_id)
+                .request(ctx)
                 .detail("path", path)
                 .detail("model", peek.model.clone().unwrap_or_default())
                 .detail("stream", peek.stream.unwrap_or(false))
@@ -452,7 +452,7 @@ async fn upstream_failure(
             .deny("upstream_error")
             .identity(peer)
             .right(LLM_TOOL, LLM_OP)
-            .request(&ctx.request_id)
+            .request(ctx)
             .detail("path", path)
             .detail("status", status.as_u16())
             .detail("message", why.to_owned()),

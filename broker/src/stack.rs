@@ -52,6 +52,11 @@ impl Ctx<'_> {
         *self.trace.get_or_init(|| o.ids(&self.request_id))
     }
 
+    /// The trace ids, if telemetry has derived them already.
+    pub fn known_trace_ids(&self) -> Option<crate::otel::Ids> {
+        self.trace.get().copied()
+    }
+
     /// Records a denial the handler is about to return.
     pub async fn audit_deny(&self, rec: Record) {
         self.audited.store(true, Ordering::Relaxed);
@@ -212,7 +217,7 @@ async fn rescue(ctx: &Ctx<'_>, route: &str, e: ApiError) -> Response<Body> {
     };
     let mut rec = Record::new("deny")
         .deny(e.code())
-        .request(&ctx.request_id)
+        .request(ctx)
         .detail("route", route.to_owned())
         .detail("status", status.as_u16())
         .detail("message", message.clone());

@@ -330,7 +330,7 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
                     .allow()
                     .identity(&peer)
                     .token(verified.token_id.as_str())
-                    .request(&ctx.request_id)
+                    .request(ctx)
                     .detail("session", sid.clone())
                     .detail("protocol_version", version),
             )
@@ -493,7 +493,7 @@ async fn call(
     let base = |rec: Record| {
         rec.identity(peer)
             .token(verified.token_id.as_str())
-            .request(&ctx.request_id)
+            .request(ctx)
             .detail("session", sid.to_owned())
             .detail("call", name.to_owned())
             .detail("args_sha256", args_digest.clone())

@@ -641,9 +641,10 @@ impl Otel {
         }
     }
 
-    /// An audit record as a log record.
-    pub fn audit(&self, view: &AuditView<'_>) {
-        let ids = view.request_id.map(|r| self.ids(r));
+    /// An audit record as a log record, correlated by `known` trace ids or
+    /// else by those derived from its request id.
+    pub fn audit(&self, view: &AuditView<'_>, known: Option<Ids>) {
+        let ids = known.or_else(|| view.request_id.map(|r| self.ids(r)));
         let mut buf = SCRATCH.with(std::cell::Cell::take);
         log_record(&mut buf, view, ids.as_ref());
         self.push(Kind::Logs, &buf);
@@ -1160,7 +1161,7 @@ mod tests {
             ("list", &list),
         ];
         let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        o.audit(&AuditView {
+        let view = AuditView {
             seq: Some(42),
             time: Some(at),
             event: "tool",
@@ -1174,13 +1175,20 @@ mod tests {
             token_id: Some("tok"),
             detail: Details::Pairs(&detail),
             prev: Some("abc"),
-        });
+        };
+        o.audit(&view, None);
+        // Ids the request already derived are used as they are.
+        let known = o.ids("tag-000010");
+        o.audit(&view, Some(known));
         assert!(
             o.span(&o.ids("tag-000009"), None, &["x"], SERVER, at)
                 .is_none()
         );
         let (spans, logs) = drain(&o);
         assert!(spans.is_empty());
+        assert_eq!(logs.len(), 2);
+        assert_eq!(logs[1].trace_id, known.trace);
+        assert_eq!(logs[1].span_id, known.span);
         let l = &logs[0];
         let ids = o.ids("tag-000009");
         assert_eq!(
