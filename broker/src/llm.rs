@@ -388,7 +388,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let meter = Meter {
         audit: broker.audit.clone(),
         stats: broker.stats.clone(),
-        status: head.status.as_u16(),
+        status: head.status,
         otel: broker
             .audit
             .otel
@@ -514,7 +514,7 @@ struct Meter {
     audit: Audit,
     stats: Arc<crate::metrics::Metrics>,
     /// The upstream's status.
-    status: u16,
+    status: StatusCode,
     /// Telemetry: the exporter, the request's trace ids and when the call
     /// began.
     otel: Option<(crate::otel::Otel, crate::otel::Ids, std::time::SystemTime)>,
@@ -597,7 +597,7 @@ impl Meter {
         sp.str("gen_ai.operation.name", "chat")
             .str("gen_ai.provider.name", "anthropic")
             .str("gen_ai.request.model", &self.model)
-            .int("http.response.status_code", i64::from(self.status))
+            .int("http.response.status_code", i64::from(self.status.as_u16()))
             .attr("lever.completed", Val::Bool(completed));
         if let Some(n) = self.input_tokens {
             sp.int("gen_ai.usage.input_tokens", n as i64);
@@ -608,7 +608,7 @@ impl Meter {
         if let Some(t) = self.first_byte {
             sp.attr("lever.ttfb_ms", Val::Double(t.as_secs_f64() * 1000.0));
         }
-        let failed = !completed || self.status >= 500;
+        let failed = !completed || self.status.as_u16() >= 500;
         sp.end(failed.then(|| self.failed.as_deref().unwrap_or("")));
     }
 
@@ -640,7 +640,7 @@ impl Meter {
         stats.inc(
             "lever_llm_calls_total",
             &[
-                ("status", &self.status.to_string()),
+                ("status", self.status.as_str()),
                 ("completed", if completed { "true" } else { "false" }),
             ],
             1,
