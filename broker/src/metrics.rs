@@ -232,6 +232,19 @@ impl Metrics {
         }
     }
 
+    /// Counts a refusal on `route` for `reason`, and a rate limit in its
+    /// lane (`llm`, `tool`) when it was one.
+    pub fn denial(&self, route: &'static str, reason: &str, rate_limited_lane: Option<&str>) {
+        self.inc(
+            "lever_denials_total",
+            &[("route", route), ("reason", reason)],
+            1,
+        );
+        if let Some(lane) = rate_limited_lane {
+            self.inc("lever_rate_limited_total", &[("lane", lane)], 1);
+        }
+    }
+
     pub fn observe(&self, name: &'static str, pairs: &[(&'static str, &str)], d: Duration) {
         if let Ok(mut m) = self.histograms.lock() {
             m.get(name, pairs).observe(d.as_secs_f64());
@@ -548,6 +561,36 @@ mod tests {
         *s.get("x", &[("k", "2")]) += 7;
         assert_eq!(*s.get("x", &[("k", "1")]), 1);
         assert_eq!(*s.get("x", &[("k", "2")]), 7);
+    }
+
+    #[test]
+    fn a_denial_counts_its_reason_and_a_rate_limit_its_lane() {
+        let m = Metrics::default();
+        m.denial("llm", "rate_limited", Some("llm"));
+        m.denial("mcp", "constraint_mismatch", None);
+        m.denial("mcp", "rate_limited", Some("tool"));
+        let c = m.counter_snapshot();
+        let get = |n: &'static str, l: &[(&'static str, &str)]| c.get(&(n, labels(l))).copied();
+        assert_eq!(
+            get(
+                "lever_denials_total",
+                &[("route", "llm"), ("reason", "rate_limited")]
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            get(
+                "lever_denials_total",
+                &[("route", "mcp"), ("reason", "constraint_mismatch")]
+            ),
+            Some(1)
+        );
+        assert_eq!(get("lever_rate_limited_total", &[("lane", "llm")]), Some(1));
+        assert_eq!(
+            get("lever_rate_limited_total", &[("lane", "tool")]),
+            Some(1)
+        );
+        assert_eq!(c.len(), 5);
     }
 
     #[test]

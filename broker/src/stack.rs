@@ -104,17 +104,12 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
         Ok(r) => r,
         Err(e) => {
             denied = Some(e.code());
-            broker.stats.inc(
-                "lever_denials_total",
-                &[("route", kind), ("reason", e.code())],
-                1,
-            );
-            if let ApiError::RateLimited(..) = &e {
-                let lane = if kind == "llm" { "llm" } else { "tool" };
-                broker
-                    .stats
-                    .inc("lever_rate_limited_total", &[("lane", lane)], 1);
-            }
+            let lane = matches!(e, ApiError::RateLimited(..)).then_some(if kind == "llm" {
+                "llm"
+            } else {
+                "tool"
+            });
+            broker.stats.denial(kind, e.code(), lane);
             Box::pin(rescue(&ctx, &format!("{method} {}", uri.path()), e)).await
         }
     };

@@ -506,11 +506,7 @@ async fn call(
             .is_some_and(|tool| tool.operation(op).is_some())
     });
     let Some((tool, op)) = known else {
-        broker.stats.inc(
-            "lever_denials_total",
-            &[("route", "mcp"), ("reason", "unknown_tool")],
-            1,
-        );
+        broker.stats.denial("mcp", "unknown_tool", None);
         broker
             .audit
             .log(base(Record::new("tool").deny("unknown_tool")))
@@ -557,11 +553,7 @@ async fn call(
         );
     }
     if let Err(d) = authorized {
-        broker.stats.inc(
-            "lever_denials_total",
-            &[("route", "mcp"), ("reason", d.code())],
-            1,
-        );
+        broker.stats.denial("mcp", d.code(), None);
         span(name, Some(d.code()), "denied");
         let _ = ctx.denied_inside.set(d.code());
         broker
@@ -597,14 +589,7 @@ async fn call(
     let permit = match admitted {
         Ok(p) => p,
         Err(e) => {
-            broker.stats.inc(
-                "lever_denials_total",
-                &[("route", "mcp"), ("reason", e.code())],
-                1,
-            );
-            broker
-                .stats
-                .inc("lever_rate_limited_total", &[("lane", "tool")], 1);
+            broker.stats.denial("mcp", e.code(), Some("tool"));
             span(name, Some(e.code()), "denied");
             let _ = ctx.denied_inside.set(e.code());
             broker
