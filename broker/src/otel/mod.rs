@@ -533,10 +533,6 @@ impl Otel {
         o
     }
 
-    pub fn tag(&self) -> &str {
-        &self.tag
-    }
-
     /// The ids of request `request_id`.
     pub fn ids(&self, request_id: &str) -> Ids {
         Ids::of(&self.tag, request_id)
