@@ -14,7 +14,16 @@ use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lever-tool-db");
 
-fn demo_db(tag: &str) -> std::path::PathBuf {
+/// The scratch directory holding a test's database, removed when the test ends.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn demo_db(tag: &str) -> (Scratch, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("lever-tool-db-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -25,7 +34,7 @@ fn demo_db(tag: &str) -> std::path::PathBuf {
         .status()
         .unwrap();
     assert!(st.success());
-    db
+    (Scratch(dir), db)
 }
 
 fn call(table: &str) -> Value {
@@ -35,7 +44,7 @@ fn call(table: &str) -> Value {
 
 #[test]
 fn over_stdio_only_listed_tables_are_readable() {
-    let db = demo_db("stdio");
+    let (_scratch, db) = demo_db("stdio");
     let mut child = Command::new(BIN)
         .args(["--stdio", "--tables", "users", "--database"])
         .arg(&db)
@@ -80,7 +89,7 @@ fn over_stdio_only_listed_tables_are_readable() {
 
 #[test]
 fn over_http_only_listed_tables_are_readable_and_only_on_loopback() {
-    let db = demo_db("http");
+    let (_scratch, db) = demo_db("http");
     let refused = Command::new(BIN)
         .args([
             "-backend",
