@@ -383,6 +383,38 @@ fn slow_clients_are_cut_off() {
     );
 }
 
+/// The admin listener serves 64 connections at once: a 65th waits in the
+/// kernel's queue, unanswered, until one of the 64 ends, then is served.
+#[test]
+fn the_connection_cap_holds_until_a_connection_ends() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let _b = inst.start();
+    let port = inst.admin_port;
+    let mut held: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Let the broker take all 64 before the next one arrives.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut late = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    late.write_all(b"GET /epoch HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    late.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut first = [0u8; 64];
+    match late.read(&mut first) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a connection over the cap was served: {other:?}"),
+    }
+    drop(held.pop());
+    late.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = late.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"epoch\""), "{text}");
+}
+
 #[test]
 fn two_brokers_never_share_a_state_dir_and_lost_state_is_not_reinitialized() {
     let inst = Instance::new(DEFAULT_AGENTS, "");
