@@ -4,6 +4,8 @@
 //!
 //! - **direct**: plain HTTP to the upstream (the baseline);
 //! - **broker**: mTLS + capability token through `lever broker`;
+//! - **broker1**: the same with one runtime thread (`TOKIO_WORKER_THREADS=1`),
+//!   the shape of the nginx here;
 //! - **nginx** (Debian's): mTLS plus key injection in front of the same
 //!   upstream, the operator's alternative.
 //!
@@ -15,8 +17,8 @@
 //! mock and the broker run as separate processes (this binary, re-executed
 //! in a role); everything shares the machine's cores, so the figures are an
 //! upper bound on what each proxy adds. `LEVER_BENCH_WORKERS=N` gives the
-//! broker N runtime workers instead of one per core (nginx runs one worker
-//! process here).
+//! first broker N runtime workers instead of one per core (0: a
+//! current-thread runtime).
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -112,7 +114,21 @@ fn main() {
         path: "/llm/v1/messages",
         auth: ("x-unused", String::new()),
     });
-    let mut targets = vec![("direct", direct.clone()), ("broker", through.clone())];
+    // The same broker with one runtime thread, the shape of the nginx here
+    // (one worker process): `TOKIO_WORKER_THREADS`, which `lever broker`
+    // honours, set to 1.
+    let (one, one_spec) = extra_broker(
+        &rt,
+        &dir.join("one"),
+        mock_port,
+        "",
+        &[("TOKIO_WORKER_THREADS", "1"), ("LEVER_BENCH_WORKERS", "")],
+    );
+    let mut targets = vec![
+        ("direct", direct.clone()),
+        ("broker", through.clone()),
+        ("broker1", one_spec),
+    ];
     if nginx.is_some() {
         targets.push(("nginx", via_nginx.clone()));
     }
@@ -166,6 +182,7 @@ fn main() {
         let pids = |name: &str| -> Vec<u32> {
             match name {
                 "broker" => vec![broker.0.id()],
+                "broker1" => vec![one.0.id()],
                 "nginx" => nginx
                     .as_ref()
                     .map_or_else(Vec::new, |n| with_children(n.0.id())),
@@ -235,6 +252,41 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Another broker on its own state dir in `root`, in front of the same
+/// mock, with `extra` appended to its `broker:` section and `env` set; one
+/// agent enrolled and holding an `llm/generate` token.
+fn extra_broker(
+    rt: &tokio::runtime::Runtime,
+    root: &std::path::Path,
+    mock_port: u16,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> (Proc, Arc<TargetSpec>) {
+    std::fs::create_dir_all(root.join("ws")).unwrap();
+    write(&root.join("key"), KEY, 0o600);
+    let (jail, admin) = (free_port(), free_port());
+    write(
+        &root.join("lever.yaml"),
+        &format!(
+            "name: load\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1}}\nbroker:\n  api_key_file: key\n  upstream: http://127.0.0.1:{mock_port}\n  jail_port: {jail}\n  admin_port: {admin}\n  rate_limits: {{llm: {{per_minute: 1000000, burst: 100000, max_concurrent: 10000}}}}\n{extra}"
+        ),
+        0o644,
+    );
+    let (proc, admin_t, jail_t) = start_broker(rt, &root.join("lever.yaml"), (admin, jail), env);
+    let (_, tls, token) = rt.block_on(enrol(
+        &admin_t,
+        &jail_t,
+        json!([{"tool": "llm", "op": "generate"}]),
+    ));
+    let spec = Arc::new(TargetSpec {
+        port: jail,
+        tls: Some(tls),
+        path: "/llm/v1/messages",
+        auth: ("x-api-key", token),
+    });
+    (proc, spec)
+}
+
 /// Closed-loop throughput of the broker with OTLP export on (to a local
 /// sink that accepts everything) against the same broker build with it off,
 /// in alternating slices (the box's noise is several percent from run to
@@ -271,31 +323,15 @@ fn telemetry_cost(
             ],
         ),
     ] {
-        let root = dir.join(name);
-        std::fs::create_dir_all(root.join("ws")).unwrap();
-        write(&root.join("key"), KEY, 0o600);
-        let (jail, admin) = (free_port(), free_port());
-        write(
-            &root.join("lever.yaml"),
-            &format!(
-                "name: load\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1}}\nbroker:\n  api_key_file: key\n  upstream: http://127.0.0.1:{mock_port}\n  jail_port: {jail}\n  admin_port: {admin}\n  rate_limits: {{llm: {{per_minute: 1000000, burst: 100000, max_concurrent: 10000}}}}\n  telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink}'}}\n"
-            ),
-            0o644,
+        let (proc, spec) = extra_broker(
+            rt,
+            &dir.join(name),
+            mock_port,
+            &format!("  telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink}'}}\n"),
+            &env,
         );
-        let (proc, admin_t, jail_t) =
-            start_broker(rt, &root.join("lever.yaml"), (admin, jail), &env);
         procs.push(proc);
-        let (_, tls, token) = rt.block_on(enrol(
-            &admin_t,
-            &jail_t,
-            json!([{"tool": "llm", "op": "generate"}]),
-        ));
-        on.push(Arc::new(TargetSpec {
-            port: jail,
-            tls: Some(tls),
-            path: "/llm/v1/messages",
-            auth: ("x-api-key", token),
-        }));
+        on.push(spec);
     }
     println!(
         "\n  telemetry: OTLP export (logs, spans, metrics to a collector stand-in process) vs off, closed loop, alternating slices; cost = 1 - median(on/off) of adjacent slices"
