@@ -333,16 +333,18 @@ fn telemetry_cost(
         procs.push(proc);
         on.push(spec);
     }
+    // Twice the rounds of half-length slices: the same time per target,
+    // more pairs of adjacent slices, each pair closer in time.
+    let rounds = if secs <= 1 { 8 } else { 20 };
     println!(
-        "\n  telemetry: OTLP export (logs, spans, metrics to a collector stand-in process) vs off, closed loop, alternating slices; cost = 1 - median(on/off) of adjacent slices"
+        "\n  telemetry: OTLP export (logs, spans, metrics to a collector stand-in process) vs off, closed loop, {rounds} rounds of 500 ms slices alternating; cost = 1 - median(on/off) of adjacent slices"
     );
-    let rounds = if secs <= 1 { 4 } else { 10 };
     let groups: Vec<Vec<Vec<u32>>> = [off_pid, procs[0].0.id(), procs[1].0.id()]
         .into_iter()
         .map(|p| vec![vec![p], vec![_sink.0.id()]])
         .collect();
     let specs = [off.clone(), on[0].clone(), on[1].clone()];
-    let m = alternate(rt, &specs, &groups, rounds, SLICE);
+    let m = alternate(rt, &specs, &groups, rounds, SLICE / 2);
     let cost = |i: usize| (1.0 - m.ratio(i, 0)) * 100.0;
     println!(
         "    off {:>9.0} req/s   on {:>9.0} req/s => cost {:.1}% (target < 5%)   on, traces sampled 10% {:>9.0} req/s => cost {:.1}%",
