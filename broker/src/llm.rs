@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -44,6 +44,9 @@ const ROUTES: &[(&str, Method)] = &[
 ];
 
 /// Request headers forwarded upstream (everything else is dropped).
+/// Where the real key goes.
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 static FORWARDED: [HeaderName; 5] = [
     HeaderName::from_static("content-type"),
     HeaderName::from_static("accept"),
@@ -72,8 +75,12 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 pub struct Upstream {
     client: HttpsClient,
     base: String,
+    /// The upstream URI of every proxied path, with and without the one
+    /// query forwarded: built once, cloned per request (no formatting or
+    /// parsing on the hot path).
+    uris: Vec<((&'static str, Option<&'static str>), Uri)>,
     key: Option<HeaderValue>,
-    key_bytes: Option<Vec<u8>>,
+    key_bytes: Option<Arc<[u8]>>,
     /// Time for the upstream to send its response headers.
     header_timeout: Duration,
 }
@@ -143,11 +150,26 @@ impl Upstream {
             }
             None => None,
         };
+        let base = b.upstream.to_string();
+        let mut uris = Vec::new();
+        for (path, _) in ROUTES {
+            for query in [None, Some("beta=true")] {
+                let text = match query {
+                    None => format!("{base}/{path}"),
+                    Some(q) => format!("{base}/{path}?{q}"),
+                };
+                let uri = text
+                    .parse::<Uri>()
+                    .map_err(|e| StartError::Config(format!("broker.upstream {base}: {e}")))?;
+                uris.push(((*path, query), uri));
+            }
+        }
         Ok(Upstream {
             client,
-            base: b.upstream.to_string(),
+            base,
+            uris,
             header_timeout: b.upstream_header_timeout,
-            key_bytes: key.map(String::into_bytes),
+            key_bytes: key.map(|k| Arc::from(k.into_bytes())),
             key: key_value,
         })
     }
@@ -314,12 +336,12 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         serde_json::from_slice(&body).unwrap_or_default()
     };
 
-    let mut uri = format!("{}/{path}", upstream.base);
-    if let Some(q) = query {
-        uri.push('?');
-        uri.push_str(q);
-    }
-    let mut out = Request::builder().method(parts.method.clone()).uri(&uri);
+    let Some((_, uri)) = upstream.uris.iter().find(|(k, _)| *k == (path, query)) else {
+        return Err(ApiError::Internal(format!("no upstream URI for {path}")));
+    };
+    let mut out = Request::builder()
+        .method(parts.method.clone())
+        .uri(uri.clone());
     if let Some(h) = out.headers_mut() {
         for name in &FORWARDED {
             for v in parts.headers.get_all(name) {
@@ -331,7 +353,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                 h.append(name.clone(), v.clone());
             }
         }
-        h.insert("x-api-key", key);
+        h.insert(X_API_KEY.clone(), key);
     }
     let out = out
         .body(full(body))
@@ -385,6 +407,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         .stats
         .open_streams
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let model = peek.model.unwrap_or_default();
     let meter = Meter {
         audit: broker.audit.clone(),
         stats: broker.stats.clone(),
@@ -394,7 +417,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             .otel
             .get()
             .map(|o| (o.clone(), ctx.trace_ids(o), wall)),
-        model: peek.model.clone().unwrap_or_default(),
+        model: model.clone(),
         record: Some(
             Record::new("llm")
                 .allow()
@@ -403,7 +426,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                 .token(verified.token_id.as_str())
                 .request(ctx)
                 .detail("path", path)
-                .detail("model", peek.model.clone().unwrap_or_default())
+                .detail("model", model)
                 .detail("stream", peek.stream.unwrap_or(false))
                 .detail("status", head.status.as_u16())
                 .detail("upstream_latency_ms", latency.as_secs_f64() * 1000.0),
@@ -468,13 +491,13 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// Looks for the real key in a body that arrives in frames, including an
 /// occurrence split across frames.
 struct KeyScan {
-    key: Vec<u8>,
+    key: Arc<[u8]>,
     /// The last `key.len() - 1` bytes seen.
     tail: Vec<u8>,
 }
 
 impl KeyScan {
-    fn new(key: Vec<u8>) -> KeyScan {
+    fn new(key: Arc<[u8]>) -> KeyScan {
         KeyScan {
             key,
             tail: Vec::new(),
@@ -778,18 +801,18 @@ mod tests {
         let body = body();
         // Two frames, split at every position.
         for cut in 0..=body.len() {
-            let mut s = KeyScan::new(KEY.to_vec());
+            let mut s = KeyScan::new(std::sync::Arc::from(KEY));
             let found = s.leaks(&body[..cut]) || s.leaks(&body[cut..]);
             assert!(found, "missed with a cut at {cut}");
         }
         // One byte per frame.
-        let mut s = KeyScan::new(KEY.to_vec());
+        let mut s = KeyScan::new(std::sync::Arc::from(KEY));
         assert!(body.iter().any(|b| s.leaks(std::slice::from_ref(b))));
         // Three frames around the key.
         let at = body.len() - KEY.len() - 4;
         for a in at..at + KEY.len() {
             for b in a..at + KEY.len() + 1 {
-                let mut s = KeyScan::new(KEY.to_vec());
+                let mut s = KeyScan::new(std::sync::Arc::from(KEY));
                 let found = s.leaks(&body[..a]) || s.leaks(&body[a..b]) || s.leaks(&body[b..]);
                 assert!(found, "missed with cuts at {a} and {b}");
             }
@@ -803,7 +826,7 @@ mod tests {
         let i = body.windows(KEY.len()).position(|w| w == KEY).unwrap_or(0);
         body[i + KEY.len() - 1] = b'X';
         for cut in 0..=body.len() {
-            let mut s = KeyScan::new(KEY.to_vec());
+            let mut s = KeyScan::new(std::sync::Arc::from(KEY));
             assert!(
                 !s.leaks(&body[..cut]) && !s.leaks(&body[cut..]),
                 "cut {cut}"

@@ -66,12 +66,18 @@ impl Ctx<'_> {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 fn request_id(broker: &Broker) -> String {
-    format!(
+    use std::fmt::Write;
+    let mut id = String::with_capacity(broker.instance_tag.len() + 12);
+    let _ = write!(
+        id,
         "{}-{:06}",
         broker.instance_tag,
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    )
+    );
+    id
 }
 
 pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
@@ -129,7 +135,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
         request_span(o, &ctx, &method, kind, status, denied, wall);
     }
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        resp.headers_mut().insert("x-request-id", v);
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
     resp
 }
@@ -293,14 +299,14 @@ fn authenticate(ctx: &mut Ctx<'_>, req: &Request<Incoming>) -> Result<(), ApiErr
     let cn = match &ctx.conn.peer {
         None => return Err(ApiError::NoClientCert),
         Some(Err(why)) => return Err(ApiError::BadClientCert(why.clone())),
-        Some(Ok(cn)) => cn.clone(),
+        Some(Ok(cn)) => cn,
     };
     ctx.peer = Some(cn.clone());
-    if ctx.broker.state.is_identity_revoked(&cn) {
-        return Err(ApiError::IdentityRevoked(cn));
+    if ctx.broker.state.is_identity_revoked(cn) {
+        return Err(ApiError::IdentityRevoked(cn.clone()));
     }
-    if ctx.broker.config.agent(&cn).is_none() {
-        return Err(ApiError::UnknownAgent(cn));
+    if ctx.broker.config.agent(cn).is_none() {
+        return Err(ApiError::UnknownAgent(cn.clone()));
     }
     Ok(())
 }
