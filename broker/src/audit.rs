@@ -107,20 +107,18 @@ impl Record {
         self.detail.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
-    /// The detail fields sorted by key, as they are written.
-    fn sorted_detail(&self) -> Vec<(&'static str, &serde_json::Value)> {
-        let mut d: Vec<_> = self.detail.iter().map(|(k, v)| (*k, v)).collect();
-        d.sort_unstable_by_key(|(k, _)| *k);
-        d
+    /// Sorts the detail fields by key, as they are written.
+    fn sort_detail(&mut self) {
+        self.detail.sort_unstable_by_key(|(k, _)| *k);
     }
 }
 
 /// The `detail` object of a line.
-struct Detail<'a>(&'a [(&'static str, &'a serde_json::Value)]);
+struct Detail<'a>(&'a [(&'static str, serde_json::Value)]);
 
 impl Serialize for Detail<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.0.iter().map(|(k, v)| (*k, *v)))
+        s.collect_map(self.0.iter().map(|(k, v)| (*k, v)))
     }
 }
 
@@ -303,10 +301,11 @@ fn writer(
         };
         let Some(msg) = msg else { break };
         match msg {
-            Msg::Record(r) => {
+            Msg::Record(mut r) => {
                 seq += 1;
                 let now = SystemTime::now();
-                let detail = r.sorted_detail();
+                r.sort_detail();
+                let detail = &r.detail;
                 let line = Line {
                     seq,
                     time: clock.format(now),
@@ -319,7 +318,7 @@ fn writer(
                     decision: &r.decision,
                     reason: &r.reason,
                     token_id: &r.token_id,
-                    detail: Detail(&detail),
+                    detail: Detail(detail),
                     prev: &prev,
                 };
                 // Serialized straight onto the pending batch, hashed there.
@@ -350,7 +349,7 @@ fn writer(
                             decision: r.decision,
                             reason: r.reason.as_deref(),
                             token_id: r.token_id.as_deref(),
-                            detail: crate::otel::Details::Pairs(&detail),
+                            detail: crate::otel::Details::Pairs(detail),
                             prev: Some(&prev_line),
                         },
                         r.trace,

@@ -332,12 +332,14 @@ async fn capabilities(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<
 
 /// The bearer token of a request, from `Authorization: Bearer`.
 pub fn bearer<B>(req: &Request<B>) -> Result<String, ApiError> {
-    bearer_of(req.headers())?.ok_or(ApiError::NoToken)
+    bearer_of(req.headers())?
+        .map(str::to_owned)
+        .ok_or(ApiError::NoToken)
 }
 
 /// The `Authorization: Bearer` token of a request, if it sends one: the
 /// one parser of that header. Two headers, or another scheme, are refused.
-pub fn bearer_of(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> {
+pub fn bearer_of(headers: &http::HeaderMap) -> Result<Option<&str>, ApiError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
     let Some(v) = values.next() else {
         return Ok(None);
@@ -352,7 +354,7 @@ pub fn bearer_of(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> 
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ApiError::NoToken);
     }
-    Ok(Some(token.trim().to_owned()))
+    Ok(Some(token.trim()))
 }
 
 #[derive(Deserialize)]

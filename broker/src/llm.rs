@@ -203,12 +203,12 @@ struct Peek {
 
 /// The capability token of an `/llm` request: `Authorization: Bearer` or
 /// `x-api-key`, exactly one value (both only if equal).
-fn llm_token(headers: &HeaderMap) -> Result<String, ApiError> {
+fn llm_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let bearer = crate::jail::bearer_of(headers)?;
     let mut keys = headers.get_all("x-api-key").iter();
     let key = match (keys.next(), keys.next()) {
         (None, _) => None,
-        (Some(k), None) => Some(k.to_str().map_err(|_| ApiError::NoToken)?.trim().to_owned()),
+        (Some(k), None) => Some(k.to_str().map_err(|_| ApiError::NoToken)?.trim()),
         (Some(_), Some(_)) => {
             return Err(ApiError::BadRequest(
                 "more than one x-api-key header".into(),
@@ -261,7 +261,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let no_args = BTreeMap::new();
     let otel = broker.audit.otel.get();
     let t = std::time::SystemTime::now();
-    let authorized = broker.authorize_token(&token, &peer, LLM_TOOL, LLM_OP, &no_args);
+    let authorized = broker.authorize_token(token, &peer, LLM_TOOL, LLM_OP, &no_args);
     if let Some(o) = otel {
         let right = ("lever.right", "llm/generate");
         let step = |a: &[(&str, &str)]| {

@@ -233,7 +233,9 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
         _ => return Err(ApiError::MethodNotAllowed),
     }
     crate::stack::require_json(&req)?;
-    let token = crate::jail::bearer_of(req.headers())?.ok_or(ApiError::NoToken)?;
+    let token = crate::jail::bearer_of(req.headers())?
+        .map(str::to_owned)
+        .ok_or(ApiError::NoToken)?;
     let version_header = req
         .headers()
         .get("mcp-protocol-version")

@@ -653,7 +653,7 @@ impl Otel {
 #[derive(Debug, Clone, Copy)]
 pub enum Details<'a> {
     /// As the writer holds them.
-    Pairs(&'a [(&'static str, &'a Value)]),
+    Pairs(&'a [(&'static str, Value)]),
     /// As read back from a line.
     Map(&'a serde_json::Map<String, Value>),
 }
@@ -1148,13 +1148,11 @@ mod tests {
         let o = otel(0.0); // traces sampled out; logs never are
         let constraints: std::collections::BTreeMap<String, String> =
             [("table".to_owned(), "users".to_owned())].into();
-        let (model, n, nul) = (Value::from("claude"), Value::from(7u64), Value::Null);
-        let list = serde_json::json!(["a", "b"]);
         let detail = [
-            ("input_tokens", &n),
-            ("model", &model),
-            ("none", &nul),
-            ("list", &list),
+            ("input_tokens", Value::from(7u64)),
+            ("model", Value::from("claude")),
+            ("none", Value::Null),
+            ("list", serde_json::json!(["a", "b"])),
         ];
         let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let view = AuditView {
