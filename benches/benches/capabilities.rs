@@ -26,6 +26,9 @@ use lever_policy::token::{self, Grant, Mint, RootKey};
 use serde_json::json;
 
 fn main() {
+    if lever_benches::setup::role_tool() {
+        return;
+    }
     let h = Harness::from_env();
     println!(
         "capabilities ({} mode)",
@@ -40,12 +43,21 @@ fn main() {
         lever_benches::setup::free_port(),
         lever_benches::setup::free_port(),
         lever_benches::setup::free_port(),
+        lever_benches::setup::free_port(),
     ];
+    // The tool the tokens are for: this binary serving `lever-tool-db`.
+    let db = dir.join("data.db");
+    lever_tool_db::db::init_demo(&db).unwrap();
     std::fs::write(
         dir.join("lever.yaml"),
         format!(
-            "name: bench\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1, obtain: [{{tool: db, op: read}}]}}\nbroker:\n  api_key_file: key\n  jail_port: {}\n  admin_port: {}\n  tools: [{{name: db, command: [lever-tool-db], backend: '127.0.0.1:1', operations: [{{name: read}}], allowed_values: {{table: [users]}}}}]\n",
-            ports[0], ports[1]
+            "name: bench\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1, obtain: [{{tool: db, op: read}}]}}\nbroker:\n  api_key_file: key\n  jail_port: {}\n  admin_port: {}\n  tools: [{{name: db, command: ['{}', {}, '{}'], backend: '127.0.0.1:{}', operations: [{{name: read}}], allowed_values: {{table: [users]}}}}]\n",
+            ports[0],
+            ports[1],
+            std::env::current_exe().unwrap().display(),
+            lever_benches::setup::ROLE_TOOL,
+            db.display(),
+            ports[3]
         ),
     )
     .unwrap();

@@ -20,16 +20,16 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use lever_benches::setup::{connect, enrol, free_port, role_broker, start_broker};
+use lever_benches::setup::{
+    ROLE_TOOL, connect, enrol, free_port, role_broker, role_tool, start_broker,
+};
 use lever_broker::client::ClientTls;
 use serde_json::{Value, json};
 
-const ROLE_TOOL: &str = "--bench-role-tool";
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == ROLE_TOOL) {
-        return role_tool(&args);
+    if role_tool() {
+        return;
     }
     if std::env::var("LEVER_BENCH_ROLE").as_deref() == Ok("broker") {
         return role_broker();
@@ -251,20 +251,4 @@ async fn closed_loop(spec: &Arc<Spec>, workers: usize, dur: Duration) -> f64 {
 
 fn pct(sorted: &[u64], p: usize) -> u64 {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
-}
-
-/// The tool, as the broker starts it: `EXE --bench-role-tool DB -backend ADDR`.
-fn role_tool(args: &[String]) {
-    let i = args.iter().position(|a| a == ROLE_TOOL).unwrap();
-    let db = std::path::PathBuf::from(&args[i + 1]);
-    let j = args.iter().position(|a| a == "-backend").unwrap();
-    let addr: std::net::SocketAddr = args[j + 1].parse().unwrap();
-    let db = Arc::new(
-        lever_tool_db::db::Db::open(&db, vec!["users".into(), "orders".into()], 100).unwrap(),
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(lever_tool_db::server::serve_http(addr, db));
 }

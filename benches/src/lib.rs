@@ -121,6 +121,32 @@ pub mod setup {
     use lever_broker::client::{self, ClientTls, Target};
     use serde_json::{Value, json};
 
+    /// The argument that makes a bench binary serve `lever-tool-db`: a
+    /// tool's `command` is `[EXE, ROLE_TOOL, DB]`, and the broker appends
+    /// `-backend ADDR` when it starts it.
+    pub const ROLE_TOOL: &str = "--bench-role-tool";
+
+    /// Serves the tool when this process was started as one (see
+    /// [`ROLE_TOOL`]); returns false otherwise.
+    pub fn role_tool() -> bool {
+        let args: Vec<String> = std::env::args().collect();
+        let Some(i) = args.iter().position(|a| a == ROLE_TOOL) else {
+            return false;
+        };
+        let db = std::path::PathBuf::from(&args[i + 1]);
+        let j = args.iter().position(|a| a == "-backend").unwrap();
+        let addr: std::net::SocketAddr = args[j + 1].parse().unwrap();
+        let db = std::sync::Arc::new(
+            lever_tool_db::db::Db::open(&db, vec!["users".into(), "orders".into()], 100).unwrap(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(lever_tool_db::server::serve_http(addr, db));
+        true
+    }
+
     pub fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
