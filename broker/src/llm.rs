@@ -43,10 +43,10 @@ const ROUTES: &[(&str, Method)] = &[
     ("v1/models", Method::GET),
 ];
 
-/// Request headers forwarded upstream (everything else is dropped).
 /// Where the real key goes.
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// Request headers forwarded upstream (everything else is dropped).
 static FORWARDED: [HeaderName; 5] = [
     HeaderName::from_static("content-type"),
     HeaderName::from_static("accept"),
