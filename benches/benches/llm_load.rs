@@ -55,16 +55,8 @@ fn main() {
     );
     let dir = std::env::temp_dir().join(format!("lever-bench-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("ws")).unwrap();
-    write(&dir.join("key"), KEY, 0o600);
-    let (mock_port, jail, admin, nginx_port) = (free_port(), free_port(), free_port(), free_port());
-    write(
-        &dir.join("lever.yaml"),
-        &format!(
-            "name: load\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1}}\nbroker:\n  api_key_file: key\n  upstream: http://127.0.0.1:{mock_port}\n  jail_port: {jail}\n  admin_port: {admin}\n  rate_limits: {{llm: {{per_minute: 1000000, burst: 100000, max_concurrent: 10000}}}}\n"
-        ),
-        0o644,
-    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mock_port, nginx_port) = (free_port(), free_port());
     let exe = std::env::current_exe().unwrap();
     let mock = Proc(
         Command::new(&exe)
@@ -79,15 +71,8 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (broker, admin_t, jail_t) = start_broker(&rt, &dir.join("lever.yaml"), (admin, jail), &[]);
+    let (broker, through, ca) = start_lever(&rt, &dir, mock_port, "", &[]);
     rt.block_on(wait_tcp(mock_port));
-
-    // Enrol one agent and take a token, as `lever agent` would.
-    let (ca, tls, token) = rt.block_on(enrol(
-        &admin_t,
-        &jail_t,
-        json!([{"tool": "llm", "op": "generate"}]),
-    ));
 
     let nginx = start_nginx(&dir, nginx_port, mock_port, &ca);
     if nginx.is_some() {
@@ -102,22 +87,16 @@ fn main() {
         path: "/v1/messages",
         auth: ("x-api-key", KEY.to_owned()),
     });
-    let through = Arc::new(TargetSpec {
-        port: jail,
-        tls: Some(tls.clone()),
-        path: "/llm/v1/messages",
-        auth: ("x-api-key", token.clone()),
-    });
     let via_nginx = Arc::new(TargetSpec {
         port: nginx_port,
-        tls: Some(tls.clone()),
+        tls: through.tls.clone(),
         path: "/llm/v1/messages",
         auth: ("x-unused", String::new()),
     });
     // The same broker with one runtime thread, the shape of the nginx here
     // (one worker process): `TOKIO_WORKER_THREADS`, which `lever broker`
     // honours, set to 1.
-    let (one, one_spec) = extra_broker(
+    let (one, one_spec, _) = start_lever(
         &rt,
         &dir.join("one"),
         mock_port,
@@ -252,16 +231,17 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Another broker on its own state dir in `root`, in front of the same
-/// mock, with `extra` appended to its `broker:` section and `env` set; one
-/// agent enrolled and holding an `llm/generate` token.
-fn extra_broker(
+/// A broker on its own state dir in `root`, in front of the mock, with
+/// `extra` appended to its `broker:` section and `env` set; one agent
+/// enrolled (as `lever agent` would) and holding an `llm/generate` token.
+/// Returns the process, the target, and the broker CA's PEM.
+fn start_lever(
     rt: &tokio::runtime::Runtime,
     root: &std::path::Path,
     mock_port: u16,
     extra: &str,
     env: &[(&str, &str)],
-) -> (Proc, Arc<TargetSpec>) {
+) -> (Proc, Arc<TargetSpec>, String) {
     std::fs::create_dir_all(root.join("ws")).unwrap();
     write(&root.join("key"), KEY, 0o600);
     let (jail, admin) = (free_port(), free_port());
@@ -273,7 +253,7 @@ fn extra_broker(
         0o644,
     );
     let (proc, admin_t, jail_t) = start_broker(rt, &root.join("lever.yaml"), (admin, jail), env);
-    let (_, tls, token) = rt.block_on(enrol(
+    let (ca, tls, token) = rt.block_on(enrol(
         &admin_t,
         &jail_t,
         json!([{"tool": "llm", "op": "generate"}]),
@@ -284,7 +264,7 @@ fn extra_broker(
         path: "/llm/v1/messages",
         auth: ("x-api-key", token),
     });
-    (proc, spec)
+    (proc, spec, ca)
 }
 
 /// Closed-loop throughput of the broker with OTLP export on (to a local
@@ -323,7 +303,7 @@ fn telemetry_cost(
             ],
         ),
     ] {
-        let (proc, spec) = extra_broker(
+        let (proc, spec, _) = start_lever(
             rt,
             &dir.join(name),
             mock_port,
