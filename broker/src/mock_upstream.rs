@@ -195,30 +195,32 @@ async fn handle(
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    let headers: serde_json::Map<String, Value> = parts
-        .headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-            )
-        })
-        .collect();
-    let index = seen.lock().map(|s| s.requests.len()).unwrap_or(0);
-    // Keep the first requests only: under load the log must not grow without bound.
-    if let Ok(mut s) = seen.lock()
-        && s.requests.len() < MAX_SEEN
-    {
-        s.requests.push(json!({
-            "version": format!("{:?}", parts.version),
-            "method": parts.method.as_str(),
-            "path": parts.uri.path(),
-            "query": parts.uri.query(),
-            "headers": headers,
-            "body_bytes": bytes.len(),
-        }));
-    }
+    // Keep the first requests only: under load the log must not grow
+    // without bound (and past the cap nothing is built for it).
+    let index = match seen.lock() {
+        Ok(mut s) if s.requests.len() < MAX_SEEN => {
+            let headers: serde_json::Map<String, Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                    )
+                })
+                .collect();
+            s.requests.push(json!({
+                "version": format!("{:?}", parts.version),
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "query": parts.uri.query(),
+                "headers": headers,
+                "body_bytes": bytes.len(),
+            }));
+            s.requests.len() - 1
+        }
+        _ => MAX_SEEN,
+    };
     if let Some(want) = expect_key {
         let got = parts.headers.get("x-api-key").and_then(|v| v.to_str().ok());
         if got != Some(want) || parts.headers.contains_key(http::header::AUTHORIZATION) {
