@@ -322,3 +322,228 @@ pub mod setup {
         }
     }
 }
+
+/// A lean HTTP/1.1 keep-alive client for load generation. The load
+/// generator shares the machine's two cores with the proxies it measures,
+/// so every microsecond it spends per request is taken from them: here a
+/// request is a prebuilt byte string written as it is, and its response is
+/// read in the caller's task (no connection task, no channel between the
+/// two, no allocation per request). Streams and anything else keep using
+/// hyper.
+pub mod lean {
+    use lever_broker::client::ClientTls;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+    /// One keep-alive connection.
+    pub struct Conn {
+        io: Box<dyn Io>,
+        buf: Vec<u8>,
+        /// The server said `connection: close` (nginx does after 1,000
+        /// requests on a connection): open a new one before the next call.
+        pub closed: bool,
+    }
+
+    impl std::fmt::Debug for Conn {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Conn")
+                .field("closed", &self.closed)
+                .finish()
+        }
+    }
+
+    /// A whole HTTP/1.1 request: `POST path` with `headers` and `body`.
+    pub fn post(path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+        let mut r = format!("POST {path} HTTP/1.1\r\n");
+        for (k, v) in headers {
+            r.push_str(&format!("{k}: {v}\r\n"));
+        }
+        r.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        let mut r = r.into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    /// Connects to `127.0.0.1:port`, over TLS to `localhost` when given.
+    pub async fn connect(port: u16, tls: Option<&ClientTls>) -> std::io::Result<Conn> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        tcp.set_nodelay(true)?;
+        let io: Box<dyn Io> = match tls {
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost")
+                    .map_err(std::io::Error::other)?;
+                Box::new(tls.connector().connect(name, tcp).await?)
+            }
+            None => Box::new(tcp),
+        };
+        Ok(Conn {
+            io,
+            buf: Vec::with_capacity(16 << 10),
+            closed: false,
+        })
+    }
+
+    impl Conn {
+        /// Sends `request` and reads its whole response: its status.
+        pub async fn call(&mut self, request: &[u8]) -> std::io::Result<u16> {
+            self.io.write_all(request).await?;
+            self.buf.clear();
+            loop {
+                if let Some(r) = parse(&self.buf)? {
+                    if r.len != self.buf.len() {
+                        return Err(invalid("bytes after the response"));
+                    }
+                    self.closed = r.close;
+                    return Ok(r.status);
+                }
+                if self.buf.capacity() - self.buf.len() < 4096 {
+                    self.buf.reserve(16 << 10);
+                }
+                if self.io.read_buf(&mut self.buf).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+    }
+
+    fn invalid(what: &str) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
+    }
+
+    /// A complete response at the start of a buffer.
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Parsed {
+        pub status: u16,
+        /// Its length in bytes, head and body.
+        pub len: usize,
+        /// `connection: close`.
+        pub close: bool,
+    }
+
+    /// The response at the start of `buf`: `None` until it is complete.
+    /// Bodies framed by `content-length` or chunked; a response framed by
+    /// neither is refused (it would end only with the connection).
+    pub fn parse(buf: &[u8]) -> std::io::Result<Option<Parsed>> {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut headers);
+        let head = match r.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(invalid(&e.to_string())),
+        };
+        let status = r.code.unwrap_or(0);
+        let (mut length, mut chunked, mut close) = (None, false, false);
+        for h in r.headers.iter() {
+            let v = std::str::from_utf8(h.value).map_err(|_| invalid("header value"))?;
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = Some(v.trim().parse::<usize>().map_err(|_| invalid(v))?);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.trim().eq_ignore_ascii_case("chunked");
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close = v.trim().eq_ignore_ascii_case("close");
+            }
+        }
+        let len = if chunked {
+            match chunked_len(&buf[head..])? {
+                Some(n) => head + n,
+                None => return Ok(None),
+            }
+        } else if let Some(n) = length {
+            if buf.len() < head + n {
+                return Ok(None);
+            }
+            head + n
+        } else if status == 204 || status == 304 {
+            head
+        } else {
+            return Err(invalid("a response without content-length or chunks"));
+        };
+        Ok(Some(Parsed { status, len, close }))
+    }
+
+    /// The length of a complete chunked body at the start of `b` (trailers
+    /// included), `None` until it is complete.
+    fn chunked_len(b: &[u8]) -> std::io::Result<Option<usize>> {
+        let mut at = 0;
+        loop {
+            let (n, size) = match httparse::parse_chunk_size(&b[at..]) {
+                Ok(httparse::Status::Complete(c)) => c,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(_) => return Err(invalid("chunk size")),
+            };
+            at += n;
+            if size == 0 {
+                // Trailers (none, usually), then an empty line.
+                loop {
+                    let Some(eol) = b[at..].windows(2).position(|w| w == b"\r\n") else {
+                        return Ok(None);
+                    };
+                    at += eol + 2;
+                    if eol == 0 {
+                        return Ok(Some(at));
+                    }
+                }
+            }
+            let size = usize::try_from(size).map_err(|_| invalid("chunk size"))?;
+            if b.len() < at + size + 2 {
+                return Ok(None);
+            }
+            if &b[at + size..at + size + 2] != b"\r\n" {
+                return Err(invalid("chunk end"));
+            }
+            at += size + 2;
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn whole(r: &[u8]) -> Parsed {
+            // Every prefix is incomplete; the whole is complete.
+            for cut in 0..r.len() {
+                assert_eq!(parse(&r[..cut]).unwrap(), None, "prefix of {cut} bytes");
+            }
+            parse(r).unwrap().unwrap()
+        }
+
+        #[test]
+        fn responses_end_where_their_framing_says() {
+            let r = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+            let p = whole(r);
+            assert_eq!((p.status, p.len, p.close), (200, r.len(), false));
+
+            let r = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\n\r\n";
+            let p = whole(r);
+            assert_eq!((p.status, p.len, p.close), (201, r.len(), true));
+
+            let r =
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-trailer: 1\r\n\r\n";
+            assert_eq!(whole(r).len, r.len());
+
+            let r = b"HTTP/1.1 204 No Content\r\n\r\n";
+            assert_eq!(whole(r).status, 204);
+
+            // What follows a response is not part of it.
+            let mut two = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA".to_vec();
+            assert_eq!(parse(&two).unwrap().unwrap().len, two.len() - 5);
+            two.truncate(10);
+            assert_eq!(parse(&two).unwrap(), None);
+        }
+
+        #[test]
+        fn unframed_or_broken_responses_are_refused() {
+            for bad in [
+                &b"HTTP/1.1 200 OK\r\n\r\nbody until close"[..],
+                b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n",
+                b"NOT HTTP\r\n\r\n",
+            ] {
+                assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            }
+        }
+    }
+}
