@@ -345,6 +345,20 @@ fn telemetry_cost(
         cost(2),
         spread(2),
     );
+    // What one request exports: a closed loop on the all-traces broker
+    // alone, the collector's counts read before and after (after the
+    // exporter's one-second collection of what has gathered).
+    let before = rt.block_on(sink_count(sink));
+    let pool = rt.block_on(Pool::new(specs[1].clone(), 64));
+    let (n, _) = rt.block_on(run_closed(&pool, 64, SLICE / 2));
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = rt.block_on(sink_count(sink));
+    let per = |k: usize| (after[k].saturating_sub(before[k])) as f64 / n.max(1) as f64;
+    println!(
+        "    exported per request: spans {:.0} B, log records {:.0} B ({n} requests)",
+        per(0),
+        per(1)
+    );
     let more = |i: usize| (m.cpu(i, 0) / m.cpu(0, 0) - 1.0) * 100.0;
     println!(
         "    CPU per request: broker off {:.1} us, on {:.1} us ({:+.1}%), sampled {:.1} us ({:+.1}%); collector stand-in {:.1} us / {:.1} us",
@@ -659,6 +673,24 @@ fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// The collector stand-in's counts: body bytes of spans, of log records.
+async fn sink_count(port: u16) -> [u64; 2] {
+    let mut s = lever_benches::setup::connect(port, None).await;
+    let resp = s
+        .send_request(
+            Request::get("/count")
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = std::str::from_utf8(&body).unwrap();
+    let mut n = text.split(' ').map(|v| v.parse::<u64>().unwrap());
+    [n.next().unwrap(), n.next().unwrap()]
+}
+
 async fn ttfb(t: &TargetSpec) -> u64 {
     let start = Instant::now();
     let mut s = connect(t).await;
@@ -841,7 +873,15 @@ fn role_mock() {
     });
 }
 
-/// An OTLP/HTTP collector stand-in: reads each export and answers 200.
+/// Body bytes the collector stand-in has received: spans, log records.
+static SUNK: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+/// An OTLP/HTTP collector stand-in: reads each export and answers 200;
+/// `GET /count` answers the body bytes of spans and of log records it has
+/// received so far.
 fn role_sink() {
     let port: u16 = std::env::var("SINK_PORT").unwrap().parse().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -859,7 +899,24 @@ fn role_sink() {
             tokio::spawn(async move {
                 let svc =
                     hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let _ = req.into_body().collect().await;
+                        use std::sync::atomic::Ordering::Relaxed;
+                        if req.uri().path() == "/count" {
+                            let n = format!("{} {}", SUNK[0].load(Relaxed), SUNK[1].load(Relaxed));
+                            return Ok(hyper::Response::new(Full::new(Bytes::from(n))));
+                        }
+                        let kind = match req.uri().path() {
+                            "/v1/traces" => Some(0),
+                            "/v1/logs" => Some(1),
+                            _ => None,
+                        };
+                        let n = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_or(0, |b| b.to_bytes().len());
+                        if let Some(k) = kind {
+                            SUNK[k].fetch_add(n as u64, Relaxed);
+                        }
                         Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
                             Bytes::new(),
                         )))
