@@ -260,9 +260,11 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let token = llm_token(req.headers())?;
     let no_args = BTreeMap::new();
     let otel = broker.audit.otel.get();
-    let t = std::time::SystemTime::now();
+    // The clock is read for the spans alone.
+    let now = || otel.map(|_| std::time::SystemTime::now());
+    let t = now();
     let authorized = broker.authorize_token(token, &peer, LLM_TOOL, LLM_OP, &no_args);
-    if let Some(o) = otel {
+    if let (Some(o), Some(t)) = (otel, t) {
         let right = ("lever.right", "llm/generate");
         let step = |a: &[(&str, &str)]| {
             let refused = authorized.as_ref().err().map(|d| d.code());
@@ -289,14 +291,14 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
     };
     // Limits: after the caller is known, before any body is read.
-    let t = std::time::SystemTime::now();
+    let t = now();
     let admitted = broker.limits.llm.admit(&peer).and_then(|permit| {
         if let Some(b) = &broker.limits.llm_tokens {
             b.check(&peer)?;
         }
         Ok(permit)
     });
-    if let Some(o) = otel {
+    if let (Some(o), Some(t)) = (otel, t) {
         o.step(
             &ctx.trace_ids(o),
             "rate limit",
@@ -360,7 +362,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         .map_err(|e| ApiError::Internal(format!("building the upstream request: {e}")))?;
 
     let started = Instant::now();
-    let wall = std::time::SystemTime::now();
+    let wall = now();
     let sent = tokio::time::timeout(upstream.header_timeout, upstream.client.request(out)).await;
     let resp = match sent {
         Err(_) => {
@@ -412,11 +414,9 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         audit: broker.audit.clone(),
         stats: broker.stats.clone(),
         status: head.status,
-        otel: broker
-            .audit
-            .otel
-            .get()
-            .map(|o| (o.clone(), ctx.trace_ids(o), wall)),
+        otel: otel
+            .zip(wall)
+            .map(|(o, wall)| (o.clone(), ctx.trace_ids(o), wall)),
         model: model.clone(),
         record: Some(
             Record::new("llm")

@@ -93,7 +93,12 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
     // Kept for the rescue layer; formatted only when a request fails.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let started = std::time::Instant::now();
-    let wall = std::time::SystemTime::now();
+    // The clock is read for the request's span alone.
+    let wall = broker
+        .audit
+        .otel
+        .get()
+        .map(|_| std::time::SystemTime::now());
     let mut denied: Option<&'static str> = None;
     let kind = crate::metrics::route_kind(conn.listener == Listener::Admin, uri.path());
     let result = match conn.listener {
@@ -129,7 +134,7 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
         &[("route", kind)],
         started.elapsed(),
     );
-    if let Some(o) = broker.audit.otel.get() {
+    if let (Some(o), Some(wall)) = (broker.audit.otel.get(), wall) {
         let status = resp.status().as_u16();
         let denied = denied.or_else(|| ctx.denied_inside.get().copied());
         request_span(o, &ctx, &method, kind, status, denied, wall);

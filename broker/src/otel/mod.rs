@@ -798,8 +798,7 @@ fn log_record(buf: &mut Vec<u8>, v: &AuditView<'_>, ids: Option<&Ids>) {
     wire::fixed64_field(buf, f::OBSERVED_TIME, now_nanos());
     wire::varint_field(buf, f::SEVERITY_NUMBER, if deny { 13 } else { 9 });
     wire::str_field(buf, f::SEVERITY_TEXT, &[if deny { "WARN" } else { "INFO" }]);
-    let body = ["lever ", v.event].concat();
-    wire::any_field(buf, f::BODY, Val::Str(&body));
+    wire::any_str_field(buf, f::BODY, &["lever ", v.event]);
     wire::str_field(buf, f::EVENT_NAME, &["lever.", v.event]);
     if let Some(ids) = ids {
         wire::bytes_field(buf, f::TRACE_ID, &ids.trace);

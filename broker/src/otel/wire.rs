@@ -120,6 +120,13 @@ pub fn any_field(buf: &mut Vec<u8>, field: u32, v: Val<'_>) {
     v.write(buf);
 }
 
+/// A string `AnyValue` field made of `parts` (written as one string).
+pub fn any_str_field(buf: &mut Vec<u8>, field: u32, parts: &[&str]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    len_field(buf, field, len_field_size(1, len));
+    str_field(buf, 1, parts);
+}
+
 /// A `KeyValue` attribute at `field`, its key made of `key` parts (a
 /// prefix and a name, say), so no key string is built.
 pub fn attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
