@@ -4,13 +4,10 @@
 //!
 //! Export is off the hot path: spans and log records are written straight
 //! into protobuf bytes where they happen (`wire`) and appended to a batch
-//! of their kind in the sending thread's own shard of the queue (a lock no
-//! other sender takes); at most 8192 items wait per sending thread (beyond
-//! that one is dropped and counted, nothing ever waits). One task posts
-//! each batch when 512 items have gathered, and what has gathered every
-//! second, with a deadline. A slow or dead collector costs requests
-//! nothing; what could not be delivered is counted in
-//! `lever_otel_dropped_total`. The local
+//! of their kind under a short lock; at most 8192 items wait (beyond that
+//! one is dropped and counted, nothing ever waits). One task posts each
+//! batch when 512 items have gathered, or every second, with a deadline. A slow or dead collector costs requests nothing; what could
+//! not be delivered is counted in `lever_otel_dropped_total`. The local
 //! `audit.jsonl` stays the system of record (`lever audit export` replays it).
 //!
 //! What is exported is what the audit trail holds (identities, token ids,
@@ -381,11 +378,8 @@ enum Kind {
     Traces,
 }
 
-/// What waits for the exporter from one sending thread (a runtime thread,
-/// the audit writer): each appends to its own, under a lock no other
-/// sender takes (the exporter takes it when it collects), and wakes the
-/// exporter only when a batch is full: no lock shared per item, not one
-/// wake-up per item.
+/// What waits for the exporter. Senders append under a short lock and wake
+/// the exporter only when a batch is full: not one wake-up per item.
 #[derive(Debug, Default)]
 struct Pending {
     spans: Batch,
@@ -394,81 +388,21 @@ struct Pending {
     ready: Vec<(Kind, Batch)>,
     /// Items held in all of the above (at most `QUEUE`).
     held: usize,
+    /// The latest metrics snapshot not yet sent (a newer one replaces it:
+    /// they are cumulative).
+    metrics: Option<Vec<proto::Metric>>,
+    /// Buffers of sent batches, for the next ones (no allocation and no
+    /// fresh pages per batch).
+    spare: Vec<Vec<u8>>,
 }
-
-type Shard = std::sync::Mutex<Pending>;
 
 /// Batch buffers kept for reuse.
 const SPARE: usize = 8;
 
 #[derive(Debug, Default)]
 struct Queue {
-    /// One per thread that has sent (a thread's own is found through
-    /// `SHARDS`); the exporter forgets those of threads that have ended
-    /// once they are empty.
-    shards: std::sync::Mutex<Vec<Arc<Shard>>>,
+    pending: std::sync::Mutex<Pending>,
     full: Notify,
-    /// The latest metrics snapshot not yet sent (a newer one replaces it:
-    /// they are cumulative).
-    metrics: std::sync::Mutex<Option<Vec<proto::Metric>>>,
-    /// Buffers of sent batches, for the next ones (no allocation and no
-    /// fresh pages per batch).
-    spare: std::sync::Mutex<Vec<Vec<u8>>>,
-}
-
-thread_local! {
-    /// This thread's shard of each queue it has sent to.
-    static SHARDS: std::cell::RefCell<Vec<(std::sync::Weak<Queue>, Arc<Shard>)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
-impl Queue {
-    /// Runs `f` on the calling thread's shard of `queue`, made on its first
-    /// use; `None` when the thread is ending (its locals are gone).
-    fn with_shard<R>(queue: &Arc<Queue>, f: impl FnOnce(&Shard) -> R) -> Option<R> {
-        SHARDS
-            .try_with(|all| {
-                let mut all = all.borrow_mut();
-                // A queue's address may be reused once it is gone: only a
-                // live one matches.
-                let mine = all.iter().position(|(q, _)| {
-                    std::ptr::eq(q.as_ptr(), Arc::as_ptr(queue)) && q.strong_count() > 0
-                });
-                let at = match mine {
-                    Some(at) => at,
-                    None => {
-                        all.retain(|(q, _)| q.strong_count() > 0);
-                        let shard = Arc::new(Shard::default());
-                        if let Ok(mut shards) = queue.shards.lock() {
-                            shards.push(shard.clone());
-                        }
-                        all.push((Arc::downgrade(queue), shard));
-                        all.len() - 1
-                    }
-                };
-                f(&all[at].1)
-            })
-            .ok()
-    }
-
-    /// The shards to collect from, after forgetting those of ended threads
-    /// (held by the list alone) that hold nothing.
-    fn shards(&self) -> Vec<Arc<Shard>> {
-        let Ok(mut shards) = self.shards.lock() else {
-            return Vec::new();
-        };
-        shards
-            .retain(|s| Arc::strong_count(s) > 1 || s.lock().map(|p| p.held > 0).unwrap_or(false));
-        shards.clone()
-    }
-
-    fn spare(&self) -> Vec<u8> {
-        self.spare
-            .lock()
-            .ok()
-            .and_then(|mut s| s.pop())
-            .unwrap_or_else(|| Vec::with_capacity(64 << 10))
-    }
 }
 
 #[derive(Debug, Default)]
@@ -660,46 +594,46 @@ impl Otel {
         sp.end(refused);
     }
 
-    /// Queues an encoded item on this thread's shard, or counts it
-    /// dropped when that is full.
+    /// Queues an encoded item, or counts it dropped when the queue is full.
     fn push(&self, kind: Kind, item: &[u8]) {
-        let pushed = Queue::with_shard(&self.queue, |shard| {
-            let Ok(mut q) = shard.lock() else {
-                return None;
-            };
-            if q.held >= QUEUE {
-                return None;
+        let full = match self.queue.pending.lock() {
+            Ok(mut q) if q.held < QUEUE => {
+                q.held += 1;
+                let Pending {
+                    spare,
+                    spans,
+                    logs,
+                    ready,
+                    ..
+                } = &mut *q;
+                let batch = match kind {
+                    Kind::Logs => logs,
+                    Kind::Traces => spans,
+                };
+                if batch.bytes.capacity() == 0 {
+                    batch.bytes = spare.pop().unwrap_or_else(|| Vec::with_capacity(64 << 10));
+                }
+                batch.push(item);
+                if batch.n == BATCH {
+                    ready.push((kind, std::mem::take(batch)));
+                    true
+                } else {
+                    false
+                }
             }
-            q.held += 1;
-            let Pending {
-                spans, logs, ready, ..
-            } = &mut *q;
-            let batch = match kind {
-                Kind::Logs => logs,
-                Kind::Traces => spans,
-            };
-            if batch.bytes.capacity() == 0 {
-                batch.bytes = self.queue.spare();
-            }
-            batch.push(item);
-            let full = batch.n == BATCH;
-            if full {
-                ready.push((kind, std::mem::take(batch)));
-            }
-            Some(full)
-        });
-        match pushed.flatten() {
-            Some(true) => self.queue.full.notify_one(),
-            Some(false) => {}
-            None => {
+            _ => {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
             }
+        };
+        if full {
+            self.queue.full.notify_one();
         }
     }
 
     fn send_metrics(&self, m: Vec<proto::Metric>) {
-        if let Ok(mut q) = self.queue.metrics.lock() {
-            *q = Some(m);
+        if let Ok(mut q) = self.queue.pending.lock() {
+            q.metrics = Some(m);
         }
     }
 
@@ -999,33 +933,25 @@ async fn export(target: Target, queue: Arc<Queue>, counters: Arc<Counters>) {
             }
         }
     };
-    let mut partial_due = tokio::time::Instant::now() + FLUSH_EVERY;
     loop {
-        // A full batch, or a second gone by: full batches are sent as they
-        // fill, what has gathered every second.
-        let _ = tokio::time::timeout_at(partial_due, queue.full.notified()).await;
-        let partial = tokio::time::Instant::now() >= partial_due;
-        if partial {
-            partial_due = tokio::time::Instant::now() + FLUSH_EVERY;
-        }
-        let mut batches = Vec::new();
-        for shard in queue.shards() {
-            let Ok(mut q) = shard.lock() else { continue };
-            batches.append(&mut q.ready);
-            if partial {
-                for kind in [Kind::Logs, Kind::Traces] {
-                    let part = match kind {
-                        Kind::Logs => std::mem::take(&mut q.logs),
-                        Kind::Traces => std::mem::take(&mut q.spans),
-                    };
+        // A full batch, or a second gone by.
+        let _ = tokio::time::timeout(FLUSH_EVERY, queue.full.notified()).await;
+        let (mut batches, metrics) = match queue.pending.lock() {
+            Ok(mut q) => {
+                let mut b = std::mem::take(&mut q.ready);
+                for (kind, part) in [
+                    (Kind::Logs, std::mem::take(&mut q.logs)),
+                    (Kind::Traces, std::mem::take(&mut q.spans)),
+                ] {
                     if !part.is_empty() {
-                        batches.push((kind, part));
+                        b.push((kind, part));
                     }
                 }
+                q.held = 0;
+                (b, q.metrics.take())
             }
-            q.held = q.logs.n + q.spans.n;
-        }
-        let metrics = queue.metrics.lock().ok().and_then(|mut m| m.take());
+            Err(_) => return,
+        };
         if let Some(m) = metrics {
             let n = m.len() as u64;
             let r = send("metrics", metrics_request(&target, m)).await;
@@ -1039,10 +965,10 @@ async fn export(target: Target, queue: Arc<Queue>, counters: Arc<Counters>) {
             let r = send(name, body).await;
             count(&counters, batch.n as u64, r);
             batch.bytes.clear();
-            if let Ok(mut spare) = queue.spare.lock()
-                && spare.len() < SPARE
+            if let Ok(mut q) = queue.pending.lock()
+                && q.spare.len() < SPARE
             {
-                spare.push(batch.bytes);
+                q.spare.push(batch.bytes);
             }
         }
     }
@@ -1114,13 +1040,10 @@ mod tests {
     /// Everything queued, decoded with the prost messages.
     fn drain(o: &Otel) -> (Vec<proto::Span>, Vec<proto::LogRecord>) {
         use prost::Message;
-        let mut all = Vec::new();
-        for shard in o.queue.shards() {
-            let mut q = shard.lock().unwrap();
-            all.append(&mut q.ready);
-            all.push((Kind::Logs, std::mem::take(&mut q.logs)));
-            all.push((Kind::Traces, std::mem::take(&mut q.spans)));
-        }
+        let mut q = o.queue.pending.lock().unwrap();
+        let mut all = std::mem::take(&mut q.ready);
+        all.push((Kind::Logs, std::mem::take(&mut q.logs)));
+        all.push((Kind::Traces, std::mem::take(&mut q.spans)));
         let (mut spans, mut logs) = (Vec::new(), Vec::new());
         for (kind, b) in all {
             let body = wire::export_request(
@@ -1304,7 +1227,9 @@ mod tests {
             "request_id": "tag-000009", "constraints": {"table": "users"},
             "detail": {"input_tokens": 7, "model": "claude", "none": null, "list": ["a", "b"]}}),
         );
-        Queue::with_shard(&o.queue, |s| s.lock().unwrap().logs = b).unwrap();
+        let mut q = o.queue.pending.lock().unwrap();
+        q.logs = b;
+        drop(q);
         let (_, back) = drain(&o);
         assert!(back[0].trace_id.is_empty());
         for k in [
@@ -1326,48 +1251,8 @@ mod tests {
             o.step(&ids, "rate limit", SystemTime::now(), &[], None);
         }
         assert_eq!(o.counters.dropped.load(Ordering::Relaxed), 10);
-        let shards = o.queue.shards();
-        assert_eq!(shards.len(), 1, "one thread sent");
-        let q = shards[0].lock().unwrap();
+        let q = o.queue.pending.lock().unwrap();
         assert_eq!(q.ready.len(), QUEUE / BATCH);
         assert!(q.ready.iter().all(|(_, b)| b.n == BATCH));
-    }
-
-    #[test]
-    fn each_thread_queues_on_its_own_shard_and_each_is_capped() {
-        let o = otel(1.0);
-        let ids = o.ids("r");
-        // Joined (not scoped) threads: a join returns once the thread's
-        // locals, its shard handle among them, are gone.
-        let threads: Vec<_> = (0..3)
-            .map(|_| {
-                let o = o.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..QUEUE + 5 {
-                        o.step(&ids, "rate limit", SystemTime::now(), &[], None);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        // Three threads, each capped on its own: 5 dropped by each.
-        assert_eq!(o.counters.dropped.load(Ordering::Relaxed), 15);
-        // Their threads have ended; their shards are kept while they hold
-        // items, and forgotten once the exporter has emptied them.
-        let shards = o.queue.shards();
-        assert_eq!(shards.len(), 3);
-        for s in &shards {
-            let mut q = s.lock().unwrap();
-            assert_eq!(q.held, QUEUE);
-            q.ready.clear();
-            q.held = 0;
-        }
-        drop(shards);
-        assert!(o.queue.shards().is_empty());
-        // A thread that sends again gets a new shard.
-        o.step(&ids, "rate limit", SystemTime::now(), &[], None);
-        assert_eq!(o.queue.shards().len(), 1);
     }
 }
