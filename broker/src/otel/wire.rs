@@ -133,6 +133,32 @@ pub fn attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
     let klen: usize = key.iter().map(|k| k.len()).sum();
     let any = v.size();
     let inner = len_field_size(1, klen) + len_field_size(2, any);
+    if field < 16 && inner < 128 {
+        // Nearly every attribute: each tag and length is one byte, so the
+        // header is written at once (the key's and value's lengths are
+        // under `inner`).
+        buf.reserve(2 + inner);
+        buf.extend_from_slice(&[
+            (field << 3) as u8 | LEN,
+            inner as u8,
+            1 << 3 | LEN,
+            klen as u8,
+        ]);
+        for k in key {
+            buf.extend_from_slice(k.as_bytes());
+        }
+        match v {
+            Val::Str(s) => {
+                buf.extend_from_slice(&[2 << 3 | LEN, any as u8, 1 << 3 | LEN, s.len() as u8]);
+                buf.extend_from_slice(s.as_bytes());
+            }
+            _ => {
+                buf.extend_from_slice(&[2 << 3 | LEN, any as u8]);
+                v.write(buf);
+            }
+        }
+        return;
+    }
     buf.reserve(len_field_size(field, inner));
     len_field(buf, field, inner);
     len_field(buf, 1, klen);
@@ -275,6 +301,27 @@ mod tests {
                 vec!["long", ""],
                 Val::Str(&long),
                 proto::any_value::Value::StringValue(long.clone()),
+            ),
+            // Around the one-byte lengths: `inner` of 127 and of 128.
+            (
+                vec!["k"],
+                Val::Str(&long[..120]),
+                proto::any_value::Value::StringValue(long[..120].into()),
+            ),
+            (
+                vec!["k"],
+                Val::Str(&long[..121]),
+                proto::any_value::Value::StringValue(long[..121].into()),
+            ),
+            (
+                vec![&long[..121]],
+                Val::Bool(false),
+                proto::any_value::Value::BoolValue(false),
+            ),
+            (
+                vec![&long[..122]],
+                Val::Bool(false),
+                proto::any_value::Value::BoolValue(false),
             ),
         ];
         for (k, v, want) in cases {
