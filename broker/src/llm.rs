@@ -80,7 +80,7 @@ pub struct Upstream {
     /// parsing on the hot path).
     uris: Vec<((&'static str, Option<&'static str>), Uri)>,
     key: Option<HeaderValue>,
-    key_bytes: Option<Arc<[u8]>>,
+    key_bytes: Option<Arc<Needle>>,
     /// Time for the upstream to send its response headers.
     header_timeout: Duration,
 }
@@ -169,7 +169,7 @@ impl Upstream {
             base,
             uris,
             header_timeout: b.upstream_header_timeout,
-            key_bytes: key.map(|k| Arc::from(k.into_bytes())),
+            key_bytes: key.map(|k| Arc::new(Needle::new(k.as_bytes()))),
             key: key_value,
         })
     }
@@ -393,7 +393,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         let leaked: Vec<HeaderName> = head
             .headers
             .iter()
-            .filter(|(_, v)| contains(v.as_bytes(), k))
+            .filter(|(_, v)| k.within(v.as_bytes()))
             .map(|(n, _)| n.clone())
             .collect();
         for n in leaked {
@@ -484,20 +484,39 @@ async fn upstream_failure(
     ApiError::Upstream(status, why.to_owned())
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
+/// Bytes looked for in what passes (the real key, `usage`), with their
+/// searcher built once rather than for every header and frame.
+pub(crate) struct Needle {
+    bytes: Box<[u8]>,
+    finder: memchr::memmem::Finder<'static>,
 }
+
+impl Needle {
+    pub(crate) fn new(bytes: &[u8]) -> Needle {
+        Needle {
+            bytes: bytes.into(),
+            finder: memchr::memmem::Finder::new(bytes).into_owned(),
+        }
+    }
+
+    /// Whether the bytes occur in `hay` (never, for empty bytes).
+    fn within(&self, hay: &[u8]) -> bool {
+        !self.bytes.is_empty() && self.finder.find(hay).is_some()
+    }
+}
+
+static USAGE: std::sync::LazyLock<Needle> = std::sync::LazyLock::new(|| Needle::new(b"usage"));
 
 /// Looks for the real key in a body that arrives in frames, including an
 /// occurrence split across frames.
 struct KeyScan {
-    key: Arc<[u8]>,
+    key: Arc<Needle>,
     /// The last `key.len() - 1` bytes seen.
     tail: Vec<u8>,
 }
 
 impl KeyScan {
-    fn new(key: Arc<[u8]>) -> KeyScan {
+    fn new(key: Arc<Needle>) -> KeyScan {
         KeyScan {
             key,
             tail: Vec::new(),
@@ -506,18 +525,18 @@ impl KeyScan {
 
     /// Whether the key ends in `chunk`.
     fn leaks(&mut self, chunk: &[u8]) -> bool {
-        let keep = self.key.len().saturating_sub(1);
+        let keep = self.key.bytes.len().saturating_sub(1);
         // Across the seam: the previous tail and the chunk's first bytes.
         if !self.tail.is_empty() {
             let head = &chunk[..chunk.len().min(keep)];
             let mut seam = Vec::with_capacity(self.tail.len() + head.len());
             seam.extend_from_slice(&self.tail);
             seam.extend_from_slice(head);
-            if contains(&seam, &self.key) {
+            if self.key.within(&seam) {
                 return true;
             }
         }
-        if contains(chunk, &self.key) {
+        if self.key.within(chunk) {
             return true;
         }
         if chunk.len() >= keep {
@@ -587,7 +606,7 @@ impl Meter {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        if !contains(data, b"usage") {
+        if !USAGE.within(data) {
             return;
         }
         // `message_start` carries message.usage.input_tokens;
@@ -785,7 +804,7 @@ impl Drop for Metered {
 
 #[cfg(test)]
 mod tests {
-    use super::KeyScan;
+    use super::{KeyScan, Needle};
 
     const KEY: &[u8] = b"sk-ant-real-0123456789";
 
@@ -801,18 +820,18 @@ mod tests {
         let body = body();
         // Two frames, split at every position.
         for cut in 0..=body.len() {
-            let mut s = KeyScan::new(std::sync::Arc::from(KEY));
+            let mut s = KeyScan::new(std::sync::Arc::new(Needle::new(KEY)));
             let found = s.leaks(&body[..cut]) || s.leaks(&body[cut..]);
             assert!(found, "missed with a cut at {cut}");
         }
         // One byte per frame.
-        let mut s = KeyScan::new(std::sync::Arc::from(KEY));
+        let mut s = KeyScan::new(std::sync::Arc::new(Needle::new(KEY)));
         assert!(body.iter().any(|b| s.leaks(std::slice::from_ref(b))));
         // Three frames around the key.
         let at = body.len() - KEY.len() - 4;
         for a in at..at + KEY.len() {
             for b in a..at + KEY.len() + 1 {
-                let mut s = KeyScan::new(std::sync::Arc::from(KEY));
+                let mut s = KeyScan::new(std::sync::Arc::new(Needle::new(KEY)));
                 let found = s.leaks(&body[..a]) || s.leaks(&body[a..b]) || s.leaks(&body[b..]);
                 assert!(found, "missed with cuts at {a} and {b}");
             }
@@ -826,7 +845,7 @@ mod tests {
         let i = body.windows(KEY.len()).position(|w| w == KEY).unwrap_or(0);
         body[i + KEY.len() - 1] = b'X';
         for cut in 0..=body.len() {
-            let mut s = KeyScan::new(std::sync::Arc::from(KEY));
+            let mut s = KeyScan::new(std::sync::Arc::new(Needle::new(KEY)));
             assert!(
                 !s.leaks(&body[..cut]) && !s.leaks(&body[cut..]),
                 "cut {cut}"
