@@ -165,7 +165,13 @@ pub mod setup {
             if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
-            let deadline = Instant::now() + Duration::from_secs(1);
+            // A broker under callgrind writes its profile as it exits.
+            let grace = if std::env::var_os("LEVER_BENCH_CALLGRIND").is_some() {
+                30
+            } else {
+                1
+            };
+            let deadline = Instant::now() + Duration::from_secs(grace);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.0.try_wait() {
                     return;
@@ -212,9 +218,30 @@ pub mod setup {
         (admin, jail): (u16, u16),
         env: &[(&str, &str)],
     ) -> (Proc, Target, Target) {
-        let proc = Proc(
+        // `LEVER_BENCH_CALLGRIND=a,b`: the brokers whose state directory's
+        // name starts with one of these run under callgrind, for counts of
+        // instructions per request that the host's noise cannot move
+        // (`benches/callgrind.sh`).
+        let dir = config
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let profiled = std::env::var("LEVER_BENCH_CALLGRIND")
+            .is_ok_and(|m| m.split(',').any(|x| !x.is_empty() && dir.starts_with(x)));
+        let mut cmd = if profiled {
+            let mut c = std::process::Command::new("valgrind");
+            c.arg("--tool=callgrind").arg(format!(
+                "--callgrind-out-file={}/lever-callgrind.{dir}.%p",
+                std::env::temp_dir().display()
+            ));
+            c.arg(std::env::current_exe().unwrap());
+            c
+        } else {
             std::process::Command::new(std::env::current_exe().unwrap())
-                .env("LEVER_BENCH_ROLE", "broker")
+        };
+        let proc = Proc(
+            cmd.env("LEVER_BENCH_ROLE", "broker")
                 .env("BROKER_CONFIG", config)
                 .envs(env.iter().copied())
                 .stdout(std::process::Stdio::null())
