@@ -486,22 +486,20 @@ async fn upstream_failure(
 
 /// Bytes looked for in what passes (the real key, `usage`), with their
 /// searcher built once rather than for every header and frame.
-pub(crate) struct Needle {
-    bytes: Box<[u8]>,
-    finder: memchr::memmem::Finder<'static>,
-}
+pub(crate) struct Needle(memchr::memmem::Finder<'static>);
 
 impl Needle {
     pub(crate) fn new(bytes: &[u8]) -> Needle {
-        Needle {
-            bytes: bytes.into(),
-            finder: memchr::memmem::Finder::new(bytes).into_owned(),
-        }
+        Needle(memchr::memmem::Finder::new(bytes).into_owned())
+    }
+
+    fn len(&self) -> usize {
+        self.0.needle().len()
     }
 
     /// Whether the bytes occur in `hay` (never, for empty bytes).
     fn within(&self, hay: &[u8]) -> bool {
-        !self.bytes.is_empty() && self.finder.find(hay).is_some()
+        self.len() > 0 && self.0.find(hay).is_some()
     }
 }
 
@@ -525,7 +523,7 @@ impl KeyScan {
 
     /// Whether the key ends in `chunk`.
     fn leaks(&mut self, chunk: &[u8]) -> bool {
-        let keep = self.key.bytes.len().saturating_sub(1);
+        let keep = self.key.len().saturating_sub(1);
         // Across the seam: the previous tail and the chunk's first bytes.
         if !self.tail.is_empty() {
             let head = &chunk[..chunk.len().min(keep)];
