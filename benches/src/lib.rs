@@ -325,28 +325,12 @@ pub mod setup {
     /// One HTTP/1.1 keep-alive connection to a loopback port, over TLS
     /// (server name `localhost`) when `tls` is given.
     pub async fn connect(port: u16, tls: Option<&ClientTls>) -> SendRequest<Full<Bytes>> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let io = crate::lean::open(port, tls).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .unwrap();
-        tcp.set_nodelay(true).unwrap();
-        match tls {
-            Some(tls) => {
-                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-                let s = tls.connector().connect(name, tcp).await.unwrap();
-                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                send
-            }
-            None => {
-                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                send
-            }
-        }
+        tokio::spawn(conn);
+        send
     }
 }
 
@@ -361,7 +345,8 @@ pub mod lean {
     use lever_broker::client::ClientTls;
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    /// A connection's stream: TCP, or TLS over it.
+    pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
     impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
     /// One keep-alive connection.
@@ -393,20 +378,26 @@ pub mod lean {
         r
     }
 
-    /// Connects to `127.0.0.1:port`, over TLS to `localhost` when given.
-    pub async fn connect(port: u16, tls: Option<&ClientTls>) -> std::io::Result<Conn> {
+    /// A stream to `127.0.0.1:port` (no Nagle delay), over TLS to
+    /// `localhost` when `tls` is given.
+    pub async fn open(port: u16, tls: Option<&ClientTls>) -> std::io::Result<Box<dyn Io>> {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         tcp.set_nodelay(true)?;
-        let io: Box<dyn Io> = match tls {
+        Ok(match tls {
             Some(tls) => {
                 let name = rustls::pki_types::ServerName::try_from("localhost")
                     .map_err(std::io::Error::other)?;
                 Box::new(tls.connector().connect(name, tcp).await?)
             }
             None => Box::new(tcp),
-        };
+        })
+    }
+
+    /// A keep-alive connection to `127.0.0.1:port`, over TLS to `localhost`
+    /// when `tls` is given.
+    pub async fn connect(port: u16, tls: Option<&ClientTls>) -> std::io::Result<Conn> {
         Ok(Conn {
-            io,
+            io: open(port, tls).await?,
             buf: Vec::with_capacity(16 << 10),
             closed: false,
         })
