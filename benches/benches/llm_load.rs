@@ -314,8 +314,9 @@ fn telemetry_cost(
         procs.push(proc);
         on.push(spec);
     }
-    // Twice the rounds of half-length slices: the same time per target,
-    // more pairs of adjacent slices, each pair closer in time.
+    // Three times the closed loop's rounds, of half-length slices: more
+    // pairs of adjacent slices, each pair closer in time (the cost is a
+    // few percent and the host swings by more).
     let rounds = if secs <= 1 { 8 } else { 30 };
     println!(
         "\n  telemetry: OTLP export (logs, spans, metrics to a collector stand-in process) vs off, closed loop, {rounds} rounds of 500 ms slices alternating; cost = 1 - median(on/off) of adjacent slices"
