@@ -543,26 +543,29 @@ impl Slices {
     /// the same round (adjacent slices: a slow spell of the machine hits
     /// both).
     fn ratio(&self, t: usize, base: usize) -> f64 {
-        median(
-            self.rps[t]
-                .iter()
-                .zip(&self.rps[base])
-                .map(|(a, b)| a / b)
-                .collect(),
-        )
+        median(self.ratios(t, base))
     }
 
     /// The quartiles (25th, 75th percentile) of the per-round ratios of
     /// [`Slices::ratio`]: how far apart the pairs of slices were.
     fn ratio_quartiles(&self, t: usize, base: usize) -> (f64, f64) {
-        let mut r: Vec<f64> = self.rps[t]
+        let mut r = self.ratios(t, base);
+        r.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            r.get((r.len().saturating_sub(1) as f64 * q).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        (at(0.25), at(0.75))
+    }
+
+    /// Target `t`'s throughput over `base`'s, round by round.
+    fn ratios(&self, t: usize, base: usize) -> Vec<f64> {
+        self.rps[t]
             .iter()
             .zip(&self.rps[base])
             .map(|(a, b)| a / b)
-            .collect();
-        r.sort_by(f64::total_cmp);
-        let at = |q: f64| r.get(((r.len() - 1) as f64 * q).round() as usize).copied();
-        (at(0.25).unwrap_or(0.0), at(0.75).unwrap_or(0.0))
+            .collect()
     }
 
     fn cpu(&self, t: usize, group: usize) -> f64 {
