@@ -362,7 +362,7 @@ pub mod lean {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("Conn")
                 .field("closed", &self.closed)
-                .finish()
+                .finish_non_exhaustive()
         }
     }
 
