@@ -2,7 +2,8 @@
 //! demo`: the Messages API (plain and streaming SSE), `count_tokens` and
 //! `models`, with behaviour chosen per request by directives in the last
 //! user message (`mock:events=5 gap_ms=100 stamp error_after=2
-//! reset_after=2 status=529 header_delay_ms=500 hang`). It records the
+//! reset_after=2 status=529 header_delay_ms=500 hang`; `echo_key` and
+//! `echo_key_header` play an upstream that echoes the credential). It records the
 //! headers of every request it saw (`GET /_mock/requests`) so tests can
 //! check what reached it, and with an expected key it answers 401 to
 //! anything else, as the real API would.
@@ -122,6 +123,7 @@ struct Directives {
     header_delay: Duration,
     hang: bool,
     echo_key: bool,
+    echo_key_header: bool,
 }
 
 fn directives(body: &Value) -> Directives {
@@ -158,6 +160,7 @@ fn directives(body: &Value) -> Directives {
             "header_delay_ms" => d.header_delay = Duration::from_millis(n.unwrap_or(0)),
             "hang" => d.hang = true,
             "echo_key" => d.echo_key = true,
+            "echo_key_header" => d.echo_key_header = true,
             _ => {}
         }
     }
@@ -253,7 +256,12 @@ async fn handle(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_owned();
-            messages(
+            // A misbehaving upstream that echoes the credential in a
+            // response header, inside other text.
+            let echo = directives(&body)
+                .echo_key_header
+                .then(|| http::HeaderValue::from_str(&format!("debug; auth={key}; end")));
+            let mut r = messages(
                 &body,
                 Progress {
                     seen: seen.clone(),
@@ -261,7 +269,11 @@ async fn handle(
                 },
                 key,
             )
-            .await
+            .await;
+            if let Some(Ok(v)) = echo {
+                r.headers_mut().insert("x-upstream-debug", v);
+            }
+            r
         }
         _ => api_error(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint"),
     }

@@ -529,6 +529,39 @@ fn no_response_ever_carries_the_real_key() {
 }
 
 #[test]
+fn a_response_header_carrying_the_real_key_is_dropped() {
+    let s = setup("");
+    for stream in [false, true] {
+        let r = llm(
+            &s,
+            "/llm/v1/messages",
+            &[("x-api-key", &s.token)],
+            Some(messages_body("mock:events=2 echo_key_header", stream)),
+        );
+        assert_eq!(r.status, 200, "stream {stream}");
+        // The mock put the key inside `x-upstream-debug`; the header is
+        // gone, and no other one carries the key.
+        assert!(
+            r.headers.get("x-upstream-debug").is_none(),
+            "stream {stream}: {:?}",
+            r.headers
+        );
+        for (name, v) in &r.headers {
+            assert!(
+                !String::from_utf8_lossy(v.as_bytes()).contains(REAL_KEY),
+                "stream {stream}: the key leaked in {name}"
+            );
+        }
+        // The rest of the answer is untouched.
+        assert!(r.headers.get("content-type").is_some(), "stream {stream}");
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("word1"),
+            "stream {stream}"
+        );
+    }
+}
+
+#[test]
 fn a_subscription_instance_holds_no_key_and_proxies_nothing() {
     let inst = Instance::new(
         "manager: {image: img/x:1, llm_auth: subscription, credential_file: cred}\n",
