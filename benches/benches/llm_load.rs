@@ -885,53 +885,83 @@ static SUNK: [std::sync::atomic::AtomicU64; 2] = [
 
 /// An OTLP/HTTP collector stand-in: reads each export and answers 200;
 /// `GET /count` answers the body bytes of spans and of log records it has
-/// received so far.
+/// received so far. A blocking thread per connection reading into one
+/// large buffer and counting bytes (no HTTP library, no copy of a body):
+/// its CPU is on the same two cores as the broker it measures, so it
+/// should cost as little as a receiver can.
 fn role_sink() {
     let port: u16 = std::env::var("SINK_PORT").unwrap().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        use std::sync::atomic::Ordering::Relaxed;
-                        if req.uri().path() == "/count" {
-                            let n = format!("{} {}", SUNK[0].load(Relaxed), SUNK[1].load(Relaxed));
-                            return Ok(hyper::Response::new(Full::new(Bytes::from(n))));
-                        }
-                        let kind = match req.uri().path() {
-                            "/v1/traces" => Some(0),
-                            "/v1/logs" => Some(1),
-                            _ => None,
-                        };
-                        // Counted frame by frame: the body is not copied
-                        // into one buffer (the stand-in's CPU is on the same
-                        // cores as the broker it measures).
-                        let mut body = req.into_body();
-                        let mut n = 0;
-                        while let Some(Ok(f)) = body.frame().await {
-                            n += f.data_ref().map_or(0, Bytes::len);
-                        }
-                        if let Some(k) = kind {
-                            SUNK[k].fetch_add(n as u64, Relaxed);
-                        }
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::new(),
-                        )))
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    for tcp in l.incoming() {
+        let Ok(tcp) = tcp else { continue };
+        std::thread::spawn(move || {
+            let _ = sink_connection(tcp);
+        });
+    }
+}
+
+/// Serves one keep-alive connection of the stand-in until it closes.
+fn sink_connection(mut tcp: std::net::TcpStream) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut buf = vec![0u8; 1 << 20];
+    // Bytes in `buf[..have]` not yet consumed.
+    let mut have = 0;
+    loop {
+        // The head: read until the blank line.
+        let head = loop {
+            if let Some(n) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                break n + 4;
+            }
+            if have == buf.len() {
+                return Err(std::io::Error::other("head too large"));
+            }
+            let n = tcp.read(&mut buf[have..])?;
+            if n == 0 {
+                return Ok(());
+            }
+            have += n;
+        };
+        let text = std::str::from_utf8(&buf[..head]).map_err(std::io::Error::other)?;
+        let path = text.split(' ').nth(1).unwrap_or("");
+        let kind = match path {
+            "/v1/traces" => Some(0),
+            "/v1/logs" => Some(1),
+            _ => None,
+        };
+        let length: usize = text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        let answer = if path == "/count" {
+            format!("{} {}", SUNK[0].load(Relaxed), SUNK[1].load(Relaxed))
+        } else {
+            String::new()
+        };
+        // The body: what is buffered past the head, then reads of the rest.
+        let mut left = length;
+        let buffered = (have - head).min(left);
+        left -= buffered;
+        buf.copy_within(head + buffered..have, 0);
+        have -= head + buffered;
+        while left > 0 {
+            let n = tcp.read(&mut buf[..left.min(1 << 20)])?;
+            if n == 0 {
+                return Ok(());
+            }
+            left -= n;
         }
-    });
+        if let Some(k) = kind {
+            SUNK[k].fetch_add(length as u64, Relaxed);
+        }
+        tcp.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{answer}",
+                answer.len()
+            )
+            .as_bytes(),
+        )?;
+    }
 }
