@@ -169,7 +169,7 @@ fn export(
         rt.block_on(otel::post(
             &http,
             &format!("{}/v1/logs", target.endpoint),
-            body,
+            body.into(),
         ))?;
         sent += n;
         eprintln!("lever audit export: {sent} records sent");

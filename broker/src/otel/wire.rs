@@ -232,14 +232,22 @@ pub fn error_status(buf: &mut Vec<u8>, message: &str) {
 /// `resource` and `scope` are the encoded `Resource` and
 /// `InstrumentationScope` messages.
 pub fn export_request(resource: &[u8], scope: &[u8], items: &[u8]) -> Vec<u8> {
-    let scoped = len_field_size(1, scope.len()) + items.len();
+    let mut out = export_head(resource, scope, items.len());
+    out.extend_from_slice(items);
+    out
+}
+
+/// What comes before `items_len` bytes of items in an export request
+/// ([`export_request`] without the items, so they can be sent as they
+/// are).
+pub fn export_head(resource: &[u8], scope: &[u8], items_len: usize) -> Vec<u8> {
+    let scoped = len_field_size(1, scope.len()) + items_len;
     let outer = len_field_size(1, resource.len()) + len_field_size(2, scoped);
-    let mut out = Vec::with_capacity(len_field_size(1, outer));
+    let mut out = Vec::with_capacity(len_field_size(1, outer) - items_len);
     len_field(&mut out, 1, outer);
     bytes_field(&mut out, 1, resource);
     len_field(&mut out, 2, scoped);
     bytes_field(&mut out, 1, scope);
-    out.extend_from_slice(items);
     out
 }
 
