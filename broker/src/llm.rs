@@ -260,20 +260,21 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let token = llm_token(req.headers())?;
     let no_args = BTreeMap::new();
     let otel = broker.audit.otel.get();
-    // The clock is read for the spans alone.
-    let now = || otel.map(|_| std::time::SystemTime::now());
-    let t = now();
+    // The clock is read for the spans alone; the verification's end
+    // starts the rate limit's step (`None`: no span, export off or the
+    // trace sampled out).
+    let mut t = otel.map(|_| std::time::SystemTime::now());
     let authorized = broker.authorize_token(token, &peer, LLM_TOOL, LLM_OP, &no_args);
-    if let (Some(o), Some(t)) = (otel, t) {
+    if let (Some(o), Some(start)) = (otel, t) {
         let right = ("lever.right", "llm/generate");
         let step = |a: &[(&str, &str)]| {
             let refused = authorized.as_ref().err().map(|d| d.code());
-            o.step(&ctx.trace_ids(o), "verify capability", t, a, refused);
+            o.step(&ctx.trace_ids(o), "verify capability", start, a, refused)
         };
-        match &authorized {
+        t = match &authorized {
             Ok(v) => step(&[right, ("lever.token_id", v.token_id.as_str())]),
             Err(_) => step(&[right]),
-        }
+        };
     }
     let verified = match authorized {
         Ok(v) => v,
@@ -291,7 +292,6 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
     };
     // Limits: after the caller is known, before any body is read.
-    let t = now();
     let admitted = broker.limits.llm.admit(&peer).and_then(|permit| {
         if let Some(b) = &broker.limits.llm_tokens {
             b.check(&peer)?;
@@ -362,7 +362,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         .map_err(|e| ApiError::Internal(format!("building the upstream request: {e}")))?;
 
     let started = Instant::now();
-    let wall = now();
+    let wall = otel.map(|_| std::time::SystemTime::now());
     let sent = tokio::time::timeout(upstream.header_timeout, upstream.client.request(out)).await;
     let resp = match sent {
         Err(_) => {

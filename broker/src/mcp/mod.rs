@@ -540,13 +540,16 @@ async fn call(
             .right(tool.to_owned(), op.to_owned())
             .constraints(&pinned)
     };
-    let t = std::time::SystemTime::now();
+    // The clock is read for the spans alone; the verification's end
+    // starts the rate limit's step.
+    let otel = broker.audit.otel.get();
+    let mut t = otel.map(|_| std::time::SystemTime::now());
     let authorized = broker.authorize_token(token, peer, tool, op, &judged);
-    if let Some(o) = broker.audit.otel.get() {
-        o.step(
+    if let (Some(o), Some(start)) = (otel, t) {
+        t = o.step(
             &ctx.trace_ids(o),
             "verify capability",
-            t,
+            start,
             &[
                 ("lever.right", &format!("{tool}/{op}")),
                 ("lever.token_id", verified.token_id.as_str()),
@@ -577,9 +580,8 @@ async fn call(
             Some(json!({"reason": d.code()})),
         ));
     }
-    let t = std::time::SystemTime::now();
     let admitted = broker.limits.tools.admit(peer);
-    if let Some(o) = broker.audit.otel.get() {
+    if let (Some(o), Some(t)) = (otel, t) {
         o.step(
             &ctx.trace_ids(o),
             "rate limit",

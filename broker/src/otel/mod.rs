@@ -448,9 +448,11 @@ impl SpanWriter<'_> {
     }
 
     /// Ends the span now, with an error status carrying `error` if given,
-    /// and queues it.
-    pub fn end(mut self, error: Option<&str>) {
-        wire::fixed64_field(&mut self.buf, wire::span::END, now_nanos());
+    /// and queues it. Returns the time it ended, which can start the next
+    /// step without another read of the clock.
+    pub fn end(mut self, error: Option<&str>) -> SystemTime {
+        let now = SystemTime::now();
+        wire::fixed64_field(&mut self.buf, wire::span::END, nanos(now));
         if let Some(m) = error {
             wire::error_status(&mut self.buf, m);
         }
@@ -458,6 +460,7 @@ impl SpanWriter<'_> {
         self.otel.push(Kind::Traces, &buf);
         buf.clear();
         SCRATCH.with(|c| c.set(buf));
+        now
     }
 }
 
@@ -578,7 +581,8 @@ impl Otel {
     }
 
     /// Records an internal step of a request (token verification, a rate
-    /// limit) as a child of the request's span.
+    /// limit) as a child of the request's span. Returns when it ended, or
+    /// `None` when the trace is sampled out.
     pub fn step(
         &self,
         ids: &Ids,
@@ -586,10 +590,8 @@ impl Otel {
         start: SystemTime,
         attributes: &[(&str, &str)],
         refused: Option<&str>,
-    ) {
-        let Some(mut sp) = self.span(ids, Some(name), &[name], INTERNAL, start) else {
-            return;
-        };
+    ) -> Option<SystemTime> {
+        let mut sp = self.span(ids, Some(name), &[name], INTERNAL, start)?;
         for (k, v) in attributes {
             sp.str(k, v);
         }
@@ -600,7 +602,7 @@ impl Otel {
         if let Some(r) = refused {
             sp.str("lever.deny_reason", r);
         }
-        sp.end(refused);
+        Some(sp.end(refused))
     }
 
     /// Queues an encoded item, or counts it dropped when the queue is full.
@@ -651,7 +653,7 @@ impl Otel {
     pub fn audit(&self, view: &AuditView<'_>, known: Option<Ids>) {
         let ids = known.or_else(|| view.request_id.map(|r| self.ids(r)));
         let mut buf = SCRATCH.with(std::cell::Cell::take);
-        log_record(&mut buf, view, ids.as_ref());
+        log_record(&mut buf, view, ids.as_ref(), false);
         self.push(Kind::Logs, &buf);
         buf.clear();
         SCRATCH.with(|c| c.set(buf));
@@ -728,17 +730,21 @@ fn log_record_from_line(buf: &mut Vec<u8>, line: &Value) {
         detail: Details::Map(line["detail"].as_object().unwrap_or(&empty)),
         prev: line["prev"].as_str(),
     };
-    log_record(buf, &view, None);
+    log_record(buf, &view, None, true);
 }
 
 /// An audit record as an OTLP log record: every field an attribute
 /// (`lever.*`, `detail` as `lever.detail.*`, constraints as
 /// `lever.constraint.*`), correlated to its request's span by `ids`.
-fn log_record(buf: &mut Vec<u8>, v: &AuditView<'_>, ids: Option<&Ids>) {
+/// The record is observed when it is written (its own time), or, `replayed`
+/// from the file, now.
+fn log_record(buf: &mut Vec<u8>, v: &AuditView<'_>, ids: Option<&Ids>, replayed: bool) {
     use wire::log as f;
     let deny = v.decision == Some("deny");
-    wire::fixed64_field(buf, f::TIME, v.time.map_or_else(now_nanos, nanos));
-    wire::fixed64_field(buf, f::OBSERVED_TIME, now_nanos());
+    let time = v.time.map_or_else(now_nanos, nanos);
+    wire::fixed64_field(buf, f::TIME, time);
+    let observed = if replayed { now_nanos() } else { time };
+    wire::fixed64_field(buf, f::OBSERVED_TIME, observed);
     wire::varint_field(buf, f::SEVERITY_NUMBER, if deny { 13 } else { 9 });
     wire::str_field(buf, f::SEVERITY_TEXT, &[if deny { "WARN" } else { "INFO" }]);
     wire::any_str_field(buf, f::BODY, &["lever ", v.event]);
@@ -1207,6 +1213,8 @@ mod tests {
             (&ids.trace[..], &ids.span[..])
         );
         assert_eq!(l.time_unix_nano, 1_700_000_000_000_000_000);
+        // Written live, a record is observed at its own time.
+        assert_eq!(l.observed_time_unix_nano, l.time_unix_nano);
         assert_eq!((l.severity_number, l.severity_text.as_str()), (13, "WARN"));
         assert_eq!(l.event_name, "lever.tool");
         use proto::any_value::Value as V;
@@ -1238,7 +1246,9 @@ mod tests {
             Some(&V::StringValue("[\"a\",\"b\"]".into()))
         );
         assert!(attr(a, "lever.detail.none").is_none());
-        // A line read back gives the same attributes, without trace ids.
+        // A line read back gives the same attributes, without trace ids,
+        // observed when it is replayed.
+        let replayed_at = now_nanos();
         let mut b = Batch::default();
         b.push_line(
             &serde_json::json!({"seq": 42, "event": "tool", "decision": "deny",
@@ -1250,6 +1260,7 @@ mod tests {
         drop(q);
         let (_, back) = drain(&o);
         assert!(back[0].trace_id.is_empty());
+        assert!(back[0].observed_time_unix_nano >= replayed_at);
         for k in [
             "lever.seq",
             "lever.constraint.table",

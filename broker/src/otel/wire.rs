@@ -152,9 +152,15 @@ pub fn attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
                 buf.extend_from_slice(&[2 << 3 | LEN, any as u8, 1 << 3 | LEN, s.len() as u8]);
                 buf.extend_from_slice(s.as_bytes());
             }
-            _ => {
-                buf.extend_from_slice(&[2 << 3 | LEN, any as u8]);
-                v.write(buf);
+            // The value's own tag with its header: one write each.
+            Val::Int(i) => {
+                buf.extend_from_slice(&[2 << 3 | LEN, any as u8, 3 << 3 | VARINT]);
+                varint(buf, i as u64);
+            }
+            Val::Bool(b) => buf.extend_from_slice(&[2 << 3 | LEN, 2, 2 << 3 | VARINT, b as u8]),
+            Val::Double(d) => {
+                buf.extend_from_slice(&[2 << 3 | LEN, 9, 4 << 3 | FIXED64]);
+                buf.extend_from_slice(&d.to_bits().to_le_bytes());
             }
         }
         return;
@@ -299,6 +305,17 @@ mod tests {
                 vec!["t"],
                 Val::Bool(true),
                 proto::any_value::Value::BoolValue(true),
+            ),
+            (vec!["z"], Val::Int(0), proto::any_value::Value::IntValue(0)),
+            (
+                vec!["n"],
+                Val::Int(300),
+                proto::any_value::Value::IntValue(300),
+            ),
+            (
+                vec!["d"],
+                Val::Double(-0.25),
+                proto::any_value::Value::DoubleValue(-0.25),
             ),
             (
                 vec!["d"],
