@@ -126,8 +126,9 @@ pub(crate) fn run(cmd: AuditCommand, config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// Replays `path` to the collector in batches of 512 records, with
-/// progress; stops at the first batch the collector refuses.
+/// Replays `path` to the collector in batches of 512 records (fewer when
+/// they reach 1 MiB), with progress; stops at the first batch the
+/// collector refuses.
 fn export(
     path: &std::path::Path,
     url: &str,
@@ -190,7 +191,7 @@ fn export(
             continue;
         }
         batch.push_line(&v);
-        if batch.len() >= 512
+        if (batch.len() >= 512 || batch.size() >= otel::BATCH_BYTES)
             && let Err(e) = flush(&mut batch)
         {
             return fail(&format!(

@@ -249,14 +249,20 @@ fn an_llm_call_tool_calls_and_an_enrolment_arrive_as_spans_and_logs_without_secr
     assert_eq!(sa["lever.identity"], "manager");
     assert_eq!(sa["lever.decision"], "allow");
     assert_eq!(server["traceId"], chat["traceId"]);
-    // Its steps: token verification and the rate limit, children of it.
-    for step in ["verify capability", "rate limit"] {
-        assert!(
-            sp.iter()
-                .any(|x| x["name"] == step && x["parentSpanId"] == server["spanId"]),
-            "no {step} span under the request"
-        );
-    }
+    // Its steps: token verification and the rate limit, children of it,
+    // the second starting where the first ended.
+    let step = |name: &str| {
+        sp.iter()
+            .find(|x| x["name"] == name && x["parentSpanId"] == server["spanId"])
+            .unwrap_or_else(|| panic!("no {name} span under the request"))
+    };
+    let nanos = |x: &Value, k: &str| x[k].as_str().unwrap().parse::<u64>().unwrap();
+    let (verify, limit) = (step("verify capability"), step("rate limit"));
+    assert_eq!(
+        nanos(limit, "startTimeUnixNano"),
+        nanos(verify, "endTimeUnixNano")
+    );
+    assert!(nanos(verify, "startTimeUnixNano") <= nanos(verify, "endTimeUnixNano"));
     assert!(sp.iter().any(|x| x["name"] == "verify capability"
         && attrs(x).get("lever.deny_reason") == Some(&json!("constraint_mismatch"))));
     // Its audit record is a log in the same trace.

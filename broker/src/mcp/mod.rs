@@ -464,9 +464,14 @@ async fn call(
 ) -> Response<Body> {
     let broker = ctx.broker;
     let reply = |e: Value| rpc_body(StatusCode::OK, &e);
-    let wall = std::time::SystemTime::now();
+    // The clock is read for the span alone.
+    let wall = broker
+        .audit
+        .otel
+        .get()
+        .map(|_| std::time::SystemTime::now());
     let span = |name: &str, reason: Option<&str>, outcome: &str| {
-        if let Some(o) = broker.audit.otel.get() {
+        if let (Some(o), Some(wall)) = (broker.audit.otel.get(), wall) {
             tool_span(o, ctx, sid, name, verified, reason, outcome, wall);
         }
     };
