@@ -446,7 +446,10 @@ pub struct SpanWriter<'a> {
 
 impl SpanWriter<'_> {
     pub fn attr(&mut self, key: &str, v: Val<'_>) -> &mut Self {
-        wire::attr(&mut self.buf, wire::span::ATTRIBUTES, &[key], v);
+        match v {
+            Val::Str(s) => wire::str_attr(&mut self.buf, wire::span::ATTRIBUTES, "", key, s),
+            _ => wire::attr(&mut self.buf, wire::span::ATTRIBUTES, &[key], v),
+        }
         self
     }
 
@@ -774,11 +777,10 @@ fn log_record(buf: &mut Vec<u8>, v: &AuditView<'_>, ids: Option<&Ids>, replayed:
         wire::bytes_field(buf, f::TRACE_ID, &ids.trace);
         wire::bytes_field(buf, f::SPAN_ID, &ids.span);
     }
-    let mut attr = |k: &[&str], x: Val<'_>| wire::attr(buf, f::ATTRIBUTES, k, x);
     if let Some(n) = v.seq {
-        attr(&["lever.seq"], Val::Int(n as i64));
+        wire::attr(buf, f::ATTRIBUTES, &["lever.seq"], Val::Int(n as i64));
     }
-    attr(&["lever.event"], Val::Str(v.event));
+    wire::str_attr(buf, f::ATTRIBUTES, "", "lever.event", v.event);
     for (k, x) in [
         ("lever.request_id", v.request_id),
         ("lever.identity", v.identity),
@@ -790,11 +792,11 @@ fn log_record(buf: &mut Vec<u8>, v: &AuditView<'_>, ids: Option<&Ids>, replayed:
         ("lever.prev", v.prev),
     ] {
         if let Some(x) = x {
-            attr(&[k], Val::Str(x));
+            wire::str_attr(buf, f::ATTRIBUTES, "", k, x);
         }
     }
     for (k, x) in v.constraints.into_iter().flatten() {
-        attr(&["lever.constraint.", k], Val::Str(x));
+        wire::str_attr(buf, f::ATTRIBUTES, "lever.constraint.", k, x);
     }
     v.detail
         .for_each(|k, x| wire::json_attr(buf, f::ATTRIBUTES, &["lever.detail.", k], x));

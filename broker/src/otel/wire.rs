@@ -175,6 +175,26 @@ pub fn attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
     v.write(buf);
 }
 
+/// A string attribute whose key is `prefix` then `name`: [`attr`]'s most
+/// common case, with no parts to sum and no value to match.
+#[inline]
+pub fn str_attr(buf: &mut Vec<u8>, field: u32, prefix: &str, name: &str, v: &str) {
+    let (k, s) = (prefix.len() + name.len(), v.len());
+    // The key's field, then the value's field holding an `AnyValue` that
+    // holds the string.
+    let inner = 2 + k + 2 + 2 + s;
+    if field >= 16 || inner >= 128 {
+        return attr(buf, field, &[prefix, name], Val::Str(v));
+    }
+    // Every tag and length is one byte (each length is under `inner`).
+    buf.reserve(2 + inner);
+    buf.extend_from_slice(&[(field << 3) as u8 | LEN, inner as u8, 1 << 3 | LEN, k as u8]);
+    buf.extend_from_slice(prefix.as_bytes());
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(&[2 << 3 | LEN, (s + 2) as u8, 1 << 3 | LEN, s as u8]);
+    buf.extend_from_slice(v.as_bytes());
+}
+
 /// A JSON value as an attribute value; `null` is left out, arrays and
 /// objects become their JSON text.
 pub fn json_attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: &serde_json::Value) {
@@ -187,7 +207,10 @@ pub fn json_attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: &serde_json::Va
             (None, Some(d)) => attr(buf, field, key, Val::Double(d)),
             (None, None) => {}
         },
-        Value::String(s) => attr(buf, field, key, Val::Str(s)),
+        Value::String(s) => match key {
+            [prefix, name] => str_attr(buf, field, prefix, name, s),
+            _ => attr(buf, field, key, Val::Str(s)),
+        },
         other => attr(buf, field, key, Val::Str(&other.to_string())),
     }
 }
@@ -352,6 +375,12 @@ mod tests {
         for (k, v, want) in cases {
             let mut b = Vec::new();
             attr(&mut b, 9, &k, v);
+            // A string with a key of one or two parts, the short way too.
+            if let (Val::Str(s), 1..=2) = (v, k.len()) {
+                let mut short = Vec::new();
+                str_attr(&mut short, 9, k[0], k.get(1).unwrap_or(&""), s);
+                assert_eq!(short, b, "{k:?}");
+            }
             // Field 9 of a Span is its attributes.
             let sp = proto::Span::decode(b.as_slice()).unwrap();
             assert_eq!(sp.attributes.len(), 1);
