@@ -446,10 +446,7 @@ pub struct SpanWriter<'a> {
 
 impl SpanWriter<'_> {
     pub fn attr(&mut self, key: &str, v: Val<'_>) -> &mut Self {
-        match v {
-            Val::Str(s) => wire::str_attr(&mut self.buf, wire::span::ATTRIBUTES, "", key, s),
-            _ => wire::attr(&mut self.buf, wire::span::ATTRIBUTES, &[key], v),
-        }
+        wire::attr(&mut self.buf, wire::span::ATTRIBUTES, &[key], v);
         self
     }
 

@@ -130,6 +130,14 @@ pub fn any_str_field(buf: &mut Vec<u8>, field: u32, parts: &[&str]) {
 /// A `KeyValue` attribute at `field`, its key made of `key` parts (a
 /// prefix and a name, say), so no key string is built.
 pub fn attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
+    // Strings, the most common values, have their own short path.
+    if let Val::Str(s) = v {
+        return match key {
+            [name] => str_attr(buf, field, "", name, s),
+            [prefix, name] => str_attr(buf, field, prefix, name, s),
+            _ => attr_long(buf, field, key, v),
+        };
+    }
     let klen: usize = key.iter().map(|k| k.len()).sum();
     let any = v.size();
     let inner = len_field_size(1, klen) + len_field_size(2, any);
@@ -148,9 +156,10 @@ pub fn attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
             buf.extend_from_slice(k.as_bytes());
         }
         match v {
-            Val::Str(s) => {
-                buf.extend_from_slice(&[2 << 3 | LEN, any as u8, 1 << 3 | LEN, s.len() as u8]);
-                buf.extend_from_slice(s.as_bytes());
+            // Not reached: strings took their own path above.
+            Val::Str(_) => {
+                buf.extend_from_slice(&[2 << 3 | LEN, any as u8]);
+                v.write(buf);
             }
             // The value's own tag with its header: one write each.
             Val::Int(i) => {
@@ -165,6 +174,15 @@ pub fn attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
         }
         return;
     }
+    attr_long(buf, field, key, v);
+}
+
+/// Any attribute, each tag and length written as a varint: what the short
+/// paths fall back to when a length or the field does not fit a byte.
+fn attr_long(buf: &mut Vec<u8>, field: u32, key: &[&str], v: Val<'_>) {
+    let klen: usize = key.iter().map(|k| k.len()).sum();
+    let any = v.size();
+    let inner = len_field_size(1, klen) + len_field_size(2, any);
     buf.reserve(len_field_size(field, inner));
     len_field(buf, field, inner);
     len_field(buf, 1, klen);
@@ -184,7 +202,7 @@ pub fn str_attr(buf: &mut Vec<u8>, field: u32, prefix: &str, name: &str, v: &str
     // holds the string.
     let inner = 2 + k + 2 + 2 + s;
     if field >= 16 || inner >= 128 {
-        return attr(buf, field, &[prefix, name], Val::Str(v));
+        return attr_long(buf, field, &[prefix, name], Val::Str(v));
     }
     // Every tag and length is one byte (each length is under `inner`).
     buf.reserve(2 + inner);
@@ -207,10 +225,7 @@ pub fn json_attr(buf: &mut Vec<u8>, field: u32, key: &[&str], v: &serde_json::Va
             (None, Some(d)) => attr(buf, field, key, Val::Double(d)),
             (None, None) => {}
         },
-        Value::String(s) => match key {
-            [prefix, name] => str_attr(buf, field, prefix, name, s),
-            _ => attr(buf, field, key, Val::Str(s)),
-        },
+        Value::String(s) => attr(buf, field, key, Val::Str(s)),
         other => attr(buf, field, key, Val::Str(&other.to_string())),
     }
 }
@@ -375,12 +390,11 @@ mod tests {
         for (k, v, want) in cases {
             let mut b = Vec::new();
             attr(&mut b, 9, &k, v);
-            // A string with a key of one or two parts, the short way too.
-            if let (Val::Str(s), 1..=2) = (v, k.len()) {
-                let mut short = Vec::new();
-                str_attr(&mut short, 9, k[0], k.get(1).unwrap_or(&""), s);
-                assert_eq!(short, b, "{k:?}");
-            }
+            // The short paths write what the general one does, byte for
+            // byte (strings: a key of one or two parts).
+            let mut long = Vec::new();
+            attr_long(&mut long, 9, &k, v);
+            assert_eq!(b, long, "{k:?}");
             // Field 9 of a Span is its attributes.
             let sp = proto::Span::decode(b.as_slice()).unwrap();
             assert_eq!(sp.attributes.len(), 1);
