@@ -4,8 +4,8 @@
 //!
 //! - **direct**: plain HTTP to the upstream (the baseline);
 //! - **broker**: mTLS + capability token through `lever broker`;
-//! - **broker1**: the same with one runtime thread (`TOKIO_WORKER_THREADS=1`),
-//!   the shape of the nginx here;
+//! - **broker1**: the same with one jail worker (`TOKIO_WORKER_THREADS=1`),
+//!   the shape of the nginx here (one worker process);
 //! - **nginx** (Debian's): mTLS plus key injection in front of the same
 //!   upstream, the operator's alternative.
 //!
@@ -16,9 +16,7 @@
 //! streams; and the broker's RSS while it holds 1,000 open streams. The
 //! mock and the broker run as separate processes (this binary, re-executed
 //! in a role); everything shares the machine's cores, so the figures are an
-//! upper bound on what each proxy adds. `LEVER_BENCH_WORKERS=N` gives the
-//! first broker N runtime workers instead of one per core (0: a
-//! current-thread runtime).
+//! upper bound on what each proxy adds.
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -94,7 +92,7 @@ fn main() {
         path: "/llm/v1/messages",
         auth: ("x-unused", String::new()),
     });
-    // The same broker with one runtime thread, the shape of the nginx here
+    // The same broker with one jail worker, the shape of the nginx here
     // (one worker process): `TOKIO_WORKER_THREADS`, which `lever broker`
     // honours, set to 1.
     let (one, one_spec, _) = start_lever(
@@ -102,7 +100,7 @@ fn main() {
         &dir.join("one"),
         mock_port,
         "",
-        &[("TOKIO_WORKER_THREADS", "1"), ("LEVER_BENCH_WORKERS", "")],
+        &[("TOKIO_WORKER_THREADS", "1")],
     );
     let mut targets = vec![
         ("direct", direct.clone()),

@@ -184,7 +184,8 @@ pub mod setup {
     }
 
     /// The broker role: runs `lever broker` on `$BROKER_CONFIG` in this
-    /// process (`LEVER_BENCH_WORKERS=N` sets its runtime's worker count).
+    /// process, on a runtime built as `lever broker` builds its own (the
+    /// jail workers, `TOKIO_WORKER_THREADS` of them, start inside).
     pub fn role_broker() {
         let path = std::env::var("BROKER_CONFIG").unwrap();
         let cfg = lever_policy::config::load(
@@ -194,18 +195,10 @@ pub mod setup {
         .unwrap()
         .config;
         let broker = lever_broker::open(cfg).unwrap();
-        let workers: Option<usize> = std::env::var("LEVER_BENCH_WORKERS")
-            .ok()
-            .and_then(|v| v.parse().ok());
-        let mut b = if workers == Some(0) {
-            tokio::runtime::Builder::new_current_thread()
-        } else {
-            tokio::runtime::Builder::new_multi_thread()
-        };
-        if let Some(n) = workers.filter(|n| *n > 0) {
-            b.worker_threads(n);
-        }
-        let rt = b.enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(lever_broker::run(broker)).unwrap();
     }
 

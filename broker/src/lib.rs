@@ -167,12 +167,17 @@ pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
     // Tool backends first: they are killed with the broker.
     let (stop_tools, tools_stopped) = tokio::sync::watch::channel(false);
     let supervisors = broker.tools.start(&tools_stopped);
-    let jail_task = tokio::spawn(server::serve_jail(
-        jail,
+    let workers = server::JailWorkers::start(
+        server::jail_workers(),
         acceptor,
         broker.clone(),
         server::JAIL_LIMITS,
-    ));
+    )
+    .map_err(|source| StartError::Listen {
+        addr: jail_addr,
+        source,
+    })?;
+    let jail_task = tokio::spawn(workers.serve(jail, server::JAIL_LIMITS));
     let admin_task = tokio::spawn(server::serve_admin(
         admin,
         broker.clone(),

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -109,24 +110,178 @@ where
     }
 }
 
-/// Serves the jail listener until the task is dropped.
-pub async fn serve_jail(
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    broker: Arc<Broker>,
-    limits: Limits,
-) {
-    accept_loop(listener, limits, move |tcp, remote, permit| {
-        jail_connection(tcp, remote, permit, tls.clone(), broker.clone(), limits)
-    })
-    .await;
+/// How many jail workers serve connections: `TOKIO_WORKER_THREADS` when
+/// set (the variable that also sizes the broker's main runtime), else one
+/// per core.
+pub fn jail_workers() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+thread_local! {
+    /// The jail worker this thread runs (1-based), or 0 on any other thread.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The jail worker the current thread runs (1..=n), or 0 outside them:
+/// the index of its upstream pool.
+pub(crate) fn worker() -> usize {
+    WORKER.with(std::cell::Cell::get)
+}
+
+/// A connection handed to a worker: the stream, its peer, its permit, and
+/// its place in the worker's count.
+type Handoff = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit, Open);
+
+/// One jail worker: a runtime of its own (one thread), the channel that
+/// brings it connections, and how many it holds.
+struct Worker {
+    runtime: Option<tokio::runtime::Runtime>,
+    tx: tokio::sync::mpsc::UnboundedSender<Handoff>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Ends its connections; allowed from within another runtime.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The jail listener's workers. Each is a runtime with one thread that
+/// runs its connections whole: the TLS session, the request, and the
+/// upstream call through the worker's own pool (`llm::Upstream`). A
+/// request's work then stays on one thread, with none of the wake-ups
+/// and work stealing of one runtime shared by all connections, which cost
+/// more here than they bring (docs/performance.md). One accept loop hands
+/// each new connection to the worker holding the fewest.
+pub struct JailWorkers {
+    workers: Vec<Worker>,
+    /// Where the next search for the least loaded starts, so ties (an idle
+    /// broker, short connections one after another) take turns.
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for JailWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JailWorkers")
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl JailWorkers {
+    /// Starts `n` workers (at least one), threads named `lever-jail-N`.
+    pub fn start(
+        n: usize,
+        tls: TlsAcceptor,
+        broker: Arc<Broker>,
+        limits: Limits,
+    ) -> std::io::Result<JailWorkers> {
+        let mut workers = Vec::with_capacity(n.max(1));
+        for i in 1..=n.max(1) {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(format!("lever-jail-{i}"))
+                .on_thread_start(move || WORKER.with(|w| w.set(i)))
+                .enable_all()
+                .build()?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+            let (tls, broker) = (tls.clone(), broker.clone());
+            runtime.spawn(async move {
+                while let Some((tcp, remote, permit, open)) = rx.recv().await {
+                    let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else {
+                        continue;
+                    };
+                    // Spawned as it is (see `accept_loop`).
+                    tokio::spawn(jail_connection(
+                        tcp,
+                        remote,
+                        (permit, open),
+                        tls.clone(),
+                        broker.clone(),
+                        limits,
+                    ));
+                }
+            });
+            workers.push(Worker {
+                runtime: Some(runtime),
+                tx,
+                open: Arc::default(),
+            });
+        }
+        Ok(JailWorkers {
+            workers,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Accepts on the jail listener until the task is dropped; the workers,
+    /// and the connections they hold, end with it.
+    pub async fn serve(self, listener: TcpListener, limits: Limits) {
+        accept_loop(listener, limits, move |tcp, remote, permit| {
+            self.hand_off(tcp, remote, permit);
+            std::future::ready(())
+        })
+        .await;
+    }
+
+    /// Gives a connection to the worker holding the fewest.
+    fn hand_off(
+        &self,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(w) = self.workers.get(least_loaded(&self.workers, start)) else {
+            return;
+        };
+        let open = Open::new(&w.open);
+        if let Ok(tcp) = tcp.into_std() {
+            let _ = w.tx.send((tcp, remote, permit, open));
+        }
+    }
+}
+
+/// The index of the worker holding the fewest connections; of those tied,
+/// the first at or after `start` (modulo their number).
+fn least_loaded(workers: &[Worker], start: usize) -> usize {
+    let n = workers.len().max(1);
+    (0..workers.len())
+        .map(|k| (start + k) % n)
+        .min_by_key(|&i| workers[i].open.load(Ordering::Relaxed))
+        .unwrap_or(0)
+}
+
+/// Counts one of a worker's connections until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(count: &Arc<AtomicUsize>) -> Open {
+        count.fetch_add(1, Ordering::Relaxed);
+        Open(count.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One jail connection: the TLS handshake under its deadline, then HTTP.
+/// `_held` (its place under the listener's cap and in its worker's count)
+/// is let go when the connection ends.
 async fn jail_connection(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    _held: (OwnedSemaphorePermit, Open),
     tls: TlsAcceptor,
     broker: Arc<Broker>,
     limits: Limits,
@@ -209,6 +364,43 @@ where
 mod tests {
     use super::*;
 
+    fn idle_workers(n: usize) -> Vec<Worker> {
+        (0..n)
+            .map(|_| Worker {
+                runtime: None,
+                tx: tokio::sync::mpsc::unbounded_channel().0,
+                open: Arc::default(),
+            })
+            .collect()
+    }
+
+    /// New connections go to the worker holding the fewest; ties take
+    /// turns; a connection that ends is counted out.
+    #[test]
+    fn connections_go_to_the_least_loaded_worker_ties_taking_turns() {
+        let w = idle_workers(3);
+        assert_eq!(
+            (0..6).map(|s| least_loaded(&w, s)).collect::<Vec<_>>(),
+            [0, 1, 2, 0, 1, 2]
+        );
+        let a = Open::new(&w[0].open);
+        let b = Open::new(&w[1].open);
+        let c = Open::new(&w[1].open);
+        for s in 0..3 {
+            assert_eq!(least_loaded(&w, s), 2);
+        }
+        let d = Open::new(&w[2].open);
+        // 0 and 2 hold one each, 1 two: the first of 0 and 2 from `start`.
+        assert_eq!(least_loaded(&w, 0), 0);
+        assert_eq!(least_loaded(&w, 1), 2);
+        assert_eq!(least_loaded(&w, 2), 2);
+        drop((b, c));
+        assert_eq!(w[1].open.load(Ordering::Relaxed), 0);
+        assert_eq!(least_loaded(&w, 0), 1);
+        drop((a, d));
+        assert!(w.iter().all(|w| w.open.load(Ordering::Relaxed) == 0));
+    }
+
     /// The size of the future `f` returns, without calling it.
     fn future_size<A, R, F: FnOnce(A) -> R>(_: &F) -> usize {
         std::mem::size_of::<R>()
@@ -228,7 +420,7 @@ mod tests {
         let conn = future_size(&|(t, r, p, a, b, l): (
             tokio::net::TcpStream,
             SocketAddr,
-            OwnedSemaphorePermit,
+            (OwnedSemaphorePermit, Open),
             TlsAcceptor,
             Arc<Broker>,
             Limits,

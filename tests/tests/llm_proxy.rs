@@ -940,3 +940,97 @@ fn an_https_upstream_is_verified_and_spoken_to_over_http2() {
         "a request reached an untrusted upstream"
     );
 }
+
+/// CPU time of each of `pid`'s threads, by thread name (`schedstat`:
+/// nanoseconds on a CPU).
+fn thread_cpu(pid: u32) -> std::collections::HashMap<String, u64> {
+    let mut by_name = std::collections::HashMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("schedstat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let ns: u64 = stat.split_whitespace().next().unwrap().parse().unwrap();
+        *by_name.entry(name.trim().to_owned()).or_default() += ns;
+    }
+    by_name
+}
+
+#[test]
+fn jail_connections_are_spread_over_the_jail_workers() {
+    let scratch = lever_tests::TempDir::new("mock");
+    scratch.write("key", REAL_KEY, 0o600);
+    let (_mock, mock_url) = start_mock(scratch.path(), "key");
+    let inst = Instance::new(
+        DEFAULT_AGENTS,
+        &format!(
+            "  upstream: {mock_url}\n  rate_limits: {{llm: {{per_minute: 6000, burst: 200}}}}\n"
+        ),
+    );
+    let b = inst.start_env(&[("TOKIO_WORKER_THREADS", "2")]);
+    let manager = b.enrol("manager");
+    let (token, _) = b.token(&manager, json!([{"tool": "llm", "op": "generate"}]));
+    let pid = b.pid().unwrap();
+    let before = thread_cpu(pid);
+    let workers: Vec<&String> = before
+        .keys()
+        .filter(|n| n.starts_with("lever-jail-"))
+        .collect();
+    assert_eq!(
+        {
+            let mut w = workers.clone();
+            w.sort();
+            w
+        },
+        ["lever-jail-1", "lever-jail-2"],
+        "one runtime per worker, named: {before:?}"
+    );
+    // Four agents' connections at once, each making requests one after
+    // another on connections of their own.
+    let tls = manager.tls();
+    let body = messages_body("spread", false);
+    let statuses: Vec<u16> = b.rt.block_on(async {
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (target, tls, body, token) =
+                    (b.jail.clone(), tls.clone(), body.clone(), token.clone());
+                tokio::spawn(async move {
+                    let mut statuses = Vec::new();
+                    for _ in 0..25 {
+                        let r = lever_broker::client::send(
+                            &target,
+                            Some(&tls),
+                            Method::POST,
+                            "/llm/v1/messages",
+                            &[("x-api-key", &token)],
+                            Some(&body),
+                        )
+                        .await
+                        .unwrap();
+                        statuses.push(r.status.as_u16());
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    assert_eq!(statuses.len(), 100);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let after = thread_cpu(pid);
+    let spent = |w: &str| after.get(w).copied().unwrap_or(0) - before.get(w).copied().unwrap_or(0);
+    let (one, two) = (spent("lever-jail-1"), spent("lever-jail-2"));
+    // Each served about half; a hand-off that favoured one worker would
+    // leave the other near nothing.
+    assert!(
+        one.min(two) * 4 > one + two,
+        "CPU per worker over 100 requests: {one} ns and {two} ns"
+    );
+}
