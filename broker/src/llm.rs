@@ -73,9 +73,8 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// The upstream: where, with which key, through which pooled client.
 pub struct Upstream {
-    /// One pool per jail worker (index 0: any other thread), so a request
-    /// and its upstream connection run on the same thread.
-    clients: Vec<HttpsClient>,
+    /// The pooled client, one per jail worker.
+    clients: crate::server::PerWorker<HttpsClient>,
     base: String,
     /// The upstream URI of every proxied path, with and without the one
     /// query forwarded: built once, cloned per request (no formatting or
@@ -96,12 +95,6 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// The pool of the current thread's jail worker.
-    fn client(&self) -> &HttpsClient {
-        let w = crate::server::worker();
-        self.clients.get(w).unwrap_or(&self.clients[0])
-    }
-
     /// Builds the client (webpki roots plus the configured extra CA; HTTP/1.1
     /// and HTTP/2; pooled; TCP_NODELAY) and reads the key file.
     pub fn new(config: &Config) -> Result<Upstream, StartError> {
@@ -130,13 +123,11 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let clients = (0..=crate::server::jail_workers())
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .build(connector.clone())
-            })
-            .collect();
+        let clients = crate::server::PerWorker::new(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(connector.clone())
+        });
         let key = match &b.api_key_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -375,7 +366,8 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
 
     let started = Instant::now();
     let wall = otel.map(|_| std::time::SystemTime::now());
-    let sent = tokio::time::timeout(upstream.header_timeout, upstream.client().request(out)).await;
+    let sent =
+        tokio::time::timeout(upstream.header_timeout, upstream.clients.get().request(out)).await;
     let resp = match sent {
         Err(_) => {
             return Err(upstream_failure(

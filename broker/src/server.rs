@@ -113,12 +113,16 @@ where
 /// How many jail workers serve connections: `TOKIO_WORKER_THREADS` when
 /// set (the variable that also sizes the broker's main runtime), else one
 /// per core.
+/// Read once per process.
 pub fn jail_workers() -> usize {
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
 }
 
 thread_local! {
@@ -126,10 +130,22 @@ thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// The jail worker the current thread runs (1..=n), or 0 outside them:
-/// the index of its upstream pool.
-pub(crate) fn worker() -> usize {
-    WORKER.with(std::cell::Cell::get)
+/// One of a thing (a connection pool) per jail worker, and one more for any
+/// other thread: each worker's requests use its own, so the connections
+/// they open run on the worker's thread too (a pool's connection task runs
+/// on the runtime that opened it).
+pub(crate) struct PerWorker<T>(Vec<T>);
+
+impl<T> PerWorker<T> {
+    pub(crate) fn new(mut make: impl FnMut() -> T) -> PerWorker<T> {
+        PerWorker((0..=jail_workers()).map(|_| make()).collect())
+    }
+
+    /// The current thread's.
+    pub(crate) fn get(&self) -> &T {
+        let w = WORKER.with(std::cell::Cell::get);
+        self.0.get(w).unwrap_or(&self.0[0])
+    }
 }
 
 /// A connection handed to a worker: the stream, its peer, its permit, and

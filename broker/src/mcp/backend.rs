@@ -484,7 +484,8 @@ fn is_response_to(msg: &Value, id: u64) -> bool {
 
 /// MCP streamable HTTP to a loopback backend.
 struct HttpConn {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// One pool per jail worker.
+    client: crate::server::PerWorker<Client<HttpConnector, Full<Bytes>>>,
     url: http::Uri,
     session: Mutex<Option<HeaderValue>>,
     version: Mutex<Option<HeaderValue>>,
@@ -495,9 +496,11 @@ impl HttpConn {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         HttpConn {
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(http),
+            client: crate::server::PerWorker::new(|| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build(http.clone())
+            }),
             url: url.parse().unwrap_or_default(),
             session: Mutex::new(None),
             version: Mutex::new(None),
@@ -520,7 +523,7 @@ impl HttpConn {
 
     async fn notify(&self, msg: &Value) {
         if let Ok(req) = self.post(msg)
-            && let Ok(resp) = self.client.request(req).await
+            && let Ok(resp) = self.client.get().request(req).await
         {
             let _ = resp.into_body().collect().await;
         }
@@ -529,6 +532,7 @@ impl HttpConn {
     async fn request(&self, msg: &Value, id: u64) -> Result<Value, CallError> {
         let resp = self
             .client
+            .get()
             .request(self.post(msg)?)
             .await
             .map_err(|_| CallError::Died)?;
