@@ -270,7 +270,7 @@ impl JailWorkers {
 fn least_loaded(workers: &[Worker], start: usize) -> usize {
     let n = workers.len().max(1);
     (0..workers.len())
-        .map(|k| (start + k) % n)
+        .map(|k| (start % n + k) % n)
         .min_by_key(|&i| workers[i].open.load(Ordering::Relaxed))
         .unwrap_or(0)
 }
@@ -410,6 +410,7 @@ mod tests {
         assert_eq!(least_loaded(&w, 0), 0);
         assert_eq!(least_loaded(&w, 1), 2);
         assert_eq!(least_loaded(&w, 2), 2);
+        assert_eq!(least_loaded(&w, usize::MAX), 0, "usize::MAX % 3 == 0");
         drop((b, c));
         assert_eq!(w[1].open.load(Ordering::Relaxed), 0);
         assert_eq!(least_loaded(&w, 0), 1);
