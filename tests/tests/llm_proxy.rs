@@ -29,6 +29,11 @@ struct Setup {
 }
 
 fn setup(extra: &str) -> Setup {
+    setup_env(extra, &[])
+}
+
+/// [`setup`] with the broker started with extra environment variables.
+fn setup_env(extra: &str, env: &[(&str, &str)]) -> Setup {
     // The mock needs the key before the instance exists: write it first in
     // a scratch dir, then point the instance's upstream at the mock.
     let scratch = lever_tests::TempDir::new("mock");
@@ -36,7 +41,7 @@ fn setup(extra: &str) -> Setup {
     let (mock, mock_url) = start_mock(scratch.path(), "key");
     std::mem::forget(scratch); // the mock process keeps using its cwd
     let inst = Instance::new(DEFAULT_AGENTS, &format!("  upstream: {mock_url}\n{extra}"));
-    let b = inst.start();
+    let b = inst.start_env(env);
     let manager = b.enrol("manager");
     let (token, _) = b.token(&manager, json!([{"tool": "llm", "op": "generate"}]));
     Setup {
@@ -961,35 +966,25 @@ fn thread_cpu(pid: u32) -> std::collections::HashMap<String, u64> {
 
 #[test]
 fn jail_connections_are_spread_over_the_jail_workers() {
-    let scratch = lever_tests::TempDir::new("mock");
-    scratch.write("key", REAL_KEY, 0o600);
-    let (_mock, mock_url) = start_mock(scratch.path(), "key");
-    let inst = Instance::new(
-        DEFAULT_AGENTS,
-        &format!(
-            "  upstream: {mock_url}\n  rate_limits: {{llm: {{per_minute: 6000, burst: 200}}}}\n"
-        ),
+    let s = setup_env(
+        "  rate_limits: {llm: {per_minute: 6000, burst: 200}}\n",
+        &[("TOKIO_WORKER_THREADS", "2")],
     );
-    let b = inst.start_env(&[("TOKIO_WORKER_THREADS", "2")]);
-    let manager = b.enrol("manager");
-    let (token, _) = b.token(&manager, json!([{"tool": "llm", "op": "generate"}]));
+    let (b, manager, token) = (&s.b, &s.manager, &s.token);
     let pid = b.pid().unwrap();
     let before = thread_cpu(pid);
-    let workers: Vec<&String> = before
+    let mut workers: Vec<&String> = before
         .keys()
         .filter(|n| n.starts_with("lever-jail-"))
         .collect();
+    workers.sort();
     assert_eq!(
-        {
-            let mut w = workers.clone();
-            w.sort();
-            w
-        },
+        workers,
         ["lever-jail-1", "lever-jail-2"],
         "one runtime per worker, named: {before:?}"
     );
-    // Four agents' connections at once, each making requests one after
-    // another on connections of their own.
+    // Four clients at once, each making 25 requests one after another,
+    // each request on a new connection (`client::send` opens one).
     let tls = manager.tls();
     let body = messages_body("spread", false);
     let statuses: Vec<u16> = b.rt.block_on(async {
