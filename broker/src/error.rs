@@ -26,6 +26,8 @@ pub enum StartError {
     Config(String),
     #[error("audit log: {0}")]
     Audit(String),
+    #[error("cannot start the jail workers: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A request failed.

@@ -167,17 +167,11 @@ pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
     // Tool backends first: they are killed with the broker.
     let (stop_tools, tools_stopped) = tokio::sync::watch::channel(false);
     let supervisors = broker.tools.start(&tools_stopped);
-    let workers = server::JailWorkers::start(
-        server::jail_workers(),
-        acceptor,
-        broker.clone(),
-        server::JAIL_LIMITS,
-    )
-    .map_err(|source| StartError::Listen {
-        addr: jail_addr,
-        source,
-    })?;
-    let jail_task = tokio::spawn(workers.serve(jail, server::JAIL_LIMITS));
+    let workers = Arc::new(
+        server::JailWorkers::start(acceptor, broker.clone(), server::JAIL_LIMITS)
+            .map_err(StartError::Workers)?,
+    );
+    let jail_task = tokio::spawn(workers.clone().serve(jail));
     let admin_task = tokio::spawn(server::serve_admin(
         admin,
         broker.clone(),
@@ -211,6 +205,12 @@ pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
     shutdown_signal().await;
     jail_task.abort();
     admin_task.abort();
+    // The accept loop gone, end the jail workers and their connections
+    // before the last audit records (a dropped stream writes its own).
+    let _ = jail_task.await;
+    if let Ok(workers) = Arc::try_unwrap(workers) {
+        let _ = tokio::task::spawn_blocking(move || workers.shutdown(Duration::from_secs(2))).await;
+    }
     rotate.abort();
     stop_tools.send_replace(true);
     for s in supervisors {

@@ -33,6 +33,9 @@ use crate::stack::Ctx;
 
 /// Largest request body forwarded (images make prompts large).
 const MAX_REQUEST: usize = 32 * 1024 * 1024;
+/// Request bodies up to this size are peeked at (for the model) in place;
+/// larger ones off the jail worker's thread.
+const PEEK_INLINE: usize = 256 * 1024;
 /// Largest non-streaming response kept aside for reading usage.
 const USAGE_PEEK: usize = 1024 * 1024;
 
@@ -337,6 +340,11 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let body = crate::stack::read_body(ctx, body, MAX_REQUEST).await?;
     let peek: Peek = if body.is_empty() {
         Peek::default()
+    } else if body.len() > PEEK_INLINE {
+        // Tens of milliseconds at the cap: through `block_in_place`, so the
+        // other connections of this jail worker move to another thread
+        // meanwhile instead of waiting on one agent's body.
+        crate::blocking(|| serde_json::from_slice(&body).unwrap_or_default())
     } else {
         serde_json::from_slice(&body).unwrap_or_default()
     };

@@ -80,17 +80,16 @@ pub enum Listener {
 }
 
 /// Accepts connections under the listener's cap and hands each, with its
-/// permit, to `serve`, whose future runs as the connection's task. Runs until
-/// the task is dropped.
+/// permit, to `handle`, which spawns the connection's task (on this runtime
+/// or a jail worker's). Runs until the task is dropped.
 ///
-/// The future is spawned as it is, not wrapped in another `async` block: a
-/// future captured by an `async` block and awaited there is stored twice
-/// (rustc keeps captured values apart from the awaited state), and this one
-/// is held for as long as the connection lives.
-async fn accept_loop<F, Fut>(listener: TcpListener, limits: Limits, serve: F)
+/// A connection's future is spawned as it is, not wrapped in another
+/// `async` block: a future captured by an `async` block and awaited there is
+/// stored twice (rustc keeps captured values apart from the awaited state),
+/// and this one is held for as long as the connection lives.
+async fn accept_loop<F>(listener: TcpListener, limits: Limits, mut handle: F)
 where
-    F: Fn(tokio::net::TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    F: FnMut(tokio::net::TcpStream, SocketAddr, OwnedSemaphorePermit),
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -106,7 +105,7 @@ where
             }
         };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(serve(tcp, remote, permit));
+        handle(tcp, remote, permit);
     }
 }
 
@@ -181,6 +180,7 @@ pub struct JailWorkers {
     /// Where the next search for the least loaded starts, so ties (an idle
     /// broker, short connections one after another) take turns.
     next: AtomicUsize,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for JailWorkers {
@@ -191,22 +191,32 @@ impl std::fmt::Debug for JailWorkers {
     }
 }
 
+/// The runtime of jail worker `i` of `n`: one thread, named `lever-jail-i`
+/// like the blocking threads it starts, each knowing it serves worker `i`
+/// (so `PerWorker::get` finds its pools). Its blocking threads are capped
+/// at its share of tokio's usual 512 (at least 16), so the workers
+/// together start about as many as one runtime would.
+fn worker_runtime(i: usize, n: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads((512 / n.max(1)).max(16))
+        .thread_name(format!("lever-jail-{i}"))
+        .on_thread_start(move || WORKER.with(|w| w.set(i)))
+        .enable_all()
+        .build()
+}
+
 impl JailWorkers {
-    /// Starts `n` workers (at least one), threads named `lever-jail-N`.
+    /// Starts the jail workers, [`jail_workers`] of them.
     pub fn start(
-        n: usize,
         tls: TlsAcceptor,
         broker: Arc<Broker>,
         limits: Limits,
     ) -> std::io::Result<JailWorkers> {
-        let mut workers = Vec::with_capacity(n.max(1));
-        for i in 1..=n.max(1) {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name(format!("lever-jail-{i}"))
-                .on_thread_start(move || WORKER.with(|w| w.set(i)))
-                .enable_all()
-                .build()?;
+        let n = jail_workers();
+        let mut workers = Vec::with_capacity(n);
+        for i in 1..=n {
+            let runtime = worker_runtime(i, n)?;
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
             let (tls, broker) = (tls.clone(), broker.clone());
             runtime.spawn(async move {
@@ -234,17 +244,28 @@ impl JailWorkers {
         Ok(JailWorkers {
             workers,
             next: AtomicUsize::new(0),
+            limits,
         })
     }
 
-    /// Accepts on the jail listener until the task is dropped; the workers,
-    /// and the connections they hold, end with it.
-    pub async fn serve(self, listener: TcpListener, limits: Limits) {
+    /// Accepts on the jail listener until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let limits = self.limits;
         accept_loop(listener, limits, move |tcp, remote, permit| {
             self.hand_off(tcp, remote, permit);
-            std::future::ready(())
         })
         .await;
+    }
+
+    /// Ends the workers and the connections they hold, waiting up to
+    /// `grace` for their threads (dropped connections write their audit
+    /// records meanwhile). Blocking: call it off the runtime's threads.
+    pub fn shutdown(mut self, grace: Duration) {
+        for w in &mut self.workers {
+            if let Some(rt) = w.runtime.take() {
+                rt.shutdown_timeout(grace);
+            }
+        }
     }
 
     /// Gives a connection to the worker holding the fewest.
@@ -255,9 +276,7 @@ impl JailWorkers {
         permit: OwnedSemaphorePermit,
     ) {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let Some(w) = self.workers.get(least_loaded(&self.workers, start)) else {
-            return;
-        };
+        let w = &self.workers[least_loaded(&self.workers, start)];
         let open = Open::new(&w.open);
         if let Ok(tcp) = tcp.into_std() {
             let _ = w.tx.send((tcp, remote, permit, open));
@@ -267,9 +286,10 @@ impl JailWorkers {
 
 /// The index of the worker holding the fewest connections; of those tied,
 /// the first at or after `start` (modulo their number).
+/// `workers` is never empty.
 fn least_loaded(workers: &[Worker], start: usize) -> usize {
-    let n = workers.len().max(1);
-    (0..workers.len())
+    let n = workers.len();
+    (0..n)
         .map(|k| (start % n + k) % n)
         .min_by_key(|&i| workers[i].open.load(Ordering::Relaxed))
         .unwrap_or(0)
@@ -330,23 +350,36 @@ async fn jail_connection(
 /// Serves the admin listener (plain HTTP, loopback only) until dropped.
 pub async fn serve_admin(listener: TcpListener, broker: Arc<Broker>, limits: Limits) {
     accept_loop(listener, limits, move |tcp, remote, permit| {
-        let broker = broker.clone();
-        async move {
-            let _permit = permit;
-            if !remote.ip().is_loopback() {
-                // Unreachable with a loopback bind; refuse anyway.
-                return;
-            }
-            let conn = Conn {
-                listener: Listener::Admin,
-                remote,
-                peer: None,
-                limits,
-            };
-            let _ = serve_http(TokioIo::new(tcp), conn, broker).await;
-        }
+        tokio::spawn(admin_connection(
+            tcp,
+            remote,
+            permit,
+            broker.clone(),
+            limits,
+        ));
     })
     .await;
+}
+
+/// One admin connection: plain HTTP from loopback.
+async fn admin_connection(
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    broker: Arc<Broker>,
+    limits: Limits,
+) {
+    if !remote.ip().is_loopback() {
+        // Unreachable with a loopback bind; refuse anyway.
+        return;
+    }
+    let conn = Conn {
+        listener: Listener::Admin,
+        remote,
+        peer: None,
+        limits,
+    };
+    let _ = serve_http(TokioIo::new(tcp), conn, broker).await;
 }
 
 /// HTTP/1.1 on one connection. A plain function returning hyper's
@@ -416,6 +449,24 @@ mod tests {
         assert_eq!(least_loaded(&w, 0), 1);
         drop((a, d));
         assert!(w.iter().all(|w| w.open.load(Ordering::Relaxed) == 0));
+    }
+
+    /// A task on worker `i`'s runtime, and the blocking threads it starts,
+    /// take worker `i`'s pool; any other thread takes the shared one.
+    #[test]
+    fn each_worker_runtime_uses_its_own_pool() {
+        let pools = PerWorker(vec![0usize, 1, 2]);
+        let pools = Arc::new(pools);
+        assert_eq!(*pools.get(), 0, "outside the workers");
+        for i in [1, 2] {
+            let rt = worker_runtime(i, 2).unwrap();
+            let p = pools.clone();
+            let on_worker = rt.block_on(rt.spawn(async move { *p.get() })).unwrap();
+            let p = pools.clone();
+            let blocking = rt.block_on(rt.spawn_blocking(move || *p.get())).unwrap();
+            assert_eq!((on_worker, blocking), (i, i));
+            rt.shutdown_background();
+        }
     }
 
     /// The size of the future `f` returns, without calling it.

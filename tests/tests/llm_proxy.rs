@@ -946,22 +946,61 @@ fn an_https_upstream_is_verified_and_spoken_to_over_http2() {
     );
 }
 
-/// CPU time of each of `pid`'s threads, by thread name (`schedstat`:
-/// nanoseconds on a CPU).
-fn thread_cpu(pid: u32) -> std::collections::HashMap<String, u64> {
-    let mut by_name = std::collections::HashMap::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+/// CPU time of each of `pid`'s threads (`schedstat`: nanoseconds on a
+/// CPU), by thread id, with the thread's name.
+fn thread_cpu(pid: u32) -> std::collections::HashMap<u32, (String, u64)> {
+    let mut threads = std::collections::HashMap::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for t in tasks {
         let t = t.unwrap().path();
-        let (Ok(name), Ok(stat)) = (
-            std::fs::read_to_string(t.join("comm")),
-            std::fs::read_to_string(t.join("schedstat")),
-        ) else {
+        let tid: u32 = t.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let Ok(name) = std::fs::read_to_string(t.join("comm")) else {
             continue; // the thread ended meanwhile
         };
+        let stat = std::fs::read_to_string(t.join("schedstat"))
+            .expect("this test reads /proc/PID/task/TID/schedstat");
         let ns: u64 = stat.split_whitespace().next().unwrap().parse().unwrap();
-        *by_name.entry(name.trim().to_owned()).or_default() += ns;
+        threads.insert(tid, (name.trim().to_owned(), ns));
     }
-    by_name
+    threads
+}
+
+/// CPU time spent between two `thread_cpu` readings, by thread name.
+fn cpu_spent(
+    before: &std::collections::HashMap<u32, (String, u64)>,
+    after: &std::collections::HashMap<u32, (String, u64)>,
+    name: &str,
+) -> u64 {
+    after
+        .iter()
+        .filter(|(_, (n, _))| n == name)
+        .map(|(tid, (_, ns))| ns.saturating_sub(before.get(tid).map_or(0, |b| b.1)))
+        .sum()
+}
+
+/// Opens a keep-alive mTLS connection to the jail port and makes one
+/// request on it, so the broker has accepted it and holds it.
+async fn held_connection(
+    tls: &lever_broker::client::ClientTls,
+    port: u16,
+) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut stream = tls
+        .connector()
+        .connect(rustls_name("localhost"), tcp)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    stream
 }
 
 #[test]
@@ -973,11 +1012,13 @@ fn jail_connections_are_spread_over_the_jail_workers() {
     let (b, manager, token) = (&s.b, &s.manager, &s.token);
     let pid = b.pid().unwrap();
     let before = thread_cpu(pid);
-    let mut workers: Vec<&String> = before
-        .keys()
+    let mut workers: Vec<&str> = before
+        .values()
+        .map(|(n, _)| n.as_str())
         .filter(|n| n.starts_with("lever-jail-"))
         .collect();
     workers.sort();
+    workers.dedup();
     assert_eq!(
         workers,
         ["lever-jail-1", "lever-jail-2"],
@@ -1020,12 +1061,62 @@ fn jail_connections_are_spread_over_the_jail_workers() {
     assert_eq!(statuses.len(), 100);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let after = thread_cpu(pid);
-    let spent = |w: &str| after.get(w).copied().unwrap_or(0) - before.get(w).copied().unwrap_or(0);
-    let (one, two) = (spent("lever-jail-1"), spent("lever-jail-2"));
+    let (one, two) = (
+        cpu_spent(&before, &after, "lever-jail-1"),
+        cpu_spent(&before, &after, "lever-jail-2"),
+    );
     // Each served about half; a hand-off that favoured one worker would
     // leave the other near nothing.
     assert!(
         one.min(two) * 4 > one + two,
         "CPU per worker over 100 requests: {one} ns and {two} ns"
     );
+
+    // New connections go to the worker holding the fewest, not by turns:
+    // hold six, see where each went (the worker that did its handshake),
+    // close those of one worker, and that worker takes the next ones.
+    let mut held = Vec::new();
+    let mut on_one = Vec::new();
+    for _ in 0..6 {
+        let before = thread_cpu(pid);
+        held.push(b.rt.block_on(held_connection(&tls, s.inst.jail_port)));
+        let after = thread_cpu(pid);
+        on_one.push(
+            cpu_spent(&before, &after, "lever-jail-1") > cpu_spent(&before, &after, "lever-jail-2"),
+        );
+    }
+    assert_eq!(
+        on_one.iter().filter(|x| **x).count(),
+        3,
+        "six connections, three on each worker: {on_one:?}"
+    );
+    let emptied = "lever-jail-1";
+    let kept: Vec<_> = held
+        .into_iter()
+        .zip(&on_one)
+        .filter(|(_, one)| !**one)
+        .map(|(c, _)| c)
+        .collect();
+    // The broker sees the three on worker 1 close.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = thread_cpu(pid);
+    for _ in 0..20 {
+        let r = llm(
+            &s,
+            "/llm/v1/messages",
+            &[("x-api-key", token)],
+            Some(body.clone()),
+        );
+        assert_eq!(r.status, 200);
+    }
+    let after = thread_cpu(pid);
+    let (emptied_cpu, other) = (
+        cpu_spent(&before, &after, emptied),
+        cpu_spent(&before, &after, "lever-jail-2"),
+    );
+    assert!(
+        emptied_cpu > 4 * other,
+        "20 requests with worker 1 holding none of the held connections and worker 2 three: {emptied_cpu} ns and {other} ns"
+    );
+    drop(kept);
 }
