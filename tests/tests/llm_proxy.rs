@@ -1120,3 +1120,61 @@ fn jail_connections_are_spread_over_the_jail_workers() {
     );
     drop(kept);
 }
+
+/// A stream the broker cuts as it stops is audited, and before the
+/// `broker_stop` record that ends the file: the jail workers and their
+/// connections end before it is written.
+#[test]
+fn a_stream_cut_by_the_broker_stopping_is_audited_before_it_stops() {
+    let s = setup("");
+    let body = messages_body("slow mock:events=50 gap_ms=100", true).to_string();
+    let (tls, port, token) = (s.manager.tls(), s.inst.jail_port, s.token.clone());
+    let pid = s.b.pid().unwrap();
+    s.b.rt.block_on(async move {
+        use tokio::io::AsyncReadExt;
+        let mut stream = open_llm_stream(tls, port, &token, &body).await;
+        let mut buf = vec![0u8; 8192];
+        let mut got = String::new();
+        while !got.contains("word1") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        // The broker stops with the stream open (the client still there).
+        let term = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await;
+            if matches!(n, Ok(Ok(0)) | Ok(Err(_))) {
+                break; // cut
+            }
+            assert!(Instant::now() < deadline, "the stream outlived the broker");
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events: Vec<Value> = loop {
+        let audit = std::fs::read_to_string(s.inst.audit_file()).unwrap();
+        let events: Vec<Value> = audit
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if events.last().is_some_and(|v| v["event"] == "broker_stop") {
+            break events;
+        }
+        assert!(Instant::now() < deadline, "no broker_stop record");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let llm: Vec<&Value> = events.iter().filter(|v| v["event"] == "llm").collect();
+    assert_eq!(llm.len(), 1, "the cut stream's record: {events:?}");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|v| v["event"] == "broker_stop")
+            .count(),
+        1
+    );
+}
