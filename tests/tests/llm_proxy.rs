@@ -1178,3 +1178,56 @@ fn a_stream_cut_by_the_broker_stopping_is_audited_before_it_stops() {
         1
     );
 }
+
+/// One agent's large request body does not stall the other connections of
+/// its jail worker while the broker reads the model out of it: a broker
+/// with one worker keeps answering other requests meanwhile.
+#[test]
+fn a_large_body_does_not_stall_the_other_connections_of_its_worker() {
+    let s = setup_env(
+        "  rate_limits: {llm: {per_minute: 6000, burst: 200}}\n",
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
+    // About 28 MiB (under the 32 MiB cap) of small JSON values, the slowest
+    // kind of body to read through.
+    let big = bytes::Bytes::from(format!(
+        r#"{{"model":"claude-mock-1","max_tokens":32,"messages":[{{"role":"user","content":"large"}}],"pad":[{}0]}}"#,
+        "0,".repeat(14 << 20)
+    ));
+    let (tls, target, token) = (s.manager.tls(), s.b.jail.clone(), s.token.clone());
+    let (status, worst) = s.b.rt.block_on(async move {
+        let big_call = {
+            let (tls, target) = (tls.clone(), target.clone());
+            tokio::spawn(async move {
+                lever_broker::client::send_bytes(
+                    &target,
+                    Some(&tls),
+                    Method::POST,
+                    "/llm/v1/messages",
+                    &[("x-api-key", &token), ("content-type", "application/json")],
+                    big,
+                )
+                .await
+                .unwrap()
+                .status
+            })
+        };
+        // Small requests one after another until the large one is answered.
+        let mut worst = Duration::ZERO;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !big_call.is_finished() {
+            assert!(Instant::now() < deadline, "the large call never ended");
+            let t = Instant::now();
+            let r =
+                lever_broker::client::send(&target, Some(&tls), Method::GET, "/healthz", &[], None)
+                    .await
+                    .unwrap();
+            assert_eq!(r.status, 200);
+            worst = worst.max(t.elapsed());
+        }
+        (big_call.await.unwrap(), worst)
+    });
+    assert_eq!(status, 200);
+    eprintln!("worst /healthz while the large body was handled: {worst:?}");
+    assert!(worst < Duration::from_millis(400), "{worst:?}");
+}
