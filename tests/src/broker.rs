@@ -384,6 +384,13 @@ impl Drop for Broker {
     }
 }
 
+/// Sends SIGTERM to `pid` (a broker, which then stops as it would on a
+/// service manager's stop).
+pub fn sigterm(pid: u32) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+}
+
 /// The error code of a broker error reply.
 pub fn code(r: &Reply) -> String {
     r.json()["error"]["code"].as_str().unwrap_or("").to_owned()

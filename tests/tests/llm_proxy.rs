@@ -66,16 +66,39 @@ fn raw_tls(s: &Setup, request: &str) -> String {
     let port = s.inst.jail_port;
     s.b.rt.block_on(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let name = rustls_name("localhost");
-        let mut stream = tls.connector().connect(name, tcp).await.unwrap();
+        let mut stream = connect_jail(&tls, port).await;
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
     })
+}
+
+/// An mTLS connection to the broker's jail port, as `tls`.
+async fn connect_jail(
+    tls: &lever_broker::client::ClientTls,
+    port: u16,
+) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tls.connector()
+        .connect(rustls_name("localhost"), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads from `stream` until what it read holds `needle`; returns it all.
+async fn read_until(stream: &mut (impl tokio::io::AsyncRead + Unpin), needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 8192];
+    let mut got = String::new();
+    while !got.contains(needle) {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream ended before {needle:?}: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    got
 }
 
 /// Connects to the broker's jail port over mTLS as `tls` and writes a raw
@@ -87,14 +110,7 @@ async fn open_llm_stream(
     body: &str,
 ) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
     use tokio::io::AsyncWriteExt;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut stream = tls
-        .connector()
-        .connect(rustls_name("localhost"), tcp)
-        .await
-        .unwrap();
+    let mut stream = connect_jail(&tls, port).await;
     let req = format!(
         "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -478,15 +494,8 @@ fn a_client_that_goes_away_cancels_the_upstream_request() {
     let port = s.inst.jail_port;
     let token = s.token.clone();
     s.b.rt.block_on(async move {
-        use tokio::io::AsyncReadExt;
         let mut stream = open_llm_stream(tls, port, &token, &body).await;
-        let mut buf = vec![0u8; 8192];
-        let mut got = String::new();
-        while !got.contains("word1") {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            got.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
+        read_until(&mut stream, "word1").await;
         drop(stream); // the client goes away after two events
     });
     std::thread::sleep(Duration::from_millis(800));
@@ -985,14 +994,7 @@ async fn held_connection(
     port: u16,
 ) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut stream = tls
-        .connector()
-        .connect(rustls_name("localhost"), tcp)
-        .await
-        .unwrap();
+    let mut stream = connect_jail(tls, port).await;
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
@@ -1133,19 +1135,10 @@ fn a_stream_cut_by_the_broker_stopping_is_audited_before_it_stops() {
     s.b.rt.block_on(async move {
         use tokio::io::AsyncReadExt;
         let mut stream = open_llm_stream(tls, port, &token, &body).await;
-        let mut buf = vec![0u8; 8192];
-        let mut got = String::new();
-        while !got.contains("word1") {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            got.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
+        read_until(&mut stream, "word1").await;
         // The broker stops with the stream open (the client still there).
-        let term = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(term.success());
+        lever_tests::broker::sigterm(pid);
+        let mut buf = vec![0u8; 8192];
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await;

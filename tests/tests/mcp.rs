@@ -778,11 +778,7 @@ fn stopping_the_broker_stops_its_backends() {
     assert!(pids.len() >= 2, "expected two backends, got {pids:?}");
     let broker_pid = b.pid().unwrap();
     drop(raw);
-    let term = Command::new("kill")
-        .args(["-TERM", &broker_pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    lever_tests::broker::sigterm(broker_pid);
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|p| alive(*p)) {
         assert!(
