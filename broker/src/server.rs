@@ -111,8 +111,8 @@ where
 
 /// How many jail workers serve connections: `TOKIO_WORKER_THREADS` when
 /// set (the variable that also sizes the broker's main runtime), else one
-/// per core.
-/// Read once per process.
+/// per core. Read once per process, so the workers and the pools sized by
+/// [`PerWorker`] agree.
 pub fn jail_workers() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {

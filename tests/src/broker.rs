@@ -102,6 +102,16 @@ impl Instance {
         self.state_dir().join("audit.jsonl")
     }
 
+    /// The audit records written so far. For polling while the broker
+    /// runs: a line still being written (or none yet) is left out.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_file())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// Starts `lever broker` and waits for its ready line.
     pub fn start(&self) -> Broker {
         self.start_env(&[])

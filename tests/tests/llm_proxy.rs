@@ -1150,11 +1150,7 @@ fn a_stream_cut_by_the_broker_stopping_is_audited_before_it_stops() {
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     let events: Vec<Value> = loop {
-        let audit = std::fs::read_to_string(s.inst.audit_file()).unwrap();
-        let events: Vec<Value> = audit
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let events = s.inst.audit_records();
         if events.last().is_some_and(|v| v["event"] == "broker_stop") {
             break events;
         }

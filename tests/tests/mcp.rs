@@ -69,19 +69,11 @@ fn env(agents: &str, extra: &str, grants: Value) -> Env {
     }
 }
 
-fn audit_lines(inst: &Instance) -> Vec<Value> {
-    std::fs::read_to_string(inst.audit_file())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Waits (bounded) until the audit file holds a line matching `f`.
 fn wait_audit(inst: &Instance, f: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Some(v) = audit_lines(inst).into_iter().find(&f) {
+        if let Some(v) = inst.audit_records().into_iter().find(&f) {
             return v;
         }
         assert!(Instant::now() < deadline, "no such audit record");
