@@ -454,12 +454,11 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         scan: upstream.key_bytes.clone().map(KeyScan::new),
         failed: None,
         budget: broker.limits.llm_tokens.clone().map(|b| (b, peer.clone())),
-        _permit: permit,
+        permit: Some(permit),
     };
     let body = Metered {
         inner: upstream_body,
-        meter,
-        done: false,
+        meter: Some(meter),
     };
     Ok(Response::from_parts(head, body.boxed()))
 }
@@ -588,7 +587,7 @@ struct Meter {
     /// Where the tokens this call used are counted.
     budget: Option<(Arc<crate::limits::Budget>, String)>,
     /// Held while the response streams: the agent's in-flight slot.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Meter {
@@ -664,21 +663,49 @@ impl Meter {
         sp.end(failed.then(|| self.failed.as_deref().unwrap_or("")));
     }
 
-    fn finish(&mut self, completed: bool) {
-        let Some(mut rec) = self.record.take() else {
+    /// What the agent's next call must find done the moment this one's
+    /// last byte leaves: its in-flight slot given back and, under a token
+    /// budget, the tokens counted. The rest of the accounting waits for
+    /// [`Meter::finish`]. Runs once (the permit is taken).
+    fn settle(&mut self) {
+        let Some(permit) = self.permit.take() else {
             return;
         };
-        let stats = &self.stats;
-        stats
+        self.stats
             .open_streams
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if self.budget.is_some() {
+            self.read_usage();
+        }
+        if let Some((budget, agent)) = &self.budget {
+            budget.spend(
+                agent,
+                self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0),
+            );
+        }
+        drop(permit);
+    }
+
+    /// The usage of a non-streaming answer, from its kept body (once).
+    fn read_usage(&mut self) {
+        let peek = std::mem::take(&mut self.peek);
         if !self.sse
-            && !self.peek.is_empty()
-            && let Ok(v) = serde_json::from_slice::<UsageOnly>(&self.peek)
+            && !peek.is_empty()
+            && let Ok(v) = serde_json::from_slice::<UsageOnly>(&peek)
         {
             self.input_tokens = v.usage.input_tokens.or(self.input_tokens);
             self.output_tokens = v.usage.output_tokens.or(self.output_tokens);
         }
+    }
+
+    /// The call's audit record, metrics and span.
+    fn finish(&mut self, completed: bool) {
+        let Some(mut rec) = self.record.take() else {
+            return;
+        };
+        self.settle();
+        self.read_usage();
+        let stats = &self.stats;
         rec = rec
             .detail("bytes", self.bytes)
             .detail("ttfb_ms", self.first_byte.map(|d| d.as_secs_f64() * 1000.0))
@@ -708,21 +735,63 @@ impl Meter {
         if let Some((o, ids, start)) = &self.otel {
             self.span(o, ids, *start, completed);
         }
-        if let Some((budget, agent)) = &self.budget {
-            budget.spend(
-                agent,
-                self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0),
-            );
-        }
         self.audit.log_now(rec);
     }
 }
 
-/// The upstream body, passed on frame by frame while being measured.
+/// A call's accounting once its body has ended: settled at once, and the
+/// rest ([`Meter::finish`]: the audit record, metrics, span) run on a task
+/// of its own, which runs once the connection's task has written the
+/// response out. Done in place, it came before the last bytes were
+/// flushed (hyper drops a body it has read to its end before it flushes),
+/// so every response waited for its own record and the audit writer's
+/// wake-up. Dropped unrun (a runtime shutting down), it finishes then:
+/// the record is never lost.
+struct Ending {
+    meter: Option<Meter>,
+    completed: bool,
+}
+
+impl Ending {
+    fn start(mut meter: Meter, completed: bool) {
+        meter.settle();
+        let ending = Ending {
+            meter: Some(meter),
+            completed,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn(async move { drop(ending) })),
+            Err(_) => drop(ending),
+        }
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if let Some(mut m) = self.meter.take() {
+            m.finish(self.completed);
+        }
+    }
+}
+
+/// The upstream body, passed on frame by frame while being measured; the
+/// meter is taken when the body ends (which it does once).
 struct Metered {
     inner: Incoming,
-    meter: Meter,
-    done: bool,
+    meter: Option<Meter>,
+}
+
+impl Metered {
+    /// Ends the call: `failed` says why, if it did not complete.
+    fn end(&mut self, failed: Option<String>) {
+        if let Some(mut m) = self.meter.take() {
+            let completed = failed.is_none();
+            if failed.is_some() {
+                m.failed = failed;
+            }
+            Ending::start(m, completed);
+        }
+    }
 }
 
 impl HttpBody for Metered {
@@ -730,7 +799,7 @@ impl HttpBody for Metered {
     type Error = BoxError;
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        self.meter.is_none() || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -741,14 +810,15 @@ impl HttpBody for Metered {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.done {
+        let this = &mut *self;
+        let Some(meter) = this.meter.as_mut() else {
             return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        };
+        let sse = meter.sse;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
-                self.done = true;
-                self.meter.finish(true);
+                this.end(None);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -756,12 +826,11 @@ impl HttpBody for Metered {
                     // Trailers are not forwarded.
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
                 };
-                if self.meter.scan.as_mut().is_some_and(|s| s.leaks(data)) {
-                    self.done = true;
-                    self.meter.failed =
-                        Some("the upstream response contained the API key; stream cut".into());
-                    self.meter.finish(false);
-                    if self.meter.sse {
+                if meter.scan.as_mut().is_some_and(|s| s.leaks(data)) {
+                    this.end(Some(
+                        "the upstream response contained the API key; stream cut".into(),
+                    ));
+                    if sse {
                         return Poll::Ready(Some(Ok(Frame::data(sse_error(
                             "the upstream response was withheld",
                         )))));
@@ -769,14 +838,12 @@ impl HttpBody for Metered {
                     return Poll::Ready(Some(Err("response withheld".into())));
                 }
                 let data = data.clone();
-                self.meter.observe(&data);
+                meter.observe(&data);
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                self.meter.failed = Some(format!("upstream stream failed: {e}"));
-                self.meter.finish(false);
-                if self.meter.sse {
+                this.end(Some(format!("upstream stream failed: {e}")));
+                if sse {
                     // Tell an SSE client in its own protocol, then end.
                     Poll::Ready(Some(Ok(Frame::data(sse_error(
                         "the upstream connection was lost mid-stream",
@@ -798,16 +865,14 @@ fn sse_error(message: &str) -> Bytes {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
         if self.inner.is_end_stream() {
             // A sized body that was written out in full.
-            self.meter.finish(true);
+            self.end(None);
         } else {
             // The client went away: the upstream request is dropped with us.
-            self.meter.failed = Some("the client went away; upstream request cancelled".into());
-            self.meter.finish(false);
+            self.end(Some(
+                "the client went away; upstream request cancelled".into(),
+            ));
         }
     }
 }
