@@ -96,11 +96,7 @@ impl Ca {
         csr_pem: &str,
         serial: u64,
     ) -> Result<(String, SystemTime), ApiError> {
-        if csr_pem.len() > MAX_CSR_PEM {
-            return Err(ApiError::BadRequest("CSR too large".into()));
-        }
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| ApiError::BadRequest(format!("invalid CSR: {e}")))?;
+        let csr = check_csr(csr_pem)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, identity);
@@ -204,4 +200,14 @@ pub fn client_identity(cert: &CertificateDer<'_>) -> Result<String, String> {
         return Err("no clientAuth extended key usage".into());
     }
     Ok(cn)
+}
+/// A CSR as `/v1/enrol` and `/v1/renew` take it: within the size cap and
+/// parsing (its self-signature checked). Enrolment runs this before it
+/// spends the ticket, so a CSR refused here costs the agent nothing.
+pub fn check_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, ApiError> {
+    if csr_pem.len() > MAX_CSR_PEM {
+        return Err(ApiError::BadRequest("CSR too large".into()));
+    }
+    CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| ApiError::BadRequest(format!("invalid CSR: {e}")))
 }

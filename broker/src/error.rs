@@ -70,6 +70,8 @@ pub enum ApiError {
     Upstream(StatusCode, String),
     #[error("rate limit exceeded: {0}")]
     RateLimited(String, std::time::Duration),
+    #[error("{0}")]
+    NotImplemented(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -103,6 +105,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream(s, _) => *s,
             ApiError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -128,6 +131,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Upstream(..) => "upstream_error",
             ApiError::RateLimited(..) => "rate_limited",
+            ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -21,11 +21,13 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::client::{ClientTls, Target};
 use crate::server::{Body, full};
 
-/// Request headers not passed on (hop-by-hop; the gateway sets `host`).
+/// Headers not passed on, either way (hop-by-hop, and any the `Connection`
+/// header names; the gateway sets `host`).
 const DROP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
     "proxy-authorization",
     "te",
     "trailer",
@@ -156,6 +158,7 @@ async fn forward(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
         let _ = conn.await;
     });
     let (mut parts, body) = req.into_parts();
+    crate::server::strip_connection_nominated(&mut parts.headers);
     for h in DROP {
         parts.headers.remove(*h);
     }
@@ -178,7 +181,11 @@ async fn forward(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
     );
     match sender.send_request(out).await {
         Ok(resp) => {
-            let (parts, body) = resp.into_parts();
+            let (mut parts, body) = resp.into_parts();
+            crate::server::strip_connection_nominated(&mut parts.headers);
+            for h in DROP.iter().filter(|h| **h != "host") {
+                parts.headers.remove(*h);
+            }
             Response::from_parts(
                 parts,
                 body.map_err(|e| -> crate::server::BoxError { Box::new(e) })

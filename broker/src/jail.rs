@@ -63,6 +63,14 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             Box::pin(provision(ctx, req)).await
         }
         "/mcp" => Box::pin(crate::mcp::handle(ctx, req)).await,
+        "/v1/agents" => {
+            expect_method(&req, Method::GET)?;
+            agents(ctx)
+        }
+        other if other.starts_with("/v1/agents/") => {
+            expect_method(&req, Method::POST)?;
+            Box::pin(dispatch(ctx, other)).await
+        }
         other => Err(ApiError::NotFound(other.to_owned())),
     }
 }
@@ -92,8 +100,7 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
         return Err(ApiError::Ticket("not an enrolment ticket"));
     }
     // Check the CSR before spending the ticket on it.
-    rcgen::CertificateSigningRequestParams::from_pem(&body.csr)
-        .map_err(|e| ApiError::BadRequest(format!("invalid CSR: {e}")))?;
+    crate::ca::check_csr(&body.csr)?;
     let broker = ctx.broker;
     let hash = crate::ticket_hash(&body.ticket);
     let now = token::unix_secs(SystemTime::now());
@@ -183,8 +190,7 @@ struct RenewBody {
 async fn renew(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let identity = peer(ctx)?.to_owned();
     let body: RenewBody = read_json(ctx, req, SMALL_BODY).await?;
-    rcgen::CertificateSigningRequestParams::from_pem(&body.csr)
-        .map_err(|e| ApiError::BadRequest(format!("invalid CSR: {e}")))?;
+    crate::ca::check_csr(&body.csr)?;
     let state = &ctx.broker.state;
     let serial = crate::blocking(|| {
         state.update(|s| {
@@ -557,4 +563,78 @@ async fn provision(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         )
         .await;
     ok(json!({"ticket": ticket, "expires_at": rfc3339(expires_at), "ca": broker.ca.cert_pem()}))
+}
+
+/// Refuses anyone but the manager.
+fn manager_only(ctx: &Ctx<'_>, what: &str) -> Result<String, ApiError> {
+    let me = peer(ctx)?;
+    if me != ctx.broker.config.broker.manager_identity.as_str() {
+        return Err(ApiError::Forbidden(format!("only the manager may {what}")));
+    }
+    Ok(me.to_owned())
+}
+
+/// `GET /v1/agents`: the groves the manager may dispatch, as the broker
+/// knows them (never a host path).
+fn agents(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
+    manager_only(ctx, "list agents")?;
+    let broker = ctx.broker;
+    let enrolled: std::collections::BTreeSet<String> = broker.state.read(|s| {
+        s.tickets
+            .values()
+            .filter(|t| t.consumed_at.is_some())
+            .map(|t| t.identity.clone())
+            .collect()
+    });
+    let list: Vec<serde_json::Value> = broker
+        .config
+        .groves
+        .iter()
+        .map(|g| {
+            let name = g.agent.identity.as_str();
+            json!({
+                "name": name,
+                "image": g.agent.image.as_ref().map(|i| i.reference.as_str()),
+                "enrolled": enrolled.contains(name),
+                "revoked": broker.state.is_identity_revoked(name),
+            })
+        })
+        .collect();
+    ok(json!({ "agents": list }))
+}
+
+/// `POST /v1/agents/{name}/start|stop`: the caller is the manager and the
+/// grove is configured and not revoked; then the jail would be driven.
+/// That last step is not in this build: the answer says so (501) and the
+/// attempt is audited.
+async fn dispatch(ctx: &Ctx<'_>, path: &str) -> Result<Response<Body>, ApiError> {
+    let me = manager_only(ctx, "start or stop agents")?;
+    let rest = path.strip_prefix("/v1/agents/").unwrap_or("");
+    let Some((name, action)) = rest.split_once('/') else {
+        return Err(ApiError::NotFound(path.to_owned()));
+    };
+    if !matches!(action, "start" | "stop") {
+        return Err(ApiError::NotFound(path.to_owned()));
+    }
+    let broker = ctx.broker;
+    if broker.config.grove(name).is_none() {
+        return Err(ApiError::UnknownAgent(name.to_owned()));
+    }
+    if broker.state.is_identity_revoked(name) {
+        return Err(ApiError::IdentityRevoked(name.to_owned()));
+    }
+    broker
+        .audit
+        .log(
+            Record::new("dispatch")
+                .deny("not_implemented")
+                .identity(name)
+                .request(ctx)
+                .detail("by", me)
+                .detail("action", action),
+        )
+        .await;
+    Err(ApiError::NotImplemented(format!(
+        "dispatch ({action} `{name}`) is not in this build: the broker cannot drive Scion in the jail yet"
+    )))
 }

@@ -209,8 +209,18 @@ struct Peek {
 
 /// The capability token of an `/llm` request: `Authorization: Bearer` or
 /// `x-api-key`, exactly one value (both only if equal).
+///
+/// Two different values are taken only when exactly one of them has the
+/// shape of a capability token: an agent given a placeholder API key (as
+/// Scion gives api-key agents) and its token as a bearer is served, and
+/// the placeholder is dropped like any other incoming credential. An
+/// `Authorization` of another scheme beside an `x-api-key` is likewise
+/// not a credential of ours and is dropped.
 fn llm_token(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let bearer = crate::jail::bearer_of(headers)?;
+    let bearer = match crate::jail::bearer_of(headers) {
+        Err(ApiError::NoToken) if headers.contains_key("x-api-key") => None,
+        other => other?,
+    };
     let mut keys = headers.get_all("x-api-key").iter();
     let key = match (keys.next(), keys.next()) {
         (None, _) => None,
@@ -222,16 +232,25 @@ fn llm_token(headers: &HeaderMap) -> Result<&str, ApiError> {
         }
     };
     match (bearer, key) {
-        (Some(b), Some(k)) if b != k => Err(ApiError::BadRequest(
-            "conflicting credentials in Authorization and x-api-key".into(),
-        )),
+        (Some(b), Some(k)) if b != k => match (token_shaped(b), token_shaped(k)) {
+            (true, false) => Ok(b),
+            (false, true) => Ok(k),
+            _ => Err(ApiError::BadRequest(
+                "conflicting credentials in Authorization and x-api-key".into(),
+            )),
+        },
         (Some(t), _) | (None, Some(t)) => Ok(t),
         (None, None) => Err(ApiError::NoToken),
     }
 }
 
+/// Whether `s` parses as a capability token (not whether it is valid).
+fn token_shaped(s: &str) -> bool {
+    lever_policy::token::parses(s)
+}
+
 /// The API path of an `/llm/...` request, refusing any trick.
-fn api_path(req: &Request<Incoming>) -> Result<(&'static str, Option<&'static str>), ApiError> {
+fn api_path(req: &Request<Incoming>) -> Result<(&'static str, Query), ApiError> {
     let uri = req.uri();
     if uri.scheme().is_some() || uri.authority().is_some() {
         return Err(ApiError::BadRequest(
@@ -248,8 +267,9 @@ fn api_path(req: &Request<Incoming>) -> Result<(&'static str, Option<&'static st
         return Err(ApiError::MethodNotAllowed);
     }
     let query = match uri.query() {
-        None | Some("") => None,
-        Some("beta=true") => Some("beta=true"),
+        None | Some("") => Query::None,
+        Some("beta=true") => Query::Beta,
+        Some(q) if *path == "v1/models" => Query::Paging(paging(q)?),
         Some(_) => {
             return Err(ApiError::BadRequest(
                 "only the query `beta=true` is forwarded".into(),
@@ -257,6 +277,56 @@ fn api_path(req: &Request<Incoming>) -> Result<(&'static str, Option<&'static st
         }
     };
     Ok((path, query))
+}
+
+/// The query of an `/llm` request, as forwarded.
+#[derive(Debug, PartialEq, Eq)]
+enum Query {
+    None,
+    /// `beta=true` (Claude Code's).
+    Beta,
+    /// `v1/models` paging (`limit`, `after_id`, `before_id`), rebuilt from
+    /// the checked values.
+    Paging(String),
+}
+
+/// The paging parameters of a `v1/models` query, each at most once and
+/// checked (a count; an id of letters, digits, `-`, `_`, `.`), rebuilt in
+/// a fixed order: nothing else reaches the upstream.
+fn paging(q: &str) -> Result<String, ApiError> {
+    let bad = |why: &str| ApiError::BadRequest(format!("v1/models query: {why}"));
+    let mut vals: [Option<&str>; 3] = [None; 3];
+    for pair in q.split('&') {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| bad("expected key=value"))?;
+        let (i, ok) = match k {
+            "limit" => (
+                0,
+                !v.is_empty() && v.len() <= 4 && v.bytes().all(|b| b.is_ascii_digit()),
+            ),
+            "after_id" | "before_id" => (
+                if k == "after_id" { 1 } else { 2 },
+                !v.is_empty()
+                    && v.len() <= 128
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+            ),
+            _ => return Err(bad("only limit, after_id and before_id are forwarded")),
+        };
+        if !ok {
+            return Err(bad(&format!("{k} has an unexpected value")));
+        }
+        if vals[i].replace(v).is_some() {
+            return Err(bad(&format!("{k} given twice")));
+        }
+    }
+    let out: Vec<String> = ["limit", "after_id", "before_id"]
+        .iter()
+        .zip(vals)
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+        .collect();
+    Ok(out.join("&"))
 }
 
 pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -349,12 +419,19 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         serde_json::from_slice(&body).unwrap_or_default()
     };
 
-    let Some((_, uri)) = upstream.uris.iter().find(|(k, _)| *k == (path, query)) else {
-        return Err(ApiError::Internal(format!("no upstream URI for {path}")));
+    let uri = match &query {
+        Query::Paging(q) => format!("{}/{path}?{q}", upstream.base)
+            .parse::<Uri>()
+            .map_err(|e| ApiError::Internal(format!("upstream URI for {path}: {e}")))?,
+        _ => {
+            let beta = (query == Query::Beta).then_some("beta=true");
+            let Some((_, uri)) = upstream.uris.iter().find(|(k, _)| *k == (path, beta)) else {
+                return Err(ApiError::Internal(format!("no upstream URI for {path}")));
+            };
+            uri.clone()
+        }
     };
-    let mut out = Request::builder()
-        .method(parts.method.clone())
-        .uri(uri.clone());
+    let mut out = Request::builder().method(parts.method.clone()).uri(uri);
     if let Some(h) = out.headers_mut() {
         for name in &FORWARDED {
             for v in parts.headers.get_all(name) {
@@ -398,6 +475,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         .stats
         .observe("lever_llm_upstream_latency_seconds", &[], latency);
     let (mut head, upstream_body) = resp.into_parts();
+    crate::server::strip_connection_nominated(&mut head.headers);
     for h in &HOP_BY_HOP {
         head.headers.remove(h);
     }

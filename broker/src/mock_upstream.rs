@@ -3,7 +3,8 @@
 //! `models`, with behaviour chosen per request by directives in the last
 //! user message (`mock:events=5 gap_ms=100 stamp error_after=2
 //! reset_after=2 status=529 header_delay_ms=500 hang`; `echo_key` and
-//! `echo_key_header` play an upstream that echoes the credential). It records the
+//! `echo_key_header` play an upstream that echoes the credential;
+//! `hop_header` names a header in `Connection`). It records the
 //! headers of every request it saw (`GET /_mock/requests`) so tests can
 //! check what reached it, and with an expected key it answers 401 to
 //! anything else, as the real API would.
@@ -124,6 +125,7 @@ struct Directives {
     hang: bool,
     echo_key: bool,
     echo_key_header: bool,
+    hop_header: bool,
 }
 
 fn directives(body: &Value) -> Directives {
@@ -161,6 +163,7 @@ fn directives(body: &Value) -> Directives {
             "hang" => d.hang = true,
             "echo_key" => d.echo_key = true,
             "echo_key_header" => d.echo_key_header = true,
+            "hop_header" => d.hop_header = true,
             _ => {}
         }
     }
@@ -272,6 +275,16 @@ async fn handle(
             .await;
             if let Some(Ok(v)) = echo {
                 r.headers_mut().insert("x-upstream-debug", v);
+            }
+            if directives(&body).hop_header {
+                // A header made hop-by-hop by naming it in `Connection`.
+                let h = r.headers_mut();
+                h.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("keep-alive, X-Hop-Secret"),
+                );
+                h.insert("x-hop-secret", http::HeaderValue::from_static("hop"));
+                h.insert("x-end-to-end", http::HeaderValue::from_static("kept"));
             }
             r
         }

@@ -25,6 +25,23 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response body: buffered JSON today, streams later.
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// Removes every header the `Connection` header names: hop-by-hop by
+/// declaration (RFC 9110 §7.6.1), so a sender cannot pass one past a
+/// proxy's fixed list. The caller removes `connection` itself with the
+/// rest of its list.
+pub fn strip_connection_nominated(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+}
+
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(bytes.into())
         .map_err(|never: Infallible| match never {})
@@ -412,6 +429,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_named_in_connection_are_removed_in_any_case() {
+        let mut h = http::HeaderMap::new();
+        h.append("connection", "keep-alive, X-A".parse().unwrap());
+        h.append("connection", " x-b ,,bad header".parse().unwrap());
+        for n in ["x-a", "x-b", "x-c"] {
+            h.insert(n, "1".parse().unwrap());
+        }
+        strip_connection_nominated(&mut h);
+        assert!(h.get("x-a").is_none() && h.get("x-b").is_none());
+        assert!(h.get("x-c").is_some());
+    }
+
+    #[test]
+    fn a_retry_after_is_rounded_up_to_whole_seconds() {
+        use std::time::Duration;
+        for (wait, secs) in [
+            (Duration::from_millis(1), 1),
+            (Duration::from_secs(1), 1),
+            (Duration::from_millis(1900), 2),
+            (Duration::from_millis(2001), 3),
+            (Duration::ZERO, 1),
+        ] {
+            assert_eq!(crate::stack::retry_secs(wait), secs, "{wait:?}");
+        }
+    }
 
     fn idle_workers(n: usize) -> Vec<Worker> {
         (0..n)

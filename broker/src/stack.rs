@@ -252,11 +252,17 @@ async fn rescue(ctx: &Ctx<'_>, route: &str, e: ApiError) -> Response<Body> {
     };
     let mut resp = json(status, &body);
     if let ApiError::RateLimited(_, wait) = &e
-        && let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+        && let Ok(v) = HeaderValue::from_str(&retry_secs(*wait).to_string())
     {
         resp.headers_mut().insert(http::header::RETRY_AFTER, v);
     }
     resp
+}
+
+/// The whole seconds a client told to wait must wait, rounded up (a
+/// client that comes back after a rounded-down wait is refused again).
+pub fn retry_secs(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// Step 3.
@@ -264,6 +270,17 @@ fn admin_guard(req: &Request<Incoming>) -> Result<(), ApiError> {
     if req.headers().contains_key(http::header::ORIGIN) {
         return Err(ApiError::Forbidden(
             "the admin API does not serve browsers (Origin header present)".into(),
+        ));
+    }
+    // Fetch metadata: what a browser sends even where it leaves Origin
+    // out; only a request the user typed in (`none`) is not cross-site.
+    if req
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() != b"none")
+    {
+        return Err(ApiError::Forbidden(
+            "the admin API does not serve browsers (Sec-Fetch-Site header present)".into(),
         ));
     }
     let host = req
@@ -316,13 +333,20 @@ fn authenticate(ctx: &mut Ctx<'_>, req: &Request<Incoming>) -> Result<(), ApiErr
     Ok(())
 }
 
+/// A body is JSON when it says so or says nothing: any other declared
+/// type is refused, which also keeps out the form and `text/plain` posts a
+/// browser can make without a preflight.
 pub fn require_json<B>(req: &Request<B>) -> Result<(), ApiError> {
-    let ct = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = ct.split(';').next().unwrap_or("").trim();
+    let Some(ct) = req.headers().get(http::header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
     if essence.eq_ignore_ascii_case("application/json") {
         Ok(())
     } else {

@@ -384,6 +384,18 @@ pub fn mint(root: &RootKey, m: &Mint<'_>) -> Result<Minted, TokenError> {
     })
 }
 
+/// Whether `token` has the shape of a capability token: within the caps,
+/// base64url, and parsing as a Biscuit. Nothing is verified: this only
+/// tells a token from some other credential (a placeholder API key).
+pub fn parses(token: &str) -> bool {
+    token.len() <= MAX_TOKEN_CHARS
+        && !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+        && UnverifiedBiscuit::from_base64(token).is_ok_and(|u| u.block_count() <= MAX_BLOCKS)
+}
+
 /// Parses and verifies a token: size and block caps first, then the
 /// signature chain, then the authority facts. No request is judged here.
 pub fn verify(root: &PublicKey, token: &str) -> Result<Verified, Denial> {

@@ -192,6 +192,46 @@ fn the_admin_api_does_not_serve_browsers_or_foreign_hosts() {
 }
 
 #[test]
+fn the_admin_api_takes_posts_without_a_content_type_but_not_from_browsers() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    // What `curl -X POST` sends: no body, no content type.
+    let mut s = TcpStream::connect(("127.0.0.1", inst.admin_port)).unwrap();
+    s.write_all(b"POST /bump-epoch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains(r#""epoch":2"#), "{out}");
+    // A JSON body sent without saying so, as `curl -d` does not.
+    let mut s = TcpStream::connect(("127.0.0.1", inst.admin_port)).unwrap();
+    let body = r#"{"identity":"g1"}"#;
+    s.write_all(
+        format!(
+            "POST /register HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains(r#""ticket""#), "{out}");
+    // Fetch metadata says a browser sent it, even without an Origin.
+    for site in ["cross-site", "same-site", "same-origin"] {
+        let r = b.admin_with(
+            Method::POST,
+            "/bump-epoch",
+            &[("sec-fetch-site", site)],
+            None,
+        );
+        assert_eq!(r.status, 403, "{site}");
+    }
+    assert_eq!(b.admin(Method::GET, "/epoch", None).json()["epoch"], 2);
+}
+
+#[test]
 fn bodies_and_headers_are_capped() {
     let inst = Instance::new(DEFAULT_AGENTS, "");
     let b = inst.start();

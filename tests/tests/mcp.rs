@@ -422,8 +422,16 @@ fn sessions_versions_and_unsupported_messages_get_clear_answers() {
     );
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["data"]["reason"], "token_required");
-    // DELETE ends the session; it is unknown afterwards.
+    // DELETE needs the token like any other message, then ends the
+    // session; it is unknown afterwards.
     let r = raw.send(Method::DELETE, &[("mcp-session-id", &sid)], Bytes::new());
+    assert_eq!(r.status, 401);
+    assert_eq!(raw.post(Some(&sid), ping.clone()).status, 200);
+    let r = raw.send(
+        Method::DELETE,
+        &[("authorization", &auth), ("mcp-session-id", &sid)],
+        Bytes::new(),
+    );
     assert_eq!(r.status, 200);
     assert_eq!(raw.post(Some(&sid), ping).status, 404);
 }
@@ -780,4 +788,54 @@ fn stopping_the_broker_stops_its_backends() {
         std::thread::sleep(Duration::from_millis(20));
     }
     b.kill();
+}
+
+#[test]
+fn tools_list_leaves_out_what_an_attenuated_token_cannot_call() {
+    let Env {
+        inst: _inst,
+        b,
+        manager,
+        token,
+        ..
+    } = everything("stdio");
+    // The holder narrows its own token offline to one operation.
+    let narrowed = lever_policy::token::attenuate(
+        &token,
+        "check if req(\"everything\", \"echo\");",
+        std::collections::HashMap::new(),
+    )
+    .unwrap();
+    let raw = RawMcp::new(&b, &manager, &token);
+    let (sid, _) = raw.initialize("2025-11-25");
+    raw.wait_ready(&sid, "everything_echo", json!({"message": "hi"}));
+    let names = |t: &str| {
+        let r = RawMcp::new(&b, &manager, t).post(
+            Some(&sid),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        );
+        let mut n: Vec<String> = r.json()["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(&token),
+        [
+            "everything_echo",
+            "everything_get-sum",
+            "everything_trigger-long-running-operation"
+        ]
+    );
+    assert_eq!(names(&narrowed), ["everything_echo"]);
+    // What the list says agrees with what a call gets.
+    let raw_n = RawMcp::new(&b, &manager, &narrowed);
+    let v = raw_n.call(&sid, "everything_get-sum", json!({"a": 1, "b": 2}));
+    assert!(v["error"].is_object(), "{v}");
+    let v = raw_n.call(&sid, "everything_echo", json!({"message": "hi"}));
+    assert!(v["result"].is_object(), "{v}");
 }

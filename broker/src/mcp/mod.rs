@@ -217,6 +217,16 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
                 .to_owned(),
         ),
     };
+    // The token is judged on every message, DELETE included, before any
+    // body is read: an agent whose token is revoked or expired keeps
+    // nothing, not even the say over its sessions.
+    let token = crate::jail::bearer_of(req.headers())?
+        .map(str::to_owned)
+        .ok_or(ApiError::NoToken)?;
+    let verified = ctx
+        .broker
+        .verify_token(&token, &peer)
+        .map_err(ApiError::Token)?;
     match *req.method() {
         Method::POST => {}
         Method::DELETE => {
@@ -233,19 +243,10 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
         _ => return Err(ApiError::MethodNotAllowed),
     }
     crate::stack::require_json(&req)?;
-    let token = crate::jail::bearer_of(req.headers())?
-        .map(str::to_owned)
-        .ok_or(ApiError::NoToken)?;
     let version_header = req
         .headers()
         .get("mcp-protocol-version")
         .map(|v| v.to_str().unwrap_or("").to_owned());
-    // The token is judged on every message, before its body is read: an
-    // agent whose token is revoked or expired keeps nothing.
-    let verified = ctx
-        .broker
-        .verify_token(&token, &peer)
-        .map_err(ApiError::Token)?;
     let body = crate::stack::read_body(ctx, req.into_body(), MAX_REQUEST).await?;
     let msg: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -378,7 +379,10 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
     };
     match method.as_str() {
         "ping" => Ok(rpc_result(&id, json!({}))),
-        "tools/list" => Ok(rpc_result(&id, json!({"tools": list(ctx, &verified)}))),
+        "tools/list" => Ok(rpc_result(
+            &id,
+            json!({"tools": list(ctx, &peer, &token, &verified)}),
+        )),
         "tools/call" => Ok(call(ctx, &peer, &token, &verified, &sid, &id, &params).await),
         other => Ok(rpc_body(
             StatusCode::OK,
@@ -393,12 +397,24 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
 }
 
 /// The tools `verified` allows, as their backends describe them, named
-/// `TOOL_OP`.
-fn list(ctx: &Ctx<'_>, verified: &Verified) -> Vec<Value> {
+/// `TOOL_OP`. A token with blocks beyond the broker's (checks its holder
+/// appended offline, or a delegated token's inherited ones) lists a grant
+/// only if a call with the grant's own pinned values would pass those
+/// checks: an attenuated token never advertises what it cannot call.
+fn list(ctx: &Ctx<'_>, peer: &str, token: &str, verified: &Verified) -> Vec<Value> {
+    let facts_only = verified.block_ids.len() == 1 && verified.delegated_by.is_none();
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for g in &verified.grants {
         if !seen.insert((g.tool.clone(), g.op.clone())) {
+            continue;
+        }
+        if !facts_only
+            && ctx
+                .broker
+                .authorize_token(token, peer, &g.tool, &g.op, &g.constraints)
+                .is_err()
+        {
             continue;
         }
         let Some(tool) = ctx.broker.config.broker.tool(&g.tool) else {
@@ -606,7 +622,7 @@ async fn call(
                 .log(base(Record::new("tool").deny(e.code())))
                 .await;
             let wait = match &e {
-                ApiError::RateLimited(_, w) => w.as_secs().max(1),
+                ApiError::RateLimited(_, w) => crate::stack::retry_secs(*w),
                 _ => 1,
             };
             return reply(rpc_error(
