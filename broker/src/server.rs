@@ -219,6 +219,9 @@ fn worker_runtime(i: usize, n: usize) -> std::io::Result<tokio::runtime::Runtime
         .max_blocking_threads((512 / n.max(1)).max(16))
         .thread_name(format!("lever-jail-{i}"))
         .on_thread_start(move || WORKER.with(|w| w.set(i)))
+        // Ended `/llm` calls are finished once their responses are out.
+        .on_thread_park(crate::llm::finish_ended)
+        .on_thread_stop(crate::llm::finish_ended_and_stop)
         .enable_all()
         .build()
 }
