@@ -6,6 +6,11 @@
 //! audit.jsonl the audit trail (see audit.rs)                 delegation links, tickets
 //! ```
 //!
+//! Lever's provisioning may have written its own files there before the
+//! broker's first start ([`BROKER_LOG`], [`QEMU_CONSOLE`], the machine
+//! definitions in [`LIMA_DIR`]); a fresh dir holding those and nothing else
+//! is initialized, a dir holding anything else is refused.
+//!
 //! Every change to `state.json` is written to a temporary file, fsynced,
 //! renamed over the old one and the directory fsynced, before the caller is
 //! answered: a `200` means the change survives `kill -9`. A missing or
@@ -31,6 +36,16 @@ pub(crate) const ROOT_KEY: &str = "root.key";
 pub(crate) const STATE: &str = "state.json";
 pub(crate) const AUDIT: &str = "audit.jsonl";
 pub(crate) const LOCK: &str = "lock";
+
+/// What `lever apply`/`up` write in the state dir: the log of the broker
+/// they start (a regular file, 0600).
+pub const BROKER_LOG: &str = "broker.log";
+/// What `lever qemu` writes there by default: the guest's serial console
+/// (a regular file, 0600).
+pub const QEMU_CONSOLE: &str = "qemu-console.log";
+/// Where `lever apply`/`up` write a lima machine's definition: a directory
+/// (0700) of `<machine>.yaml` regular files (0600).
+pub const LIMA_DIR: &str = "lima";
 
 /// Consumed tickets are kept this long after expiry (for the audit's sake
 /// and to answer "already used" rather than "unknown").
@@ -117,6 +132,43 @@ fn lock(dir: &Path) -> Result<File, StartError> {
 
 fn io_err(path: &Path, e: std::io::Error) -> StartError {
     StartError::State(format!("{}: {e}", path.display()))
+}
+
+/// The first entry of a state dir without broker state that Lever did not
+/// put there. Lever's are: the broker's empty audit file and lock, and what
+/// provisioning writes before the broker's first start ([`BROKER_LOG`] and
+/// [`QEMU_CONSOLE`], regular files; [`LIMA_DIR`], a real directory holding
+/// only regular `*.yaml` files). Symlinks are never Lever's.
+fn foreign_entry(dir: &Path) -> Result<Option<String>, StartError> {
+    for entry in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let path = entry.path();
+        // Not followed: a symlink is a symlink here.
+        let kind = entry.file_type().map_err(|e| io_err(&path, e))?;
+        let name = entry.file_name();
+        let ours = match name.to_str() {
+            Some(AUDIT | LOCK | BROKER_LOG | QEMU_CONSOLE) => kind.is_file(),
+            Some(LIMA_DIR) if kind.is_dir() => {
+                for e in fs::read_dir(&path).map_err(|e| io_err(&path, e))? {
+                    let e = e.map_err(|x| io_err(&path, x))?;
+                    let is_file = e.file_type().map_err(|x| io_err(&e.path(), x))?.is_file();
+                    let inner = e.file_name();
+                    let yaml = inner.to_str().is_some_and(|n| {
+                        n.strip_suffix(".yaml").is_some_and(|stem| !stem.is_empty())
+                    });
+                    if !(is_file && yaml) {
+                        return Ok(Some(format!("{LIMA_DIR}/{}", inner.to_string_lossy())));
+                    }
+                }
+                true
+            }
+            _ => false,
+        };
+        if !ours {
+            return Ok(Some(name.to_string_lossy().into_owned()));
+        }
+    }
+    Ok(None)
 }
 
 /// Writes `bytes` to `path` atomically and durably, mode 0600.
@@ -224,14 +276,9 @@ impl State {
                     dir.display()
                 )));
             }
-            let other = exists
-                && fs::read_dir(dir)
-                    .map_err(|e| io_err(dir, e))?
-                    .filter_map(Result::ok)
-                    .any(|e| e.file_name() != AUDIT && e.file_name() != LOCK);
-            if other {
+            if exists && let Some(other) = foreign_entry(dir)? {
                 return Err(StartError::State(format!(
-                    "{} is not empty but holds no broker state: refusing to initialize over it",
+                    "{} is not empty but holds no broker state ({other:?} is not Lever's): refusing to initialize over it",
                     dir.display()
                 )));
             }

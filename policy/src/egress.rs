@@ -2,6 +2,11 @@
 //! address family, in `iptables-restore` / `ip6tables-restore` form, all in
 //! one chain of Lever's own (`LEVER-EGRESS`) that `OUTPUT` jumps to.
 //!
+//! Two forms: [`ruleset`] is the chain alone, for `--noflush` reloads by an
+//! applier that hooks `OUTPUT` itself (once); [`standalone_ruleset`] adds
+//! the `OUTPUT` jump, for a plain `iptables-restore` that replaces the
+//! whole `filter` table (what `lever egress-rules` prints).
+//!
 //! Order is the design (first match wins):
 //!
 //! 1. loopback (`closed` only: in `open` no later rule touches it);
@@ -9,11 +14,12 @@
 //!    jail answers through this);
 //! 3. IPv6 neighbour discovery (solicitation and advertisement), without
 //!    which no IPv6 peer is reachable at all;
-//! 4. the host alias on the broker's jail port and on each `allow_ports`
-//!    entry; then (`open`) every other port of the host alias refused, the
-//!    admin port among them. These come before the LAN ranges because a
-//!    host alias may live inside one (Lima's `host.lima.internal` is
-//!    192.168.5.2);
+//! 4. the host alias on the broker's jail port; then (`open`) on each
+//!    `allow_ports` entry, and every other port of the host alias refused,
+//!    the admin port among them. `closed` is the broker port only: its
+//!    verdict refuses `allow_ports` with the rest. These come before the
+//!    LAN ranges because a host alias may live inside one (Lima's
+//!    `host.lima.internal` is 192.168.5.2);
 //! 5. (`open`) DNS (UDP and TCP 53) to the backend's resolvers;
 //! 6. (`open`) LAN, link-local, CGNAT and ULA ranges refused;
 //! 7. the verdict: `closed` refuses the rest; `open` has no rule of its own
@@ -56,7 +62,8 @@ pub struct Spec {
     pub host: Option<IpAddr>,
     /// The broker's jail port.
     pub jail_port: u16,
-    /// Host tool ports the jail may reach (`allow_ports`).
+    /// Host tool ports the jail may reach (`allow_ports`; used in `open`
+    /// only: `closed` is the broker port alone).
     pub allow_ports: Vec<u16>,
     /// The backend's DNS resolvers of this family (used in `open` only).
     pub dns: Vec<IpAddr>,
@@ -109,9 +116,25 @@ impl Family {
 /// declares (and so empties) Lever's chain and fills it, in one
 /// transaction. Hooking the chain from `OUTPUT` is the applier's business
 /// (once, and never undone by a reload), so a reload never opens the jail.
+/// Loaded with a plain (flushing) `iptables-restore` it enforces nothing:
+/// use [`standalone_ruleset`] for that.
 ///
 /// Addresses of the other family in `spec` are ignored.
 pub fn ruleset(family: Family, spec: &Spec) -> String {
+    render(family, spec, false)
+}
+
+/// The ruleset of `family` as input for a plain `iptables-restore` (or
+/// `ip6tables-restore`), which replaces the whole `filter` table: Lever's
+/// chain, its rules and the one `OUTPUT` jump to it, so loading it alone
+/// (in a fresh network namespace, say) enforces the policy, and loading it
+/// again leaves one jump. Not for `--noflush`, which would add a jump per
+/// load: that is what [`ruleset`] is for.
+pub fn standalone_ruleset(family: Family, spec: &Spec) -> String {
+    render(family, spec, true)
+}
+
+fn render(family: Family, spec: &Spec, hook: bool) -> String {
     let mut out = String::new();
     let rules = rules(family, spec);
     let _ = writeln!(
@@ -126,8 +149,18 @@ pub fn ruleset(family: Family, spec: &Spec) -> String {
             Family::V6 => "IPv6",
         }
     );
+    if hook {
+        let _ = writeln!(
+            out,
+            "# Load with a plain `{}` (it replaces the filter table), not with --noflush.",
+            family.restore()
+        );
+    }
     out.push_str("*filter\n");
     let _ = writeln!(out, ":{CHAIN} - [0:0]");
+    if hook {
+        let _ = writeln!(out, "-A OUTPUT -j {CHAIN}");
+    }
     for r in rules {
         let _ = writeln!(out, "-A {CHAIN} {r}");
     }
@@ -152,7 +185,8 @@ pub fn rules(family: Family, spec: &Spec) -> Vec<String> {
     if let Some(host) = spec.host.filter(|h| Family::of(h) == family) {
         let h = format!("{host}/{}", family.host_len());
         let mut ports = vec![spec.jail_port];
-        for p in &spec.allow_ports {
+        // `closed` is the broker port only: `allow_ports` are for open jails.
+        for p in spec.allow_ports.iter().filter(|_| open) {
             if !ports.contains(p) {
                 ports.push(*p);
             }
@@ -223,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn closed_reaches_the_broker_and_allowed_ports_only() {
+    fn closed_reaches_the_broker_port_only_whatever_allow_ports_says() {
         let r = rules(Family::V4, &spec(Egress::Closed));
         assert_eq!(
             r,
@@ -231,10 +265,49 @@ mod tests {
                 "-o lo -j ACCEPT",
                 "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
                 "-d 192.168.5.2/32 -p tcp -m tcp --dport 8443 -j ACCEPT",
-                "-d 192.168.5.2/32 -p tcp -m tcp --dport 3201 -j ACCEPT",
                 "-j REJECT --reject-with icmp-port-unreachable",
             ]
         );
+        let v6 = Spec {
+            host: Some("fd00:5::2".parse().unwrap()),
+            ..spec(Egress::Closed)
+        };
+        assert_eq!(
+            rules(Family::V6, &v6),
+            vec![
+                "-o lo -j ACCEPT",
+                "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+                "-p ipv6-icmp -m icmp6 --icmpv6-type neighbour-solicitation -j ACCEPT",
+                "-p ipv6-icmp -m icmp6 --icmpv6-type neighbour-advertisement -j ACCEPT",
+                "-d fd00:5::2/128 -p tcp -m tcp --dport 8443 -j ACCEPT",
+                "-j REJECT --reject-with icmp6-port-unreachable",
+            ]
+        );
+        // Open keeps them.
+        let open = rules(Family::V4, &spec(Egress::Open));
+        assert!(open.iter().any(|l| l.contains("--dport 3201 -j ACCEPT")));
+    }
+
+    #[test]
+    fn the_standalone_form_hooks_output_once_and_the_reload_form_never() {
+        for family in [Family::V4, Family::V6] {
+            let alone = standalone_ruleset(family, &spec(Egress::Closed));
+            let hook = "-A OUTPUT -j LEVER-EGRESS\n";
+            assert_eq!(alone.matches(hook).count(), 1, "{alone}");
+            // The chain is declared before the jump that names it.
+            assert!(alone.find(":LEVER-EGRESS - [0:0]\n").unwrap() < alone.find(hook).unwrap());
+            assert!(alone.contains(family.restore()) && alone.contains("not with --noflush"));
+            let reload = ruleset(family, &spec(Egress::Closed));
+            assert!(!reload.contains("OUTPUT"), "{reload}");
+            // Otherwise the same rules.
+            let chain = |t: &str| -> Vec<String> {
+                t.lines()
+                    .filter(|l| l.starts_with("-A LEVER-EGRESS"))
+                    .map(str::to_owned)
+                    .collect()
+            };
+            assert_eq!(chain(&alone), chain(&reload));
+        }
     }
 
     #[test]

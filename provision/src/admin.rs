@@ -1,6 +1,6 @@
 //! `lever admin`: the client of the broker's loopback admin API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -40,19 +40,41 @@ pub(crate) const AFTER_HELP: &str = "\
 The admin API listens on loopback only and is unauthenticated by design:
 whoever can reach it on this host is the operator. The address comes from
 --admin, else $LEVER_ADMIN_URL, else -c FILE's broker.admin_bind/admin_port,
-else http://127.0.0.1:8444. Every answer is printed as JSON; state changes
-are durable when the command returns.";
+else ./lever.yaml's when the current directory holds one (like every other
+command, parent directories are never searched; an invalid ./lever.yaml is
+an error, never a silent fallback), else http://127.0.0.1:8444. Every answer
+is printed as JSON; state changes are durable when the command returns.";
+
+/// Where the admin API is: `--admin`, `$LEVER_ADMIN_URL`, `-c FILE`,
+/// `./lever.yaml` if the current directory holds one, the default port.
+fn admin_url(
+    admin: Option<String>,
+    env: Option<String>,
+    config: Option<PathBuf>,
+) -> Result<String, ExitCode> {
+    if let Some(u) = admin.or(env) {
+        return Ok(u);
+    }
+    let local = Path::new(lever_policy::config::CONFIG_FILE);
+    // Present (even as a dangling symlink) means used: an admin call must
+    // not reach another instance's broker because this one's config broke.
+    let config = config.or_else(|| {
+        local
+            .symlink_metadata()
+            .is_ok()
+            .then(|| local.to_path_buf())
+    });
+    match config {
+        Some(path) => crate::common::load_config(Some(path))
+            .map(|c| format!("http://{}", c.broker.admin_addr())),
+        None => Ok("http://127.0.0.1:8444".to_owned()),
+    }
+}
 
 pub(crate) fn run(cmd: AdminCommand, admin: Option<String>, config: Option<PathBuf>) -> ExitCode {
-    let url = match admin.or_else(|| std::env::var("LEVER_ADMIN_URL").ok()) {
-        Some(u) => u,
-        None => match config {
-            Some(path) => match crate::common::load_config(Some(path)) {
-                Ok(c) => format!("http://{}", c.broker.admin_addr()),
-                Err(code) => return code,
-            },
-            None => "http://127.0.0.1:8444".to_owned(),
-        },
+    let url = match admin_url(admin, std::env::var("LEVER_ADMIN_URL").ok(), config) {
+        Ok(u) => u,
+        Err(code) => return code,
     };
     let target = match Target::parse(&url) {
         Ok(t) if !t.https => t,

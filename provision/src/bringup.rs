@@ -6,6 +6,7 @@
 //! an [`Env`], with the host-side work, so the whole
 //! sequence is tested with recording fakes.
 
+use std::net::IpAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 
@@ -56,6 +57,17 @@ pub(crate) struct System {
     pub state_dir: PathBuf,
 }
 
+impl System {
+    /// The started broker's log: the state dir 0700 and the log 0600, as
+    /// the broker requires of the dir it is about to open (and it accepts
+    /// this log in a fresh one).
+    fn broker_log(&self) -> Result<(PathBuf, std::fs::File), String> {
+        let log = self.state_dir.join(lever_broker::state::BROKER_LOG);
+        let f = crate::common::private_file(&log, true)?;
+        Ok((log, f))
+    }
+}
+
 impl Env for System {
     fn run(&mut self, c: &Cmd) -> Result<Out, String> {
         use std::io::Write;
@@ -86,11 +98,12 @@ impl Env for System {
         })
     }
 
+    /// Machine definitions go under the state dir: 0600, their directories
+    /// (the state dir too, if the broker has not made it yet) 0700.
     fn write_file(&mut self, path: &Path, text: &str) -> Result<(), String> {
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+        let mut f = crate::common::private_file(path, false)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     fn broker_healthy(&mut self) -> bool {
@@ -108,13 +121,7 @@ impl Env for System {
 
     fn start_broker(&mut self) -> Result<(), String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let log = self.state_dir.join("broker.log");
-        std::fs::create_dir_all(&self.state_dir).map_err(|e| e.to_string())?;
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| format!("{}: {e}", log.display()))?;
+        let (log, out) = self.broker_log()?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         std::process::Command::new(exe)
             .arg("broker")
@@ -179,6 +186,9 @@ enum Work {
         dir: PathBuf,
         broker_url: String,
     },
+    /// Load the egress rules of this posture in the machine, the host
+    /// alias's address found first (see [`host_aliases`]).
+    LoadEgress(Egress),
 }
 
 struct Action {
@@ -187,18 +197,34 @@ struct Action {
     work: Work,
 }
 
+/// Where the egress rules find the host alias's address.
+enum HostAlias {
+    /// The backend fixes it (Lima's `host.lima.internal` is 192.168.5.2).
+    Fixed(&'static str),
+    /// Resolved inside the machine at apply time, by name (OrbStack's
+    /// `host.orb.internal`, whose address this build does not know in
+    /// advance).
+    Resolved,
+}
+
 /// The pieces of one backend the steps are made of.
 struct Machine {
     name: String,
     /// Runs a command as root in the guest.
     exec: Vec<String>,
-    host_alias_ip: Option<&'static str>,
+    host_alias: HostAlias,
     host_alias_name: &'static str,
     dns: Option<&'static str>,
 }
 
 fn machine(config: &Config) -> Result<Machine, String> {
-    let name = format!("lever-{}", config.name);
+    machine_named(config, &config.machine_name())
+}
+
+/// The machine `name` (`lever down`/`doctor --machine`) on the config's
+/// backend.
+fn machine_named(config: &Config, name: &str) -> Result<Machine, String> {
+    let name = name.to_owned();
     match config.backend {
         Backend::Lima => Ok(Machine {
             exec: vec![
@@ -208,7 +234,7 @@ fn machine(config: &Config) -> Result<Machine, String> {
                 "sudo".into(),
             ],
             name,
-            host_alias_ip: Some("192.168.5.2"),
+            host_alias: HostAlias::Fixed("192.168.5.2"),
             host_alias_name: "host.lima.internal",
             dns: Some("192.168.5.3"),
         }),
@@ -221,7 +247,7 @@ fn machine(config: &Config) -> Result<Machine, String> {
                 "root".into(),
             ],
             name,
-            host_alias_ip: None,
+            host_alias: HostAlias::Resolved,
             host_alias_name: "host.orb.internal",
             dns: None,
         }),
@@ -240,6 +266,90 @@ fn in_guest(m: &Machine, argv: &[&str]) -> Cmd {
         argv: a,
         stdin: None,
     }
+}
+
+/// The host alias's addresses, at most one per family. A fixed one is
+/// taken as is; a resolved one is looked up inside the machine with
+/// `getent` through the machine's exec path. No IPv4 address is an error:
+/// without it the rules cannot name the broker, and loading none would
+/// leave the host's loopback services (the admin API) reachable. IPv6 is
+/// optional (`ahostsv6` answers IPv4-mapped addresses when the name has no
+/// IPv6 one; those are not IPv6 and are skipped).
+fn host_aliases(m: &Machine, r: &mut dyn Env) -> Result<Vec<IpAddr>, String> {
+    match m.host_alias {
+        HostAlias::Fixed(a) => a
+            .parse()
+            .map(|ip| vec![ip])
+            .map_err(|e| format!("host alias {a}: {e}")),
+        HostAlias::Resolved => {
+            let name = m.host_alias_name;
+            let lookup = |r: &mut dyn Env, db: &str| -> Result<Vec<IpAddr>, String> {
+                let o = r.run(&in_guest(m, &["getent", db, name]))?;
+                Ok(if o.ok {
+                    o.stdout
+                        .lines()
+                        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+                        .filter(|ip: &IpAddr| !ip.is_unspecified() && !ip.is_loopback())
+                        .collect()
+                } else {
+                    Vec::new()
+                })
+            };
+            let v4 = lookup(r, "ahostsv4")?.into_iter().find(IpAddr::is_ipv4);
+            let Some(v4) = v4 else {
+                return Err(format!(
+                    "egress: `{}` found no IPv4 address for {name} inside {}: the egress rules cannot be loaded without it, so bring-up stops here (the jail is not left running without them)",
+                    in_guest(m, &["getent", "ahostsv4", name]).argv.join(" "),
+                    m.name
+                ));
+            };
+            let v6 = lookup(r, "ahostsv6")?.into_iter().find(|ip| match ip {
+                IpAddr::V6(a) => a.to_ipv4_mapped().is_none(),
+                IpAddr::V4(_) => false,
+            });
+            Ok(std::iter::once(v4).chain(v6).collect())
+        }
+    }
+}
+
+/// The commands that load the rules of `posture` in the machine, per
+/// family: Lever's chain alone, replaced in one `--noflush` transaction,
+/// then the `OUTPUT` jump unless it is there (so a reload adds none).
+fn egress_loads(config: &Config, m: &Machine, hosts: &[IpAddr], posture: Egress) -> Vec<Cmd> {
+    let mut cmds = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let spec = Spec {
+            posture,
+            host: hosts
+                .iter()
+                .copied()
+                .find(|h| h.is_ipv4() == (family == Family::V4)),
+            jail_port: config.broker.jail_port,
+            allow_ports: config.manager.allow_ports.clone(),
+            dns: m
+                .dns
+                .iter()
+                .filter_map(|d| d.parse().ok())
+                .filter(|_| posture == Egress::Open)
+                .collect(),
+        };
+        let mut c = in_guest(m, &[family.restore(), "-w", "--noflush"]);
+        c.stdin = Some(egress::ruleset(family, &spec));
+        cmds.push(c);
+        let t = family.tables();
+        cmds.push(in_guest(
+            m,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "{t} -w -C OUTPUT -j {c} 2>/dev/null || {t} -w -I OUTPUT 1 -j {c}",
+                    c = egress::CHAIN
+                ),
+            ],
+        ));
+    }
+    cmds
 }
 
 fn actions(config: &Config, lima_file: &Path, host: lima::Host) -> Result<Vec<Action>, String> {
@@ -287,41 +397,9 @@ fn actions(config: &Config, lima_file: &Path, host: lima::Host) -> Result<Vec<Ac
     // jail). A closed jail still needs the network once, for its packages
     // and images: until it is sealed it runs the open rules (LAN, host
     // ports and the admin port already refused), and the seal comes last.
-    // A jail that is sealed already is never unsealed.
-    let alias = m.host_alias_ip.map(|a| a.parse().ok()).unwrap_or(None);
-    let load = |posture: Egress| {
-        let mut cmds = Vec::new();
-        for family in [Family::V4, Family::V6] {
-            let spec = Spec {
-                posture,
-                host: alias,
-                jail_port: config.broker.jail_port,
-                allow_ports: config.manager.allow_ports.clone(),
-                dns: m
-                    .dns
-                    .iter()
-                    .filter_map(|d| d.parse().ok())
-                    .filter(|_| posture == Egress::Open)
-                    .collect(),
-            };
-            let mut c = in_guest(&m, &[family.restore(), "-w", "--noflush"]);
-            c.stdin = Some(egress::ruleset(family, &spec));
-            cmds.push(c);
-            let t = family.tables();
-            cmds.push(in_guest(
-                &m,
-                &[
-                    "sh",
-                    "-c",
-                    &format!(
-                        "{t} -w -C OUTPUT -j {c} 2>/dev/null || {t} -w -I OUTPUT 1 -j {c}",
-                        c = egress::CHAIN
-                    ),
-                ],
-            ));
-        }
-        cmds
-    };
+    // A jail that is sealed already is never unsealed. Every load finds the
+    // host alias's address first (OrbStack: resolved in the machine), and
+    // bring-up stops when it cannot: never a jail without its rules.
     let sealed = || {
         Check::LastRule(
             in_guest(&m, &["iptables", "-w", "-S", egress::CHAIN]),
@@ -345,13 +423,11 @@ fn actions(config: &Config, lima_file: &Path, host: lima::Host) -> Result<Vec<Ac
         )
     };
     let closed = config.egress == Egress::Closed;
-    if alias.is_some() {
-        v.push(Action {
-            title: "egress".into(),
-            check: closed.then(sealed),
-            work: Work::Run(load(Egress::Open)),
-        });
-    }
+    v.push(Action {
+        title: "egress".into(),
+        check: closed.then(sealed),
+        work: Work::LoadEgress(Egress::Open),
+    });
     v.push(Action {
         title: "broker up".into(),
         check: Some(Check::BrokerHealthy),
@@ -408,11 +484,11 @@ fn actions(config: &Config, lima_file: &Path, host: lima::Host) -> Result<Vec<Ac
             broker_url: format!("https://{}:{}", m.host_alias_name, config.broker.jail_port),
         },
     });
-    if closed && alias.is_some() {
+    if closed {
         v.push(Action {
             title: "egress seal".into(),
             check: None,
-            work: Work::Run(load(Egress::Closed)),
+            work: Work::LoadEgress(Egress::Closed),
         });
     }
     Ok(v)
@@ -484,6 +560,13 @@ pub(crate) fn apply(
                 }
             }
             Work::StartBroker => r.start_broker()?,
+            Work::LoadEgress(posture) => {
+                let m = machine(config)?;
+                let hosts = host_aliases(&m, r)?;
+                for c in &egress_loads(config, &m, &hosts, posture) {
+                    must(r, c)?;
+                }
+            }
             Work::StageBootstrap { dir, broker_url } => {
                 let (ticket, ca) = r.bootstrap()?;
                 stage(
@@ -520,9 +603,10 @@ fn verify_lima(config: &Config, r: &mut dyn Env) -> Result<(), String> {
     })
 }
 
-/// Tears the jail down (the machine; the broker is left to the operator).
-pub(crate) fn down(config: &Config, r: &mut dyn Env) -> Result<Vec<String>, String> {
-    let m = machine(config)?;
+/// Tears the jail down (the machine `machine`, `lever-NAME` unless
+/// overridden; the broker is left to the operator).
+pub(crate) fn down(config: &Config, machine: &str, r: &mut dyn Env) -> Result<Vec<String>, String> {
+    let m = machine_named(config, machine)?;
     let cmds = match config.backend {
         Backend::Lima => vec![
             cmd(&["limactl", "stop", &m.name]),
@@ -546,8 +630,12 @@ pub(crate) fn down(config: &Config, r: &mut dyn Env) -> Result<Vec<String>, Stri
 /// The live jail's own checks, for `lever doctor`: Lever's chain is loaded
 /// and hooked, and a connection from inside to the admin port is refused.
 /// Each result is (what, passed).
-pub(crate) fn live_checks(config: &Config, r: &mut dyn Env) -> Result<Vec<(String, bool)>, String> {
-    let m = machine(config)?;
+pub(crate) fn live_checks(
+    config: &Config,
+    machine: &str,
+    r: &mut dyn Env,
+) -> Result<Vec<(String, bool)>, String> {
+    let m = machine_named(config, machine)?;
     let mut out = Vec::new();
     for family in [Family::V4, Family::V6] {
         let t = family.tables();
@@ -823,6 +911,13 @@ mod tests {
             "{}",
             w.v4_rules
         );
+        // The applier hooks OUTPUT itself: what it loads with --noflush is
+        // the chain alone, so no reload piles up jumps.
+        assert!(
+            w.loads.iter().all(|l| !l.contains("-A OUTPUT")),
+            "{:#?}",
+            w.loads
+        );
         // The template was written before Lima was asked to create from it.
         let write = w.ran.iter().position(|l| l.starts_with("write ")).unwrap();
         let create = w
@@ -907,7 +1002,7 @@ mod tests {
         let c = config(&dir);
         let mut w = world(&c);
         w.running = true;
-        let first = down(&c, &mut w).unwrap();
+        let first = down(&c, &c.machine_name(), &mut w).unwrap();
         assert_eq!(
             first,
             [
@@ -915,43 +1010,103 @@ mod tests {
                 "limactl delete lever-demo (ok)"
             ]
         );
-        let second = down(&c, &mut w).unwrap();
+        let second = down(&c, &c.machine_name(), &mut w).unwrap();
         assert_eq!(second[0], "limactl stop lever-demo (nothing to do)");
     }
+
+    #[test]
+    fn down_and_the_live_checks_act_on_the_machine_named() {
+        let dir = tmp("named");
+        let c = config(&dir);
+        let mut w = world(&c);
+        live_checks(&c, "lever-old", &mut w).unwrap();
+        down(&c, "lever-old", &mut w).unwrap();
+        assert!(!w.ran.is_empty());
+        for line in &w.ran {
+            assert!(
+                line.contains(" lever-old") && !line.contains("lever-demo"),
+                "{line}"
+            );
+        }
+        assert_eq!(
+            w.ran[w.ran.len() - 2..],
+            ["limactl stop lever-old", "limactl delete lever-old"]
+        );
+    }
+
+    /// An OrbStack machine that does not exist yet: every check fails,
+    /// every command works, and `getent` answers what it is given (an
+    /// empty answer is a failed lookup, as `getent`'s exit 2).
+    struct Orb {
+        log: Vec<String>,
+        /// What each `*tables-restore` was fed, in order.
+        loads: Vec<String>,
+        ahostsv4: &'static str,
+        ahostsv6: &'static str,
+    }
+
+    impl Orb {
+        fn new(ahostsv4: &'static str, ahostsv6: &'static str) -> Orb {
+            Orb {
+                log: Vec::new(),
+                loads: Vec::new(),
+                ahostsv4,
+                ahostsv6,
+            }
+        }
+    }
+
+    impl Env for Orb {
+        fn run(&mut self, c: &Cmd) -> Result<Out, String> {
+            self.log.push(c.argv.join(" "));
+            if let Some(text) = &c.stdin {
+                self.loads.push(text.clone());
+            }
+            let a: Vec<&str> = c.argv.iter().map(String::as_str).collect();
+            if let [.., "getent", db, _] = a.as_slice() {
+                let answer = if *db == "ahostsv4" {
+                    self.ahostsv4
+                } else {
+                    self.ahostsv6
+                };
+                return Ok(Out {
+                    ok: !answer.is_empty(),
+                    stdout: answer.into(),
+                });
+            }
+            let check = c.argv.iter().any(|a| a == "true" || a == "exists")
+                || c.argv.last().is_some_and(|a| a.starts_with("command -v"));
+            Ok(Out {
+                ok: !check,
+                stdout: String::new(),
+            })
+        }
+        fn write_file(&mut self, p: &Path, _: &str) -> Result<(), String> {
+            self.log.push(format!("write {}", p.display()));
+            Ok(())
+        }
+        fn broker_healthy(&mut self) -> bool {
+            false
+        }
+        fn start_broker(&mut self) -> Result<(), String> {
+            self.log.push("start broker".into());
+            Ok(())
+        }
+        fn bootstrap(&mut self) -> Result<(String, String), String> {
+            Ok(("lvtk_x".into(), "CA".into()))
+        }
+    }
+
+    const ORB_V4: &str = "0.250.250.254   STREAM host.orb.internal\n0.250.250.254   DGRAM  \n0.250.250.254   RAW    \n";
+    const ORB_V6: &str =
+        "fd07:b51a:cc66:f0::fe STREAM host.orb.internal\nfd07:b51a:cc66:f0::fe DGRAM  \n";
 
     #[test]
     fn orbstack_bring_up_runs_these_commands() {
         let dir = tmp("orb");
         let mut c = config(&dir);
         c.backend = Backend::Orbstack;
-        struct Rec(Vec<String>);
-        impl Env for Rec {
-            fn run(&mut self, c: &Cmd) -> Result<Out, String> {
-                self.0.push(c.argv.join(" "));
-                // Nothing exists yet: every check fails, every command works.
-                let check = c.argv.iter().any(|a| a == "true" || a == "exists")
-                    || c.argv.last().is_some_and(|a| a.starts_with("command -v"));
-                Ok(Out {
-                    ok: !check,
-                    stdout: String::new(),
-                })
-            }
-            fn write_file(&mut self, p: &Path, _: &str) -> Result<(), String> {
-                self.0.push(format!("write {}", p.display()));
-                Ok(())
-            }
-            fn broker_healthy(&mut self) -> bool {
-                false
-            }
-            fn start_broker(&mut self) -> Result<(), String> {
-                self.0.push("start broker".into());
-                Ok(())
-            }
-            fn bootstrap(&mut self) -> Result<(String, String), String> {
-                Ok(("lvtk_x".into(), "CA".into()))
-            }
-        }
-        let mut r = Rec(Vec::new());
+        let mut r = Orb::new(ORB_V4, ORB_V6);
         let s = apply(
             &c,
             &dir.join("unused.yaml"),
@@ -960,34 +1115,136 @@ mod tests {
             &mut |_| {},
         )
         .unwrap();
-        // No host alias address is known for OrbStack: no egress step yet.
+        // The host alias is resolved in the machine and the rules loaded,
+        // as on Lima: open rules first, the seal last.
         assert_eq!(
             s.ran,
             [
                 "machine up",
+                "egress",
                 "broker up",
                 "guest packages",
                 "image img/a:1",
                 "image img/b:2",
-                "manager bootstrap"
+                "manager bootstrap",
+                "egress seal"
             ]
         );
+        let load = [
+            "orb -m lever-demo -u root getent ahostsv4 host.orb.internal",
+            "orb -m lever-demo -u root getent ahostsv6 host.orb.internal",
+            "orb -m lever-demo -u root iptables-restore -w --noflush",
+            "orb -m lever-demo -u root sh -c iptables -w -C OUTPUT -j LEVER-EGRESS 2>/dev/null || iptables -w -I OUTPUT 1 -j LEVER-EGRESS",
+            "orb -m lever-demo -u root ip6tables-restore -w --noflush",
+            "orb -m lever-demo -u root sh -c ip6tables -w -C OUTPUT -j LEVER-EGRESS 2>/dev/null || ip6tables -w -I OUTPUT 1 -j LEVER-EGRESS",
+        ];
+        let mut want = vec![
+            "orb -m lever-demo true",
+            "orb create --isolated ubuntu:noble lever-demo",
+            "orb -m lever-demo -u root iptables -w -S LEVER-EGRESS",
+        ];
+        want.extend(load);
+        want.extend([
+            "start broker",
+            "orb -m lever-demo -u root sh -c command -v podman && command -v iptables-restore",
+            "orb -m lever-demo -u root apt-get update -q",
+            "orb -m lever-demo -u root apt-get install -y -q podman iptables ca-certificates",
+            "orb -m lever-demo -u root podman image exists img/a:1",
+            "orb -m lever-demo -u root podman pull img/a:1",
+            "orb -m lever-demo -u root podman image exists img/b:2",
+            "orb -m lever-demo -u root podman pull img/b:2",
+        ]);
+        want.extend(load);
+        assert_eq!(r.log, want);
+        // The resolved addresses are in the rules: the open rules refuse
+        // every other host port (the admin port); the seal allows the
+        // broker port alone; no load adds an OUTPUT jump of its own.
+        assert_eq!(r.loads.len(), 4);
+        let (v4_open, v6_open, v4_sealed, v6_sealed) =
+            (&r.loads[0], &r.loads[1], &r.loads[2], &r.loads[3]);
+        assert!(
+            v4_open.contains(
+                "-A LEVER-EGRESS -d 0.250.250.254/32 -p tcp -m tcp --dport 8443 -j ACCEPT\n"
+            ) && v4_open.contains("-A LEVER-EGRESS -d 0.250.250.254/32 -j REJECT"),
+            "{v4_open}"
+        );
+        assert!(
+            v6_open.contains("-d fd07:b51a:cc66:f0::fe/128 -j REJECT"),
+            "{v6_open}"
+        );
+        assert!(
+            v4_sealed.contains("-d 0.250.250.254/32 -p tcp -m tcp --dport 8443 -j ACCEPT")
+                && !v4_sealed.contains("3201")
+                && v4_sealed.ends_with(
+                    "-A LEVER-EGRESS -j REJECT --reject-with icmp-port-unreachable\nCOMMIT\n"
+                ),
+            "{v4_sealed}"
+        );
+        assert!(
+            v6_sealed.contains("-d fd07:b51a:cc66:f0::fe/128 -p tcp -m tcp --dport 8443 -j ACCEPT"),
+            "{v6_sealed}"
+        );
+        assert!(r.loads.iter().all(|l| !l.contains("-A OUTPUT")));
         assert_eq!(
-            r.0,
-            [
-                "orb -m lever-demo true",
-                "orb create --isolated ubuntu:noble lever-demo",
-                "start broker",
-                "orb -m lever-demo -u root sh -c command -v podman && command -v iptables-restore",
-                "orb -m lever-demo -u root apt-get update -q",
-                "orb -m lever-demo -u root apt-get install -y -q podman iptables ca-certificates",
-                "orb -m lever-demo -u root podman image exists img/a:1",
-                "orb -m lever-demo -u root podman pull img/a:1",
-                "orb -m lever-demo -u root podman image exists img/b:2",
-                "orb -m lever-demo -u root podman pull img/b:2",
-            ]
+            down(&c, &c.machine_name(), &mut r).unwrap(),
+            ["orb delete -f lever-demo (ok)"]
         );
-        assert_eq!(down(&c, &mut r).unwrap(), ["orb delete -f lever-demo (ok)"]);
+    }
+
+    #[test]
+    fn an_orbstack_host_alias_that_does_not_resolve_stops_bring_up() {
+        let dir = tmp("orb-unresolved");
+        let mut c = config(&dir);
+        c.backend = Backend::Orbstack;
+        // getent finds nothing (or only what is never the host).
+        for v4 in ["", "127.0.0.1 STREAM host.orb.internal\n"] {
+            let mut r = Orb::new(v4, ORB_V6);
+            let e = apply(
+                &c,
+                &dir.join("unused.yaml"),
+                lima::Host::Linux,
+                &mut r,
+                &mut |_| {},
+            )
+            .unwrap_err();
+            assert!(
+                e.contains("getent ahostsv4 host.orb.internal") && e.contains("bring-up stops"),
+                "{e}"
+            );
+            // Nothing loaded, and nothing after the egress step ran.
+            assert!(r.loads.is_empty(), "{:#?}", r.loads);
+            assert_eq!(
+                r.log.last().unwrap(),
+                "orb -m lever-demo -u root getent ahostsv4 host.orb.internal"
+            );
+            assert!(!r.log.iter().any(|l| l == "start broker"));
+        }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_answer_is_no_ipv6_host_alias() {
+        let dir = tmp("orb-mapped");
+        let mut c = config(&dir);
+        c.backend = Backend::Orbstack;
+        // What `getent ahostsv6` prints for a name with no IPv6 address.
+        let mut r = Orb::new(ORB_V4, "::ffff:0.250.250.254 STREAM host.orb.internal\n");
+        apply(
+            &c,
+            &dir.join("unused.yaml"),
+            lima::Host::Linux,
+            &mut r,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(r.loads[0].contains("-d 0.250.250.254/32"));
+        // IPv6: no host rule at all (ULA and link-local still refused).
+        assert!(!r.loads[1].contains("ffff"), "{}", r.loads[1]);
+        assert!(!r.loads[1].contains("--dport"), "{}", r.loads[1]);
+        assert!(
+            r.loads[1].contains("-d fc00::/7 -j REJECT"),
+            "{}",
+            r.loads[1]
+        );
     }
 
     #[test]
@@ -1037,6 +1294,7 @@ mod tests {
         }
         let good = live_checks(
             &c,
+            &c.machine_name(),
             &mut Jail {
                 loaded: true,
                 admin_open: false,
@@ -1047,6 +1305,7 @@ mod tests {
         assert!(good.last().unwrap().0.contains("host.lima.internal:8444"));
         let bad = live_checks(
             &c,
+            &c.machine_name(),
             &mut Jail {
                 loaded: false,
                 admin_open: true,
@@ -1054,6 +1313,36 @@ mod tests {
         )
         .unwrap();
         assert!(bad.iter().all(|(_, ok)| !*ok), "{bad:?}");
+    }
+
+    #[test]
+    fn provisioning_writes_the_state_dir_0700_and_its_files_0600() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tmp("private");
+        let state = dir.join(".lever");
+        let mut sys = System {
+            config_file: PathBuf::new(),
+            admin: String::new(),
+            state_dir: state.clone(),
+        };
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // Step 1 of a lima apply, before any broker ran: the template.
+        let template = state.join("lima/lever-demo.yaml");
+        sys.write_file(&template, "a: 1\n").unwrap();
+        let (log, _f) = sys.broker_log().unwrap();
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join("lima")), 0o700);
+        assert_eq!(mode(&template), 0o600);
+        assert_eq!(mode(&log), 0o600);
+        // Rewritten in place, a looser file left by an older Lever is
+        // tightened, and a symlink is never written through.
+        std::fs::set_permissions(&template, std::fs::Permissions::from_mode(0o644)).unwrap();
+        sys.write_file(&template, "b: 2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&template).unwrap(), "b: 2\n");
+        assert_eq!(mode(&template), 0o600);
+        std::os::unix::fs::symlink(dir.join("elsewhere"), state.join("lima/x.yaml")).unwrap();
+        assert!(sys.write_file(&state.join("lima/x.yaml"), "c").is_err());
+        assert!(!dir.join("elsewhere").exists());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Helpers shared by the CLI commands.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -54,6 +54,51 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Re
     std::fs::rename(&tmp, path)
 }
 
+/// Creates `dir` and any missing parent, each 0700 (DESIGN §6: the state
+/// dir is 0700). A directory that exists already is left as it is: the
+/// config's validation has checked the state dir's mode and owner.
+pub(crate) fn private_dir(dir: &Path) -> Result<(), String> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && a.symlink_metadata().is_err())
+        .collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("{}: {e}", d.display())),
+        }
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    Ok(())
+}
+
+/// Opens `path` for writing, 0600 (a looser existing file is tightened),
+/// never through a symlink, creating its directory 0700 first. `append`
+/// keeps what is there; otherwise it is truncated.
+pub(crate) fn private_file(path: &Path, append: bool) -> Result<std::fs::File, String> {
+    use rustix::fs::{Mode, OFlags};
+    if let Some(d) = path.parent() {
+        private_dir(d)?;
+    }
+    let how = if append {
+        OFlags::APPEND
+    } else {
+        OFlags::TRUNC
+    };
+    let fd = rustix::fs::open(
+        path,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | how,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| format!("{}: {e} (a symlink there is refused)", path.display()))?;
+    let f = std::fs::File::from(fd);
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(f)
+}
+
 /// Reads a secret-ish input: the value itself, or `-` for stdin.
 pub(crate) fn read_value_or_stdin(v: &str) -> std::io::Result<String> {
     if v == "-" {
@@ -72,11 +117,7 @@ pub(crate) fn read_value_or_stdin(v: &str) -> std::io::Result<String> {
 pub(crate) fn test_config(dir: &Path, yaml: &str) -> Config {
     std::fs::create_dir_all(dir.join("ws")).unwrap();
     std::fs::write(dir.join("key"), "k").unwrap();
-    std::fs::set_permissions(
-        dir.join("key"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    std::fs::set_permissions(dir.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(dir.join("lever.yaml"), yaml).unwrap();
     config::load(&dir.join("lever.yaml"), &Env::from_process())
         .unwrap()

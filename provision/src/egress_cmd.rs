@@ -1,5 +1,7 @@
-//! `lever egress-rules`: print the jail's egress ruleset for this config, or
-//! apply it to the network namespace the command runs in.
+//! `lever egress-rules`: print the jail's egress ruleset for this config
+//! (self-contained: the chain and the `OUTPUT` jump, for a plain
+//! `iptables-restore`), or apply it to the network namespace the command
+//! runs in.
 //!
 //! Applying is, per address family: one `iptables-restore --noflush` that
 //! empties and refills Lever's chain in a single transaction, then a jump
@@ -17,23 +19,31 @@ use lever_policy::egress::{self, CHAIN, Family, Spec};
 use crate::common::{fail, load_config};
 
 pub(crate) const AFTER_HELP: &str = "\
-The ruleset is iptables-restore input for Lever's own chain (LEVER-EGRESS),
-hooked from OUTPUT. In order: loopback (closed); replies on established
-connections; IPv6 neighbour discovery; the host alias on the broker's jail
-port and each allow_ports entry. Then with `egress: open`: every other
+The ruleset is Lever's own chain (LEVER-EGRESS), hooked from OUTPUT. In
+order: loopback (closed); replies on established connections; IPv6
+neighbour discovery; the host alias on the broker's jail port. Then with
+`egress: open`: the host alias on each allow_ports entry, every other
 host-alias port refused (the admin port above all), DNS to --dns allowed,
 the LAN, link-local, CGNAT and ULA ranges refused, and the rest (the public
 internet) left to OUTPUT's policy; with `egress: closed`: everything else
-refused. Refused means REJECT, so an agent fails at once instead of hanging.
+refused, allow_ports included (closed is the broker port only). Refused
+means REJECT, so an agent fails at once instead of hanging.
 
---apply loads both families into the network namespace it runs in: Lever's
-chain is replaced in one iptables-restore transaction and hooked from
-OUTPUT once, so reloading a running closed jail never opens it. Applying
-twice changes nothing.
+Printed (no --apply), the output is self-contained iptables-restore input:
+the chain, its rules and the `-A OUTPUT -j LEVER-EGRESS` jump. Load it with
+a plain `iptables-restore` (IPv4) or `ip6tables-restore` (with --ipv6),
+which replaces the whole filter table; loading it again leaves one jump.
+Do not load it with --noflush: that adds a jump per load (use --apply).
+
+--apply loads both families into the network namespace it runs in, next to
+the rules already there: Lever's chain alone is replaced in one
+`iptables-restore --noflush` transaction and hooked from OUTPUT once, so
+reloading a running closed jail never opens it. Applying twice changes
+nothing.
 
 Examples:
-  lever egress-rules --host-alias 192.168.5.2 --dns 192.168.5.3
-  lever egress-rules --host-alias 192.168.5.2 --ipv6
+  lever egress-rules --host-alias 192.168.5.2 --dns 192.168.5.3 | sudo iptables-restore
+  lever egress-rules --host-alias fd00:5::2 --ipv6 | sudo ip6tables-restore
   sudo lever egress-rules --host-alias 192.168.5.2 --apply   (inside the jail)
 
 Docs: docs/egress.md";
@@ -147,7 +157,9 @@ pub(crate) fn run(a: Args) -> ExitCode {
     };
     if !a.apply {
         let family = if a.ipv6 { Family::V6 } else { Family::V4 };
-        print!("{}", egress::ruleset(family, &spec(family)));
+        // Self-contained: a plain (flushing) restore of it enforces the
+        // policy. The applier below loads the chain alone instead.
+        print!("{}", egress::standalone_ruleset(family, &spec(family)));
         return ExitCode::SUCCESS;
     }
     for family in [Family::V4, Family::V6] {

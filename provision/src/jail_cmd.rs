@@ -30,11 +30,14 @@ pub(crate) const APPLY_HELP: &str = "\
 Runs the bring-up for a lima or orbstack jail, step by step with progress:
 machine up (for lima: the Lever template, Lima >= 2.0.0, and the realized
 config read back and checked, or bring-up stops), egress rules loaded and
-hooked, the broker started in the background (log: STATE_DIR/broker.log),
-guest packages, each distinct image pulled once, the manager's bootstrap
-(ticket, CA, broker URL) staged into TREE/.lever/bootstrap without following
-symlinks. Every step is checked first and skipped when done: a second apply
-changes nothing but reloading the egress rules, which never opens the jail.
+hooked (for orbstack, host.orb.internal is resolved in the machine first;
+no address stops bring-up), the broker started in the background (log:
+STATE_DIR/broker.log), guest packages, each distinct image pulled once, the
+manager's bootstrap (ticket, CA, broker URL) staged into TREE/.lever/bootstrap
+without following symlinks, and for `egress: closed` the seal (the broker
+port only). Every step is checked first and skipped when done: a second
+apply changes nothing but reloading the egress rules, which never opens the
+jail.
 
 Not automated in this build: installing Scion and starting the manager (the
 plan shows them). The qemu backend is run with `lever qemu`.";
@@ -42,11 +45,11 @@ plan shows them). The qemu backend is run with `lever qemu`.";
 pub(crate) const DOCTOR_HELP: &str = "\
 Checks the host for this config: the backend's tools and their version
 floors, the broker's health on the admin port, and, for lima, that the live
-machine lever-NAME realized exactly the Lever template (one writable mount at
-/lever, the ignore-all port-forward rules, containerd off); inside a lima or
-orbstack jail, that Lever's egress chain is loaded and hooked (both families)
-and that the admin port is refused from inside. Exit 0 when no check failed,
-1 otherwise.";
+machine lever-NAME (or --machine NAME) realized exactly the Lever template
+(one writable mount at /lever, the ignore-all port-forward rules, containerd
+off); inside a lima or orbstack jail, that Lever's egress chain is loaded and
+hooked (both families) and that the admin port is refused from inside. Exit 0
+when no check failed, 1 otherwise.";
 
 /// One step of the bring-up.
 struct Step {
@@ -55,7 +58,22 @@ struct Step {
 }
 
 fn machine(config: &Config) -> String {
-    format!("lever-{}", config.name)
+    config.machine_name()
+}
+
+/// `--machine NAME` of `lever down`/`doctor`: a machine name for `limactl`
+/// or `orb` argv (never a shell), so nothing that could read as an option.
+pub(crate) fn parse_machine(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_alphanumeric() || (i > 0 && (b == b'-' || b == b'_' || b == b'.'))
+        });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("a machine name is ASCII letters, digits, '-', '_' and '.', starting with a letter or digit, at most 128".to_owned())
+    }
 }
 
 fn tree(config: &Config) -> PathBuf {
@@ -120,24 +138,29 @@ fn plan(config: &Config, file: &Path) -> Vec<Step> {
             vec!["enforced by QEMU itself (restrict=on): no guest rules needed".to_owned()]
         }
         (backend, _) => {
-            let (alias, dns) = match backend {
-                Backend::Lima => ("192.168.5.2", " --dns 192.168.5.3"),
-                Backend::Qemu => (qemu::BROKER_ALIAS, " --dns 10.0.2.3"),
-                _ => ("<host.orb.internal's address in the machine>", ""),
+            let (v4, v6, dns) = match backend {
+                Backend::Lima => ("192.168.5.2", "", " --dns 192.168.5.3"),
+                Backend::Qemu => (qemu::BROKER_ALIAS, "", " --dns 10.0.2.3"),
+                _ => ("$HOST_V4", " --host-alias $HOST_V6", ""),
             };
             let mut lines = Vec::new();
             if backend == Backend::Orbstack {
-                lines.push("not run by `lever apply` yet: the address of host.orb.internal inside the machine is not known to this build".to_owned());
+                lines.push(format!(
+                    "{exec} getent ahostsv4 host.orb.internal -> HOST_V4, and getent ahostsv6 -> HOST_V6 if it has one (IPv4-mapped answers skipped); looked up on every load: no IPv4 address stops bring-up, never a jail without rules"
+                ));
             }
             if config.egress == Egress::Closed {
                 lines.push("until the seal (the last step), the open rules: packages and images need the network; LAN and host ports are refused from the start".to_owned());
             }
+            // What `lever egress-rules` prints is self-contained (it jumps
+            // from OUTPUT itself); loaded next to the guest's own rules with
+            // --noflush, Lever's chain goes alone and the hook once.
             lines.extend([
                 format!(
-                    "lever egress-rules -c {cfg} --host-alias {alias}{dns} | {exec} iptables-restore -w --noflush"
+                    "lever egress-rules -c {cfg} --host-alias {v4}{v6}{dns} | grep -v '^-A OUTPUT ' | {exec} iptables-restore -w --noflush"
                 ),
                 format!(
-                    "lever egress-rules -c {cfg} --host-alias {alias}{dns} --ipv6 | {exec} ip6tables-restore -w --noflush"
+                    "lever egress-rules -c {cfg} --host-alias {v4}{v6}{dns} --ipv6 | grep -v '^-A OUTPUT ' | {exec} ip6tables-restore -w --noflush"
                 ),
                 format!(
                     "{exec} iptables -w -C OUTPUT -j LEVER-EGRESS || {exec} iptables -w -I OUTPUT 1 -j LEVER-EGRESS  (and ip6tables)"
@@ -202,7 +225,7 @@ fn plan(config: &Config, file: &Path) -> Vec<Step> {
         steps.push(Step {
             title: "egress seal",
             lines: vec![format!(
-                "the closed rules, loaded as above: the broker's port {jail_port} and allow_ports only; a sealed jail is never unsealed by a later apply"
+                "the closed rules, loaded as above: the broker's port {jail_port} only (allow_ports do not apply to a closed jail); a sealed jail is never unsealed by a later apply"
             )],
         });
     }
@@ -296,17 +319,18 @@ pub(crate) fn run_apply(config_path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-pub(crate) fn run_down(config_path: Option<PathBuf>) -> ExitCode {
+pub(crate) fn run_down(config_path: Option<PathBuf>, machine_override: Option<String>) -> ExitCode {
     let config = match load_config(config_path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let machine = machine_override.unwrap_or_else(|| machine(&config));
     let mut env = crate::bringup::System {
         config_file: PathBuf::new(),
         admin: String::new(),
         state_dir: config.broker.state_dir.clone(),
     };
-    match crate::bringup::down(&config, &mut env) {
+    match crate::bringup::down(&config, &machine, &mut env) {
         Ok(lines) => {
             for l in lines {
                 println!("{l}");
@@ -351,11 +375,16 @@ fn output(program: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
-pub(crate) fn run_doctor(config_path: Option<PathBuf>) -> ExitCode {
+pub(crate) fn run_doctor(
+    config_path: Option<PathBuf>,
+    machine_override: Option<String>,
+) -> ExitCode {
     let config = match load_config(config_path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let overridden = machine_override.is_some();
+    let machine = machine_override.unwrap_or_else(|| machine(&config));
     let mut r = Report::default();
     r.ok(&format!(
         "config: `{}` on {}",
@@ -387,6 +416,9 @@ pub(crate) fn run_doctor(config_path: Option<PathBuf>) -> ExitCode {
         }
         _ => r.fail("no checks known for this backend"),
     }
+    if overridden && config.backend == Backend::Qemu {
+        r.warn("--machine is not used with the qemu backend (the VM is `lever qemu`'s)");
+    }
     let health = format!("http://{}/healthz", config.broker.admin_addr());
     let healthy = crate::common::runtime().is_ok_and(|rt| {
         rt.block_on(async {
@@ -409,18 +441,18 @@ pub(crate) fn run_doctor(config_path: Option<PathBuf>) -> ExitCode {
         ));
     }
     if config.backend == Backend::Lima
-        && let Ok(listed) = output("limactl", &["list", "--json", &machine(&config)])
+        && let Ok(listed) = output("limactl", &["list", "--json", &machine])
     {
         match serde_json::from_str::<serde_json::Value>(listed.trim()) {
             Ok(v) if v.is_object() => match lima::verify_realized(&v, &tree(&config)) {
-                Ok(()) => r.ok(&format!("{} realized the Lever template", machine(&config))),
+                Ok(()) => r.ok(&format!("{machine} realized the Lever template")),
                 Err(wrong) => {
                     for w in wrong {
-                        r.fail(&format!("{}: {w}", machine(&config)));
+                        r.fail(&format!("{machine}: {w}"));
                     }
                 }
             },
-            _ => r.warn(&format!("{} is not created yet", machine(&config))),
+            _ => r.warn(&format!("{machine} is not created yet")),
         }
     }
     if matches!(config.backend, Backend::Lima | Backend::Orbstack) {
@@ -429,7 +461,7 @@ pub(crate) fn run_doctor(config_path: Option<PathBuf>) -> ExitCode {
             admin: String::new(),
             state_dir: config.broker.state_dir.clone(),
         };
-        match crate::bringup::live_checks(&config, &mut env) {
+        match crate::bringup::live_checks(&config, &machine, &mut env) {
             Ok(checks) => {
                 for (what, ok) in checks {
                     if ok { r.ok(&what) } else { r.fail(&what) }
@@ -494,6 +526,48 @@ mod tests {
                 .iter()
                 .any(|l| l.starts_with("limactl list --json lever-demo"))
         );
+    }
+
+    #[test]
+    fn a_machine_override_is_a_name_never_an_option() {
+        for ok in ["lever-demo", "old.jail_2", "A1"] {
+            assert_eq!(parse_machine(ok).as_deref(), Ok(ok));
+        }
+        for bad in [
+            "",
+            "-rf",
+            "--all",
+            "a b",
+            "a/b",
+            "a;b",
+            "$(id)",
+            &"a".repeat(129),
+        ] {
+            assert!(parse_machine(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_orbstack_plan_resolves_the_host_alias_and_seals() {
+        let (c, dir) = config("orbstack", "closed");
+        let p = plan(&c, &dir.join("lever.yaml"));
+        let titles: Vec<&str> = p.iter().map(|s| s.title).collect();
+        assert_eq!(titles[1], "egress");
+        assert!(titles.contains(&"egress seal"), "{titles:?}");
+        let egress = &p[1].lines;
+        assert!(
+            egress[0].starts_with("orb -m lever-demo -u root getent ahostsv4 host.orb.internal"),
+            "{egress:?}"
+        );
+        assert!(!egress.iter().any(|l| l.contains("not run")), "{egress:?}");
+        assert!(
+            egress.iter().any(|l| l.contains(
+                "--host-alias $HOST_V4 --host-alias $HOST_V6 --ipv6 | grep -v '^-A OUTPUT ' | orb -m lever-demo -u root ip6tables-restore -w --noflush"
+            )),
+            "{egress:?}"
+        );
+        let seal = &p.iter().find(|s| s.title == "egress seal").unwrap().lines;
+        assert!(seal[0].contains("port 8443 only"), "{seal:?}");
     }
 
     #[test]

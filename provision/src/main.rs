@@ -96,10 +96,11 @@ enum Command {
     /// Drive the broker's loopback admin API: tickets, revocation, epochs
     #[command(after_help = admin::AFTER_HELP)]
     Admin {
-        /// The admin API URL (default: from -c, else http://127.0.0.1:8444)
+        /// The admin API URL (default: $LEVER_ADMIN_URL, else from -c FILE, else from
+        /// ./lever.yaml if present, else http://127.0.0.1:8444)
         #[arg(long, value_name = "URL", global = true)]
         admin: Option<String>,
-        /// Take the admin address from this config file
+        /// Take the admin address from this config file (default: ./lever.yaml if present)
         #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
@@ -185,6 +186,9 @@ enum Command {
         /// The config file (default: ./lever.yaml)
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The machine to stop and delete (default: lever-NAME, from the config)
+        #[arg(long, value_name = "NAME", value_parser = jail_cmd::parse_machine)]
+        machine: Option<String>,
     },
     /// Check the host, the broker and the live jail for this config
     #[command(after_help = jail_cmd::DOCTOR_HELP)]
@@ -192,6 +196,9 @@ enum Command {
         /// The config file (default: ./lever.yaml)
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The machine to check (default: lever-NAME, from the config)
+        #[arg(long, value_name = "NAME", value_parser = jail_cmd::parse_machine)]
+        machine: Option<String>,
     },
     /// Run this config's qemu jail in the foreground (what `lever up` will drive)
     #[command(name = "qemu", after_help = QEMU_HELP)]
@@ -277,8 +284,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Up { config } => jail_cmd::run_apply(config),
-        Command::Down { config } => jail_cmd::run_down(config),
-        Command::Doctor { config } => jail_cmd::run_doctor(config),
+        Command::Down { config, machine } => jail_cmd::run_down(config, machine),
+        Command::Doctor { config, machine } => jail_cmd::run_doctor(config, machine),
         Command::Qemu {
             config,
             kernel,

@@ -166,6 +166,7 @@ pub(crate) fn run(a: RunArgs) -> ExitCode {
         Err(e) => return crate::common::fail(&format!("cannot find the lever executable: {e}")),
     };
     let accel = Accel::detect();
+    let default_console = a.console.is_none();
     let m = Machine {
         name: config.name.to_string(),
         tree,
@@ -178,9 +179,12 @@ pub(crate) fn run(a: RunArgs) -> ExitCode {
         egress: config.egress,
         broker_port: config.broker.jail_port,
         lever,
-        console: a
-            .console
-            .unwrap_or_else(|| config.broker.state_dir.join("qemu-console.log")),
+        console: a.console.unwrap_or_else(|| {
+            config
+                .broker
+                .state_dir
+                .join(lever_broker::state::QEMU_CONSOLE)
+        }),
     };
     let argv = argv(&m);
     if a.dry_run {
@@ -189,6 +193,12 @@ pub(crate) fn run(a: RunArgs) -> ExitCode {
             print!("{}{sep}", shell_quote(x));
         }
         return ExitCode::SUCCESS;
+    }
+    // The default console, in the state dir, is made here 0600 (and the
+    // state dir 0700) before QEMU would create it with its umask; QEMU
+    // truncates it and keeps the mode. A --console path is the operator's.
+    if default_console && let Err(e) = crate::common::private_file(&m.console, true) {
+        return crate::common::fail(&e);
     }
     if accel == Accel::Tcg {
         eprintln!(

@@ -157,7 +157,12 @@ fn summary(c: &Config, file: &str) -> String {
     line("state", c.broker.state_dir.display().to_string());
     if !c.manager.allow_ports.is_empty() {
         let ports: Vec<String> = c.manager.allow_ports.iter().map(u16::to_string).collect();
-        line("allow", format!("host ports {}", ports.join(", ")));
+        let ignored = if c.egress == config::Egress::Closed {
+            " (ignored: egress is closed)"
+        } else {
+            ""
+        };
+        line("allow", format!("host ports {}{ignored}", ports.join(", ")));
     }
     format!("{file}: valid\n{s}")
 }

@@ -41,9 +41,29 @@ fn the_three_examples_validate() {
 }
 
 #[test]
-fn the_full_example_warns_that_a_tool_port_bypasses_the_broker() {
+fn the_full_example_warns_that_its_allow_ports_are_ignored_when_closed() {
     let dir = examples_copy();
-    let out = lever(&["validate"], &dir.join("examples/full"), &dir.join("home"));
+    let full = dir.join("examples/full");
+    let out = lever(&["validate"], &full, &dir.join("home"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let warnings: Vec<_> = problems(&out.stderr, "lever.yaml")
+        .into_iter()
+        .filter(|p| p.warning)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", out.stderr);
+    assert_eq!(warnings[0].path, "manager.allow_ports");
+    assert!(warnings[0].message.contains("ignored"));
+    assert!(
+        out.stdout.contains("(ignored: egress is closed)"),
+        "{}",
+        out.stdout
+    );
+    // Opened, the same ports are reachable, and one is a tool's backend.
+    let yaml = std::fs::read_to_string(full.join("lever.yaml")).unwrap();
+    let opened = yaml.replace("egress: closed", "egress: open");
+    assert_ne!(yaml, opened);
+    std::fs::write(full.join("lever.yaml"), opened).unwrap();
+    let out = lever(&["validate"], &full, &dir.join("home"));
     assert_eq!(out.code, 0, "{}", out.stderr);
     let warnings: Vec<_> = problems(&out.stderr, "lever.yaml")
         .into_iter()

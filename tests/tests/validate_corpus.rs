@@ -639,6 +639,14 @@ const CASES: &[Case] = &[
         message: "already used by broker.manager_identity",
     },
     Case {
+        name: "grove named like the instance (the manager's Scion slug)",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: a}\n  - {name: t, dir: b}\n",
+        setup: none,
+        line: 8,
+        path: "groves[1].name",
+        message: "`t` is the instance name, which is the manager's Scion agent slug",
+    },
+    Case {
         name: "grove dir absolute",
         yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\ngroves:\n  - {name: g, dir: /etc}\n",
         setup: none,
@@ -681,6 +689,14 @@ const CASES: &[Case] = &[
         message: "must match",
     },
     // --- tools ---------------------------------------------------------------
+    Case {
+        name: "operation name that is no MCP tool name",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: fs\n      transport: stdio\n      command: [fs-server]\n      operations: [{name: read_file}, {name: 'read file'}]\n",
+        setup: none,
+        line: 11,
+        path: "broker.tools[0].operations[1].name",
+        message: "must match ^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$",
+    },
     Case {
         name: "allowed_values for an unknown key",
         yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools:\n    - name: db\n      command: [lever-tool-db]\n      backend: 127.0.0.1:3201\n      operations: [{name: read}]\n      allowed_values:\n        tabel: [users]\n",
@@ -947,6 +963,30 @@ const CASES: &[Case] = &[
         message: "not from an allowed registry",
     },
     Case {
+        name: "image from a registry port that only starts like the allowed one",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: 'localhost:50001/x:1'}\nbroker: {api_key_file: key}\nsecurity: {allowed_image_registries: ['localhost:5000']}\n",
+        setup: none,
+        line: 4,
+        path: "manager.image",
+        message: "not from an allowed registry (localhost:5000)",
+    },
+    Case {
+        name: "registry entry with a trailing slash",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\nsecurity:\n  allowed_image_registries: ['localhost:5000/']\n",
+        setup: none,
+        line: 7,
+        path: "security.allowed_image_registries[0]",
+        message: "must not end with '/': write \"localhost:5000\"",
+    },
+    Case {
+        name: "registry entry with a bad port",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\nsecurity:\n  allowed_image_registries: ['localhost:99999']\n",
+        setup: none,
+        line: 7,
+        path: "security.allowed_image_registries[0]",
+        message: "registry port \"99999\" is not a port",
+    },
+    Case {
         name: "registry entry with a digest",
         yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\nsecurity:\n  allowed_image_registries: ['img@sha256:00']\n",
         setup: none,
@@ -1104,6 +1144,49 @@ fn the_base_of_the_corpus_is_valid() {
         "{}",
         out.stdout
     );
+}
+
+#[test]
+fn registry_hosts_with_ports_and_mcp_style_operation_names_are_valid() {
+    // A private registry on a port (bare, and with a namespace), and a
+    // third-party stdio MCP server whose tools are named as such servers
+    // name them.
+    let dir = TempDir::new("valid-names");
+    prepare(&dir);
+    let digest = "a".repeat(64);
+    dir.write(
+        "lever.yaml",
+        format!(
+            "\
+name: t
+backend: qemu
+tree: ws
+manager:
+  image: 'localhost:5000/lever-claude:1'
+  obtain: [{{tool: fs, op: read_file}}, {{tool: fs, op: listDir}}]
+groves:
+  - {{name: g, dir: g, image: 'registry.example.com:5000/team/x@sha256:{digest}', obtain: [{{tool: fs, op: get-info}}]}}
+broker:
+  api_key_file: key
+  tools:
+    - name: fs
+      transport: stdio
+      command: [fs-server]
+      operations: [{{name: read_file, args: [path]}}, {{name: listDir}}, {{name: get-info}}]
+      allowed_values: {{path: [/lever]}}
+security:
+  allowed_image_registries: ['localhost:5000', 'registry.example.com:5000/team']
+"
+        ),
+        0o644,
+    );
+    let out = lever(
+        &["validate", "-c", "lever.yaml"],
+        dir.path(),
+        &dir.join("home"),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("read_file"), "{}", out.stdout);
 }
 
 #[test]

@@ -92,3 +92,63 @@ fn an_open_dir_is_refused() {
     assert!(e.contains("must be 0700"), "{e}");
     let _ = fs::remove_dir_all(&d);
 }
+
+/// A state dir as `lever apply` leaves it before the broker's first start.
+fn provisioned(tag: &str) -> PathBuf {
+    let d = tempdir(tag);
+    fs::create_dir_all(d.join(LIMA_DIR)).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(d.join(LIMA_DIR).join("lever-demo.yaml"), "images: []\n").unwrap();
+    fs::write(d.join(BROKER_LOG), "").unwrap();
+    fs::write(d.join(QEMU_CONSOLE), "boot\n").unwrap();
+    d
+}
+
+#[test]
+fn what_provisioning_wrote_is_initialized_over_and_kept() {
+    let d = provisioned("provisioned");
+    let loaded = State::open(&d, fresh).unwrap();
+    assert!(loaded.created);
+    drop(loaded);
+    assert!(d.join(LIMA_DIR).join("lever-demo.yaml").exists());
+    assert!(
+        !State::open(&d, || panic!("must not re-create"))
+            .unwrap()
+            .created
+    );
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// Puts something into a provisioned state dir.
+type Plant = fn(&Path);
+
+#[test]
+fn anything_else_beside_what_provisioning_wrote_is_refused() {
+    let cases: [(&str, Plant); 5] = [
+        ("a file of someone else's", |d| {
+            fs::write(d.join("notes.txt"), "mine").unwrap();
+        }),
+        ("a file in lima/ that is no machine definition", |d| {
+            fs::write(d.join(LIMA_DIR).join("notes.txt"), "mine").unwrap();
+        }),
+        ("a directory in lima/", |d| {
+            fs::create_dir(d.join(LIMA_DIR).join("x.yaml")).unwrap();
+        }),
+        ("the log as a directory", |d| {
+            fs::remove_file(d.join(BROKER_LOG)).unwrap();
+            fs::create_dir(d.join(BROKER_LOG)).unwrap();
+        }),
+        ("the console log as a symlink", |d| {
+            fs::remove_file(d.join(QEMU_CONSOLE)).unwrap();
+            std::os::unix::fs::symlink("/etc/hostname", d.join(QEMU_CONSOLE)).unwrap();
+        }),
+    ];
+    for (i, (what, plant)) in cases.into_iter().enumerate() {
+        let d = provisioned(&format!("planted{i}"));
+        plant(&d);
+        let e = State::open(&d, fresh).unwrap_err().to_string();
+        assert!(e.contains("holds no broker state"), "{what}: {e}");
+        assert!(!d.join(STATE).exists(), "{what}");
+        let _ = fs::remove_dir_all(&d);
+    }
+}

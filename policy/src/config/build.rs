@@ -43,6 +43,7 @@ fn first_party_args(command: &[String]) -> Option<&'static [&'static str]> {
 pub(crate) fn build(raw: RawConfig, cx: &mut Sink<'_>, inp: &Inputs<'_>) -> Option<Config> {
     let name = required(cx, "name", raw.name.as_deref(), "the instance name")
         .and_then(|s| Name::parse(s).map_err(|e| cx.error("name", e)).ok());
+    let instance_name = name.clone();
     let backend = required(
         cx,
         "backend",
@@ -98,7 +99,12 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Sink<'_>, inp: &Inputs<'_>) -> Opti
         let name = required(cx, &path, g.name.as_deref(), "the grove's name")
             .and_then(|s| Name::parse(s).map_err(|e| cx.error(&path, e)).ok());
         if let Some(n) = &name {
-            if let Some(first) = identities.get(n.as_str()) {
+            if instance_name.as_ref() == Some(n) {
+                cx.error(
+                    &path,
+                    format!("`{n}` is the instance name, which is the manager's Scion agent slug: a grove of the same name would collide with it (rename the grove)"),
+                );
+            } else if let Some(first) = identities.get(n.as_str()) {
                 cx.error(
                     &path,
                     format!("agent identity `{n}` is already used by {first}"),
@@ -190,8 +196,19 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Sink<'_>, inp: &Inputs<'_>) -> Opti
         cx,
         raw_manager.allow_ports.unwrap_or_default(),
         (jail_port, admin_port),
-        &tools,
+        // Closed egress reaches no tool backend: no bypass to warn of.
+        if egress == Egress::Closed {
+            &[]
+        } else {
+            &tools
+        },
     );
+    if egress == Egress::Closed && !allow_ports.is_empty() {
+        cx.warning(
+            "manager.allow_ports",
+            "ignored: with `egress: closed` the jail reaches the broker's jail port only",
+        );
+    }
     let ports = (jail_port, admin_port);
     let broker = build_broker(
         cx,
@@ -505,9 +522,12 @@ fn build_security(cx: &mut Sink<'_>, s: RawSecurity) -> Security {
             );
             continue;
         }
-        match values::check_repository(entry) {
+        match values::check_registry_prefix(entry) {
             Ok(()) if entry == r => out.allowed_image_registries.push(r),
-            Ok(()) => cx.error(&path, format!("{r:?} must not end with '/'")),
+            Ok(()) => cx.error(
+                &path,
+                format!("{r:?} must not end with '/': write {entry:?} (entries already match on whole path components)"),
+            ),
             Err(e) => cx.error(&path, format!("{r:?} is not a registry or namespace: {e}")),
         }
     }
@@ -848,7 +868,7 @@ fn build_tools(cx: &mut Sink<'_>, raw: Vec<RawTool>) -> (Vec<Tool>, Vec<Declared
                     else {
                         continue;
                     };
-                    let Ok(n) = Name::parse(n).map_err(|e| cx.error(&np, e)) else {
+                    let Ok(n) = OpName::parse(n).map_err(|e| cx.error(&np, e)) else {
                         continue;
                     };
                     if operations.iter().any(|x| x.name == n) {

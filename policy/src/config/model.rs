@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use super::raw::{Egress, LlmAuth, OtlpProtocol};
-pub use super::values::{HttpUrl, ImageRef, Name};
+pub use super::values::{HttpUrl, ImageRef, Name, OpName};
 pub use crate::backend::Backend;
 
 /// The pseudo tool of LLM access: `llm` / `generate`.
@@ -176,7 +176,7 @@ impl ToolTransport {
 
 #[derive(Debug, Clone)]
 pub struct Operation {
-    pub name: Name,
+    pub name: OpName,
     /// Declared argument names, if any.
     pub args: Option<Vec<String>>,
 }

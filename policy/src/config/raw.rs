@@ -34,7 +34,7 @@ pub struct RawConfig {
     /// Project agents the manager orchestrates.
     pub groves: Option<Vec<RawGrove>>,
     /// Jail egress posture: `open` (LAN and other host ports dropped, public
-    /// internet reachable) or `closed` (only the broker port and `allow_ports`).
+    /// internet reachable) or `closed` (only the broker port; `allow_ports` are ignored).
     /// Default `open`.
     pub egress: Option<Egress>,
     /// The host-side capability broker.
@@ -212,6 +212,9 @@ pub enum Transport {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawOperation {
+    /// The MCP tool name the backend answers to
+    /// (`^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$`, e.g. `read`, `read_file`);
+    /// agents see it as `TOOL_OP`.
     #[schemars(required)]
     pub name: Option<String>,
     /// The argument names this operation takes; when given, every

@@ -45,6 +45,49 @@ impl AsRef<str> for Name {
     }
 }
 
+/// A tool operation's name: the MCP tool name its backend answers to,
+/// `^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$` (`read`, `read_file`, `get-sum`,
+/// `listDir`). Agents see it as `TOOL_OP`: a tool name is a [`Name`] and
+/// never holds `_`, so the first `_` of `TOOL_OP` always ends the tool,
+/// whatever the operation's name holds; at most 64 characters keeps
+/// `TOOL_OP` within MCP's 128.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OpName(String);
+
+pub const OP_NAME_RULE: &str =
+    "must match ^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$ (ASCII letters, digits, '_' and '-', at most 64)";
+
+impl OpName {
+    pub fn parse(s: &str) -> Result<OpName, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .enumerate()
+                .all(|(i, b)| b.is_ascii_alphanumeric() || b == b'_' || (i > 0 && b == b'-'));
+        if ok {
+            Ok(OpName(s.to_owned()))
+        } else {
+            Err(format!("{s:?} {OP_NAME_RULE}"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OpName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for OpName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// `90s`, `30m`, `24h`, `7d`, `1h30m`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration (write e.g. 90s, 30m, 24h, 7d, 1h30m)");
@@ -162,14 +205,31 @@ impl ImageRef {
     }
 }
 
-/// Checks `[host[:port]/]component(/component)*`.
+/// Checks `[host[:port]/]component(/component)*`, an image's name.
 pub fn check_repository(name: &str) -> Result<(), String> {
+    check_name_components(name, false)
+}
+
+/// Checks an entry of `security.allowed_image_registries`: a registry host
+/// and/or namespace prefix, `host[:port][/component...]` or
+/// `component[/component...]`. Unlike in an image name, a lone first
+/// component that looks like a host (`localhost`, `localhost:5000`,
+/// `registry.example.com:5000`) is a registry host. No trailing `/`.
+pub fn check_registry_prefix(entry: &str) -> Result<(), String> {
+    check_name_components(entry, true)
+}
+
+/// The first component is a registry host if it contains `.` or `:` or
+/// is `localhost`, and there is a component after it (or `bare_host`).
+fn check_name_components(name: &str, bare_host: bool) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty repository name".to_owned());
     }
     let mut parts: Vec<&str> = name.split('/').collect();
     let first = parts[0];
-    if parts.len() > 1 && (first.contains('.') || first.contains(':') || first == "localhost") {
+    if (parts.len() > 1 || bare_host)
+        && (first.contains('.') || first.contains(':') || first == "localhost")
+    {
         let (host, port) = match first.split_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (first, None),

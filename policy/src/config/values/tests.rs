@@ -21,6 +21,33 @@ fn names() {
 }
 
 #[test]
+fn operation_names_are_what_mcp_servers_call_their_tools() {
+    for ok in [
+        "read",
+        "read_file",
+        "get-sum",
+        "listDir",
+        "_private",
+        "a1",
+        &"a".repeat(64),
+    ] {
+        assert!(OpName::parse(ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "",
+        "-x",
+        "read file",
+        "read.file",
+        "read/file",
+        "é",
+        "a\n",
+        &"a".repeat(65),
+    ] {
+        assert!(OpName::parse(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
 fn durations() {
     assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
     assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
@@ -96,6 +123,45 @@ fn registries_match_on_whole_components() {
             .unwrap()
             .allowed_by("scionlocal")
     );
+}
+
+#[test]
+fn registry_entries_may_be_a_host_with_a_port() {
+    for ok in [
+        "scionlocal",
+        "ghcr.io/myorg",
+        "localhost",
+        "localhost:5000",
+        "registry.example.com",
+        "registry.example.com:5000",
+        "registry.example.com:5000/team/sub",
+    ] {
+        assert!(check_registry_prefix(ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "",
+        "localhost:0",
+        "localhost:99999",
+        "localhost:",
+        ":5000",
+        "localhost:5000:1",
+        "bad_host:5000",
+        "UPPER",
+        "ghcr.io/Org",
+        "a//b",
+        "x y",
+    ] {
+        assert!(check_registry_prefix(bad).is_err(), "{bad:?}");
+    }
+    // Still whole path components, the port included.
+    let img = |s: &str| ImageRef::parse(s).unwrap();
+    assert!(img("localhost:5000/x:1").allowed_by("localhost:5000"));
+    assert!(img("localhost:5000/team/x").allowed_by("localhost:5000/team"));
+    assert!(!img("localhost:50001/x").allowed_by("localhost:5000"));
+    assert!(!img("localhost/x").allowed_by("localhost:5000"));
+    assert!(!img("registry.example.com:50000/x").allowed_by("registry.example.com:5000"));
+    // `localhost:5000` as an image is the image `localhost`, tag 5000.
+    assert!(!img("localhost:5000").allowed_by("localhost:5000"));
 }
 
 #[test]
