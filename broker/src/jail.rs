@@ -579,13 +579,6 @@ fn manager_only(ctx: &Ctx<'_>, what: &str) -> Result<String, ApiError> {
 fn agents(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
     manager_only(ctx, "list agents")?;
     let broker = ctx.broker;
-    let enrolled: std::collections::BTreeSet<String> = broker.state.read(|s| {
-        s.tickets
-            .values()
-            .filter(|t| t.consumed_at.is_some())
-            .map(|t| t.identity.clone())
-            .collect()
-    });
     let list: Vec<serde_json::Value> = broker
         .config
         .groves
@@ -595,7 +588,6 @@ fn agents(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
             json!({
                 "name": name,
                 "image": g.agent.image.as_ref().map(|i| i.reference.as_str()),
-                "enrolled": enrolled.contains(name),
                 "revoked": broker.state.is_identity_revoked(name),
             })
         })
@@ -623,17 +615,15 @@ async fn dispatch(ctx: &Ctx<'_>, path: &str) -> Result<Response<Body>, ApiError>
     if broker.state.is_identity_revoked(name) {
         return Err(ApiError::IdentityRevoked(name.to_owned()));
     }
-    broker
-        .audit
-        .log(
-            Record::new("dispatch")
-                .deny("not_implemented")
-                .identity(name)
-                .request(ctx)
-                .detail("by", me)
-                .detail("action", action),
-        )
-        .await;
+    ctx.audit_deny(
+        Record::new("dispatch")
+            .deny("not_implemented")
+            .identity(name)
+            .request(ctx)
+            .detail("by", me)
+            .detail("action", action),
+    )
+    .await;
     Err(ApiError::NotImplemented(format!(
         "dispatch ({action} `{name}`) is not in this build: the broker cannot drive Scion in the jail yet"
     )))

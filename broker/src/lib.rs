@@ -400,7 +400,12 @@ pub(crate) fn is_ticket_shaped(s: &str) -> bool {
 /// current-thread runtime, where there is nowhere else to move them.
 pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+            // This thread may not be a worker again: what it holds of
+            // ended calls is finished now, and its next ones in place.
+            llm::finish_ended_and_stop();
+            tokio::task::block_in_place(f)
+        }
         _ => f(),
     }
 }

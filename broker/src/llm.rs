@@ -285,8 +285,8 @@ enum Query {
     None,
     /// `beta=true` (Claude Code's).
     Beta,
-    /// `v1/models` paging (`limit`, `after_id`, `before_id`), rebuilt from
-    /// the checked values.
+    /// `v1/models` paging (`limit`, `after_id`, `before_id`, and
+    /// `beta=true` beside them), rebuilt from the checked values.
     Paging(String),
 }
 
@@ -295,7 +295,7 @@ enum Query {
 /// a fixed order: nothing else reaches the upstream.
 fn paging(q: &str) -> Result<String, ApiError> {
     let bad = |why: &str| ApiError::BadRequest(format!("v1/models query: {why}"));
-    let mut vals: [Option<&str>; 3] = [None; 3];
+    let mut vals: [Option<&str>; 4] = [None; 4];
     for pair in q.split('&') {
         let (k, v) = pair
             .split_once('=')
@@ -312,7 +312,13 @@ fn paging(q: &str) -> Result<String, ApiError> {
                     && v.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
             ),
-            _ => return Err(bad("only limit, after_id and before_id are forwarded")),
+            // Claude Code's marker, beside paging.
+            "beta" => (3, v == "true"),
+            _ => {
+                return Err(bad(
+                    "only limit, after_id, before_id and beta=true are forwarded",
+                ));
+            }
         };
         if !ok {
             return Err(bad(&format!("{k} has an unexpected value")));
@@ -321,7 +327,7 @@ fn paging(q: &str) -> Result<String, ApiError> {
             return Err(bad(&format!("{k} given twice")));
         }
     }
-    let out: Vec<String> = ["limit", "after_id", "before_id"]
+    let out: Vec<String> = ["limit", "after_id", "before_id", "beta"]
         .iter()
         .zip(vals)
         .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
@@ -533,6 +539,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         failed: None,
         budget: broker.limits.llm_tokens.clone().map(|b| (b, peer.clone())),
         permit: Some(permit),
+        ended: None,
     };
     let body = Metered {
         inner: upstream_body,
@@ -666,6 +673,10 @@ struct Meter {
     budget: Option<(Arc<crate::limits::Budget>, String)>,
     /// Held while the response streams: the agent's in-flight slot.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// When the call ended (and, with telemetry, the wall clock then),
+    /// read when it settles: the record and span say when it ended, not
+    /// when they were made.
+    ended: Option<(Instant, Option<std::time::SystemTime>)>,
 }
 
 impl Meter {
@@ -738,7 +749,11 @@ impl Meter {
             sp.attr("lever.ttfb_ms", Val::Double(t.as_secs_f64() * 1000.0));
         }
         let failed = !completed || self.status.as_u16() >= 500;
-        sp.end(failed.then(|| self.failed.as_deref().unwrap_or("")));
+        let error = failed.then(|| self.failed.as_deref().unwrap_or(""));
+        match self.ended.and_then(|(_, wall)| wall) {
+            Some(at) => sp.end_at(error, at),
+            None => sp.end(error),
+        };
     }
 
     /// What the agent's next call must find done the moment this one's
@@ -749,6 +764,8 @@ impl Meter {
         let Some(permit) = self.permit.take() else {
             return;
         };
+        let wall = self.otel.is_some().then(std::time::SystemTime::now);
+        self.ended = Some((Instant::now(), wall));
         self.stats
             .open_streams
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -787,7 +804,14 @@ impl Meter {
         rec = rec
             .detail("bytes", self.bytes)
             .detail("ttfb_ms", self.first_byte.map(|d| d.as_secs_f64() * 1000.0))
-            .detail("duration_ms", self.started.elapsed().as_secs_f64() * 1000.0)
+            .detail(
+                "duration_ms",
+                self.ended
+                    .map_or_else(Instant::now, |(at, _)| at)
+                    .saturating_duration_since(self.started)
+                    .as_secs_f64()
+                    * 1000.0,
+            )
             .detail("input_tokens", self.input_tokens)
             .detail("output_tokens", self.output_tokens)
             .detail("completed", completed);
@@ -839,7 +863,13 @@ thread_local! {
     /// Whether this thread is a jail worker that has slept before (and so
     /// will again, calling [`finish_ended`]).
     static SLEEPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// When the oldest call in `ENDED` ended.
+    static ENDED_SINCE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
+
+/// How long a busy worker holds an ended call at most (a worker with
+/// deferred tasks checks its events without ever parking).
+const ENDED_WAIT: Duration = Duration::from_millis(50);
 
 impl Ending {
     fn start(mut meter: Box<Meter>, completed: bool) {
@@ -853,9 +883,17 @@ impl Ending {
         }
         ENDED.with(|v| match v.try_borrow_mut() {
             Ok(mut v) => {
+                let due = match ENDED_SINCE.get() {
+                    Some(t) => t.elapsed() >= ENDED_WAIT,
+                    None => {
+                        ENDED_SINCE.set(Some(Instant::now()));
+                        false
+                    }
+                };
                 v.push(e);
-                if v.len() >= ENDED_MAX {
+                if due || v.len() >= ENDED_MAX {
                     // Finishing touches no `ENDED`: no borrow is re-entered.
+                    ENDED_SINCE.set(None);
                     v.clear();
                 }
             }
@@ -881,6 +919,7 @@ pub(crate) fn finish_ended_and_stop() {
 }
 
 fn finish_here() {
+    ENDED_SINCE.set(None);
     ENDED.with(|v| {
         if let Ok(mut v) = v.try_borrow_mut() {
             v.clear();

@@ -282,7 +282,9 @@ fn host_aliases(m: &Machine, r: &mut dyn Env) -> Result<Vec<IpAddr>, String> {
             .map(|ip| vec![ip])
             .map_err(|e| format!("host alias {a}: {e}")),
         HostAlias::Resolved => {
-            let name = m.host_alias_name;
+            // Fully qualified: no search domain can answer for it.
+            let fqdn = format!("{}.", m.host_alias_name);
+            let name = fqdn.as_str();
             let lookup = |r: &mut dyn Env, db: &str| -> Result<Vec<IpAddr>, String> {
                 let o = r.run(&in_guest(m, &["getent", db, name]))?;
                 Ok(if o.ok {
@@ -1131,8 +1133,8 @@ mod tests {
             ]
         );
         let load = [
-            "orb -m lever-demo -u root getent ahostsv4 host.orb.internal",
-            "orb -m lever-demo -u root getent ahostsv6 host.orb.internal",
+            "orb -m lever-demo -u root getent ahostsv4 host.orb.internal.",
+            "orb -m lever-demo -u root getent ahostsv6 host.orb.internal.",
             "orb -m lever-demo -u root iptables-restore -w --noflush",
             "orb -m lever-demo -u root sh -c iptables -w -C OUTPUT -j LEVER-EGRESS 2>/dev/null || iptables -w -I OUTPUT 1 -j LEVER-EGRESS",
             "orb -m lever-demo -u root ip6tables-restore -w --noflush",
@@ -1208,14 +1210,14 @@ mod tests {
             )
             .unwrap_err();
             assert!(
-                e.contains("getent ahostsv4 host.orb.internal") && e.contains("bring-up stops"),
+                e.contains("getent ahostsv4 host.orb.internal.") && e.contains("bring-up stops"),
                 "{e}"
             );
             // Nothing loaded, and nothing after the egress step ran.
             assert!(r.loads.is_empty(), "{:#?}", r.loads);
             assert_eq!(
                 r.log.last().unwrap(),
-                "orb -m lever-demo -u root getent ahostsv4 host.orb.internal"
+                "orb -m lever-demo -u root getent ahostsv4 host.orb.internal."
             );
             assert!(!r.log.iter().any(|l| l == "start broker"));
         }

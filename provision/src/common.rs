@@ -1,7 +1,7 @@
 //! Helpers shared by the CLI commands.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -63,7 +63,8 @@ pub(crate) fn private_dir(dir: &Path) -> Result<(), String> {
         .take_while(|a| !a.as_os_str().is_empty() && a.symlink_metadata().is_err())
         .collect();
     for d in missing.into_iter().rev() {
-        match std::fs::create_dir(d) {
+        // Created 0700 (less under the umask), never wider for a moment.
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(format!("{}: {e}", d.display())),

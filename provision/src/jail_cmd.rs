@@ -146,7 +146,7 @@ fn plan(config: &Config, file: &Path) -> Vec<Step> {
             let mut lines = Vec::new();
             if backend == Backend::Orbstack {
                 lines.push(format!(
-                    "{exec} getent ahostsv4 host.orb.internal -> HOST_V4, and getent ahostsv6 -> HOST_V6 if it has one (IPv4-mapped answers skipped); looked up on every load: no IPv4 address stops bring-up, never a jail without rules"
+                    "{exec} getent ahostsv4 host.orb.internal. -> HOST_V4, and getent ahostsv6 -> HOST_V6 if it has one (IPv4-mapped answers skipped); looked up on every load: no IPv4 address stops bring-up, never a jail without rules"
                 ));
             }
             if config.egress == Egress::Closed {
@@ -556,7 +556,7 @@ mod tests {
         assert!(titles.contains(&"egress seal"), "{titles:?}");
         let egress = &p[1].lines;
         assert!(
-            egress[0].starts_with("orb -m lever-demo -u root getent ahostsv4 host.orb.internal"),
+            egress[0].starts_with("orb -m lever-demo -u root getent ahostsv4 host.orb.internal."),
             "{egress:?}"
         );
         assert!(!egress.iter().any(|l| l.contains("not run")), "{egress:?}");

@@ -538,8 +538,8 @@ fn only_the_manager_lists_and_dispatches_groves() {
     let list = r.json()["agents"].as_array().unwrap().clone();
     let names: Vec<&str> = list.iter().map(|a| a["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["g1", "g2"], "{list:?}");
-    assert_eq!(list[0]["enrolled"], true);
-    assert_eq!(list[1]["enrolled"], false);
+    assert_eq!(list[0]["image"], "img/x:1");
+    assert_eq!(list[1]["revoked"], false);
     assert!(
         !String::from_utf8_lossy(&r.body).contains(inst.dir.path().to_str().unwrap()),
         "a host path reached the manager"
@@ -593,4 +593,13 @@ fn only_the_manager_lists_and_dispatches_groves() {
     assert_eq!(tries.len(), 2, "{tries:?}");
     assert_eq!(tries[0]["identity"], "g2");
     assert_eq!(tries[0]["detail"]["by"], "manager");
+    // One record per attempt: no second, generic denial of the request.
+    let all = inst.audit_records();
+    for t in &tries {
+        let same: Vec<_> = all
+            .iter()
+            .filter(|r| r["request_id"] == t["request_id"])
+            .collect();
+        assert_eq!(same.len(), 1, "{same:?}");
+    }
 }

@@ -117,7 +117,7 @@ impl OrbInstance {
         dir.write(
             "bin/orb",
             format!(
-                "#!/bin/sh\ncat >/dev/null\nprintf '%s\\n' \"$*\" >> '{}'\ncase \"$*\" in *'getent ahostsv4 host.orb.internal') echo '198.19.248.254  STREAM host.orb.internal' ;; esac\nexit 0\n",
+                "#!/bin/sh\ncat >/dev/null\nprintf '%s\\n' \"$*\" >> '{}'\ncase \"$*\" in *'getent ahostsv4 host.orb.internal.') echo '198.19.248.254  STREAM host.orb.internal' ;; esac\nexit 0\n",
                 dir.join("orb.log").display()
             ),
             0o755,

@@ -1285,6 +1285,8 @@ fn models_paging_is_forwarded_only_as_checked_values() {
     let get = |path: &str| s.b.jail(&s.manager.tls(), Method::GET, path, &h, None);
     let r = get("/llm/v1/models?after_id=claude-mock-1&limit=5");
     assert_eq!(r.status, 200, "{}", r.error_message());
+    let r = get("/llm/v1/models?beta=true&limit=2");
+    assert_eq!(r.status, 200, "{}", r.error_message());
     for bad in [
         "/llm/v1/models?limit=abc",
         "/llm/v1/models?limit=1&limit=2",
@@ -1293,6 +1295,7 @@ fn models_paging_is_forwarded_only_as_checked_values() {
         "/llm/v1/models?after_id=a%26b",
         "/llm/v1/models?after_id=",
         "/llm/v1/models?limit",
+        "/llm/v1/models?limit=1&beta=false",
         "/llm/v1/messages?limit=5",
     ] {
         let r = get(bad);
@@ -1300,9 +1303,10 @@ fn models_paging_is_forwarded_only_as_checked_values() {
         assert_eq!(r.json()["type"], "error", "{bad}");
     }
     let seen = mock_requests(&s.b.rt, &s.mock_url);
-    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
     // Rebuilt in a fixed order from the checked values.
     assert_eq!(seen[0]["query"], "limit=5&after_id=claude-mock-1");
+    assert_eq!(seen[1]["query"], "limit=2&beta=true");
 }
 
 #[test]

@@ -839,3 +839,50 @@ fn tools_list_leaves_out_what_an_attenuated_token_cannot_call() {
     let v = raw_n.call(&sid, "everything_echo", json!({"message": "hi"}));
     assert!(v["result"].is_object(), "{v}");
 }
+
+#[test]
+fn listing_with_an_attenuated_token_counts_against_the_tool_rate() {
+    // Each grant of an attenuated token costs a Datalog evaluation to list:
+    // such a list is rate limited like a call; a plain token's is not.
+    let extra = format!(
+        "{}  rate_limits: {{tools: {{per_minute: 1, burst: 2}}}}\n",
+        everything_tools("stdio")
+    );
+    let Env {
+        inst: _inst,
+        b,
+        manager,
+        token,
+        ..
+    } = env(EVERYTHING_AGENTS, &extra, everything_grants());
+    let narrowed = lever_policy::token::attenuate(
+        &token,
+        "check if req(\"everything\", \"echo\");",
+        std::collections::HashMap::new(),
+    )
+    .unwrap();
+    let raw = RawMcp::new(&b, &manager, &token);
+    let (sid, _) = raw.initialize("2025-11-25");
+    let list = |t: &str| {
+        RawMcp::new(&b, &manager, t)
+            .post(
+                Some(&sid),
+                json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+            )
+            .json()
+    };
+    for _ in 0..5 {
+        assert!(list(&token)["result"].is_object());
+    }
+    let answers: Vec<Value> = (0..3).map(|_| list(&narrowed)).collect();
+    assert!(answers[0]["result"].is_object(), "{}", answers[0]);
+    assert!(answers[1]["result"].is_object(), "{}", answers[1]);
+    assert_eq!(answers[2]["error"]["code"], -32002, "{}", answers[2]);
+    assert_eq!(answers[2]["error"]["data"]["reason"], "rate_limited");
+    assert!(
+        answers[2]["error"]["data"]["retry_after_secs"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}

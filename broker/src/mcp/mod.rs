@@ -379,10 +379,23 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
     };
     match method.as_str() {
         "ping" => Ok(rpc_result(&id, json!({}))),
-        "tools/list" => Ok(rpc_result(
-            &id,
-            json!({"tools": list(ctx, &peer, &token, &verified)}),
-        )),
+        "tools/list" => Ok(match list(ctx, &peer, &token, &verified) {
+            Ok(tools) => rpc_result(&id, json!({ "tools": tools })),
+            Err(e) => rpc_body(
+                StatusCode::OK,
+                &rpc_error(
+                    &id,
+                    code::RATE_LIMITED,
+                    &e.to_string(),
+                    Some(
+                        json!({"reason": "rate_limited", "retry_after_secs": match &e {
+                            ApiError::RateLimited(_, w) => crate::stack::retry_secs(*w),
+                            _ => 1,
+                        }}),
+                    ),
+                ),
+            ),
+        }),
         "tools/call" => Ok(call(ctx, &peer, &token, &verified, &sid, &id, &params).await),
         other => Ok(rpc_body(
             StatusCode::OK,
@@ -400,9 +413,21 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
 /// `TOOL_OP`. A token with blocks beyond the broker's (checks its holder
 /// appended offline, or a delegated token's inherited ones) lists a grant
 /// only if a call with the grant's own pinned values would pass those
-/// checks: an attenuated token never advertises what it cannot call.
-fn list(ctx: &Ctx<'_>, peer: &str, token: &str, verified: &Verified) -> Vec<Value> {
+/// checks: an attenuated token never advertises what it cannot call. Such
+/// a list runs a Datalog evaluation per grant, so it counts against the
+/// caller's tool-call rate like a call.
+fn list(
+    ctx: &Ctx<'_>,
+    peer: &str,
+    token: &str,
+    verified: &Verified,
+) -> Result<Vec<Value>, ApiError> {
     let facts_only = verified.block_ids.len() == 1 && verified.delegated_by.is_none();
+    let _admitted = if facts_only {
+        None
+    } else {
+        Some(ctx.broker.limits.tools.admit(peer)?)
+    };
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for g in &verified.grants {
@@ -445,7 +470,7 @@ fn list(ctx: &Ctx<'_>, peer: &str, token: &str, verified: &Verified) -> Vec<Valu
         }
         out.push(t);
     }
-    out
+    Ok(out)
 }
 
 /// The arguments judged against the token: string values only (a non-string

@@ -461,8 +461,12 @@ impl SpanWriter<'_> {
     /// Ends the span now, with an error status carrying `error` if given,
     /// and queues it. Returns the time it ended, which can start the next
     /// step without another read of the clock.
-    pub fn end(mut self, error: Option<&str>) -> SystemTime {
-        let now = SystemTime::now();
+    pub fn end(self, error: Option<&str>) -> SystemTime {
+        self.end_at(error, SystemTime::now())
+    }
+
+    /// [`SpanWriter::end`] at a time read earlier.
+    pub fn end_at(mut self, error: Option<&str>, now: SystemTime) -> SystemTime {
         wire::fixed64_field(&mut self.buf, wire::span::END, nanos(now));
         if let Some(m) = error {
             wire::error_status(&mut self.buf, m);
