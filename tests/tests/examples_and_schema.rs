@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use lever_tests::{TempDir, errors, lever, problems, run, workspace_root};
+use lever_tests::{Output, ProblemLine, TempDir, errors, lever, problems, run, workspace_root};
 
 /// Copies `examples/` into a temp dir and runs its setup script there (it
 /// creates the placeholder secrets 0600), so the repo is never touched.
@@ -40,16 +40,22 @@ fn the_three_examples_validate() {
     }
 }
 
-#[test]
-fn the_full_example_warns_that_its_allow_ports_are_ignored_when_closed() {
-    let dir = examples_copy();
-    let full = dir.join("examples/full");
-    let out = lever(&["validate"], &full, &dir.join("home"));
+/// `lever validate` in `dir`: its output and the warnings it gave.
+fn validate_warnings(dir: &Path, home: &Path) -> (Output, Vec<ProblemLine>) {
+    let out = lever(&["validate"], dir, home);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let warnings: Vec<_> = problems(&out.stderr, "lever.yaml")
+    let warnings = problems(&out.stderr, "lever.yaml")
         .into_iter()
         .filter(|p| p.warning)
         .collect();
+    (out, warnings)
+}
+
+#[test]
+fn the_full_example_warns_that_its_allow_ports_are_ignored_when_closed() {
+    let dir = examples_copy();
+    let (full, home) = (dir.join("examples/full"), dir.join("home"));
+    let (out, warnings) = validate_warnings(&full, &home);
     assert_eq!(warnings.len(), 1, "{}", out.stderr);
     assert_eq!(warnings[0].path, "manager.allow_ports");
     assert!(warnings[0].message.contains("ignored"));
@@ -63,12 +69,7 @@ fn the_full_example_warns_that_its_allow_ports_are_ignored_when_closed() {
     let opened = yaml.replace("egress: closed", "egress: open");
     assert_ne!(yaml, opened);
     std::fs::write(full.join("lever.yaml"), opened).unwrap();
-    let out = lever(&["validate"], &full, &dir.join("home"));
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let warnings: Vec<_> = problems(&out.stderr, "lever.yaml")
-        .into_iter()
-        .filter(|p| p.warning)
-        .collect();
+    let (out, warnings) = validate_warnings(&full, &home);
     assert_eq!(warnings.len(), 1, "{}", out.stderr);
     assert_eq!(warnings[0].path, "manager.allow_ports[1]");
     assert!(warnings[0].message.contains("bypassing the broker"));

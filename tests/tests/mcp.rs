@@ -800,12 +800,7 @@ fn tools_list_leaves_out_what_an_attenuated_token_cannot_call() {
         ..
     } = everything("stdio");
     // The holder narrows its own token offline to one operation.
-    let narrowed = lever_policy::token::attenuate(
-        &token,
-        "check if req(\"everything\", \"echo\");",
-        std::collections::HashMap::new(),
-    )
-    .unwrap();
+    let narrowed = echo_only(&token);
     let raw = RawMcp::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
     raw.wait_ready(&sid, "everything_echo", json!({"message": "hi"}));
@@ -855,12 +850,7 @@ fn listing_with_an_attenuated_token_counts_against_the_tool_rate() {
         token,
         ..
     } = env(EVERYTHING_AGENTS, &extra, everything_grants());
-    let narrowed = lever_policy::token::attenuate(
-        &token,
-        "check if req(\"everything\", \"echo\");",
-        std::collections::HashMap::new(),
-    )
-    .unwrap();
+    let narrowed = echo_only(&token);
     let raw = RawMcp::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
     let list = |t: &str| {
@@ -885,4 +875,14 @@ fn listing_with_an_attenuated_token_counts_against_the_tool_rate() {
             .unwrap()
             >= 1
     );
+}
+
+/// `token` narrowed by its holder, offline, to `everything/echo`.
+fn echo_only(token: &str) -> String {
+    lever_policy::token::attenuate(
+        token,
+        "check if req(\"everything\", \"echo\");",
+        std::collections::HashMap::new(),
+    )
+    .unwrap()
 }
