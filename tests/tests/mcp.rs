@@ -854,17 +854,25 @@ fn listing_with_an_attenuated_token_counts_against_the_tool_rate() {
     let raw = RawMcp::new(&b, &manager, &token);
     let (sid, _) = raw.initialize("2025-11-25");
     let list = |t: &str| {
-        RawMcp::new(&b, &manager, t)
-            .post(
-                Some(&sid),
-                json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
-            )
-            .json()
+        RawMcp::new(&b, &manager, t).post(
+            Some(&sid),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
     };
     for _ in 0..5 {
-        assert!(list(&token)["result"].is_object());
+        assert!(list(&token).json()["result"].is_object());
     }
-    let answers: Vec<Value> = (0..3).map(|_| list(&narrowed)).collect();
+    let replies: Vec<_> = (0..3).map(|_| list(&narrowed)).collect();
+    // The wait is also in a `retry-after` header, as on the other routes.
+    let wait = replies[2]
+        .headers
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap());
+    assert!(
+        wait.is_some_and(|w| w.parse::<u64>().unwrap() >= 1),
+        "{wait:?}"
+    );
+    let answers: Vec<Value> = replies.iter().map(|r| r.json()).collect();
     assert!(answers[0]["result"].is_object(), "{}", answers[0]);
     assert!(answers[1]["result"].is_object(), "{}", answers[1]);
     assert_eq!(answers[2]["error"]["code"], -32002, "{}", answers[2]);

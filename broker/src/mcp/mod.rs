@@ -381,20 +381,7 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
         "ping" => Ok(rpc_result(&id, json!({}))),
         "tools/list" => Ok(match list(ctx, &peer, &token, &verified) {
             Ok(tools) => rpc_result(&id, json!({ "tools": tools })),
-            Err(e) => rpc_body(
-                StatusCode::OK,
-                &rpc_error(
-                    &id,
-                    code::RATE_LIMITED,
-                    &e.to_string(),
-                    Some(
-                        json!({"reason": "rate_limited", "retry_after_secs": match &e {
-                            ApiError::RateLimited(_, w) => crate::stack::retry_secs(*w),
-                            _ => 1,
-                        }}),
-                    ),
-                ),
-            ),
+            Err(e) => rate_limited(&id, &e),
         }),
         "tools/call" => Ok(call(ctx, &peer, &token, &verified, &sid, &id, &params).await),
         other => Ok(rpc_body(
@@ -407,6 +394,28 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
             ),
         )),
     }
+}
+
+/// A JSON-RPC answer to a message over the caller's tool rate: the wait in
+/// its `data`, and in a `retry-after` header as on every other route's
+/// rate limit.
+fn rate_limited(id: &Value, e: &ApiError) -> Response<Body> {
+    let wait = match e {
+        ApiError::RateLimited(_, w) => crate::stack::retry_secs(*w),
+        _ => 1,
+    };
+    let mut r = rpc_body(
+        StatusCode::OK,
+        &rpc_error(
+            id,
+            code::RATE_LIMITED,
+            &e.to_string(),
+            Some(json!({"reason": "rate_limited", "retry_after_secs": wait})),
+        ),
+    );
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(wait));
+    r
 }
 
 /// The tools `verified` allows, as their backends describe them, named
@@ -646,16 +655,7 @@ async fn call(
                 .audit
                 .log(base(Record::new("tool").deny(e.code())))
                 .await;
-            let wait = match &e {
-                ApiError::RateLimited(_, w) => crate::stack::retry_secs(*w),
-                _ => 1,
-            };
-            return reply(rpc_error(
-                id,
-                code::RATE_LIMITED,
-                &e.to_string(),
-                Some(json!({"reason": "rate_limited", "retry_after_secs": wait})),
-            ));
+            return rate_limited(id, &e);
         }
     };
     let Some(backend) = broker.tools.get(tool) else {
