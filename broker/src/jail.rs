@@ -538,13 +538,8 @@ struct ProvisionBody {
 }
 
 async fn provision(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let me = peer(ctx)?.to_owned();
+    let me = manager_only(ctx, "provision agents")?;
     let config = &ctx.broker.config;
-    if me != config.broker.manager_identity.as_str() {
-        return Err(ApiError::Forbidden(
-            "only the manager may provision agents".into(),
-        ));
-    }
     let body: ProvisionBody = read_json(ctx, req, SMALL_BODY).await?;
     if config.grove(&body.agent).is_none() {
         return Err(ApiError::UnknownAgent(body.agent));

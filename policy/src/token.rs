@@ -385,20 +385,16 @@ pub fn mint(root: &RootKey, m: &Mint<'_>) -> Result<Minted, TokenError> {
 }
 
 /// Whether `token` has the shape of a capability token: within the caps,
-/// base64url, and parsing as a Biscuit. Nothing is verified: this only
-/// tells a token from some other credential (a placeholder API key).
+/// base64url, and parsing as a Biscuit ([`parse`], as [`verify`] does).
+/// Nothing is verified: this only tells a token from some other
+/// credential (a placeholder API key).
 pub fn parses(token: &str) -> bool {
-    token.len() <= MAX_TOKEN_CHARS
-        && !token.is_empty()
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
-        && UnverifiedBiscuit::from_base64(token).is_ok_and(|u| u.block_count() <= MAX_BLOCKS)
+    parse(token).is_ok()
 }
 
-/// Parses and verifies a token: size and block caps first, then the
-/// signature chain, then the authority facts. No request is judged here.
-pub fn verify(root: &PublicKey, token: &str) -> Result<Verified, Denial> {
+/// A token's caps and parse, before any key is used: its size, its
+/// alphabet, its Biscuit form, its block count.
+fn parse(token: &str) -> Result<UnverifiedBiscuit, Denial> {
     if token.len() > MAX_TOKEN_CHARS {
         return Err(Denial::TooLarge);
     }
@@ -413,6 +409,14 @@ pub fn verify(root: &PublicKey, token: &str) -> Result<Verified, Denial> {
     if unverified.block_count() > MAX_BLOCKS {
         return Err(Denial::TooManyBlocks);
     }
+    Ok(unverified)
+}
+
+/// Parses and verifies a token: size and block caps first ([`parse`]),
+/// then the signature chain, then the authority facts. No request is
+/// judged here.
+pub fn verify(root: &PublicKey, token: &str) -> Result<Verified, Denial> {
+    let unverified = parse(token)?;
     let biscuit = unverified.verify(*root).map_err(|_| Denial::BadSignature)?;
     let block_ids: Vec<TokenId> = biscuit
         .revocation_identifiers()

@@ -1103,20 +1103,31 @@ mod tests {
     const ORB_V6: &str =
         "fd07:b51a:cc66:f0::fe STREAM host.orb.internal\nfd07:b51a:cc66:f0::fe DGRAM  \n";
 
-    #[test]
-    fn orbstack_bring_up_runs_these_commands() {
-        let dir = tmp("orb");
+    /// `apply` of an OrbStack instance in a fresh dir tagged `tag`, the
+    /// machine's `getent` answering `v4` and `v6`.
+    fn orb_apply(
+        tag: &str,
+        v4: &'static str,
+        v6: &'static str,
+    ) -> (Result<Summary, String>, Orb, Config) {
+        let dir = tmp(tag);
         let mut c = config(&dir);
         c.backend = Backend::Orbstack;
-        let mut r = Orb::new(ORB_V4, ORB_V6);
+        let mut r = Orb::new(v4, v6);
         let s = apply(
             &c,
             &dir.join("unused.yaml"),
             lima::Host::Linux,
             &mut r,
             &mut |_| {},
-        )
-        .unwrap();
+        );
+        (s, r, c)
+    }
+
+    #[test]
+    fn orbstack_bring_up_runs_these_commands() {
+        let (s, mut r, c) = orb_apply("orb", ORB_V4, ORB_V6);
+        let s = s.unwrap();
         // The host alias is resolved in the machine and the rules loaded,
         // as on Lima: open rules first, the seal last.
         assert_eq!(
@@ -1195,20 +1206,10 @@ mod tests {
 
     #[test]
     fn an_orbstack_host_alias_that_does_not_resolve_stops_bring_up() {
-        let dir = tmp("orb-unresolved");
-        let mut c = config(&dir);
-        c.backend = Backend::Orbstack;
         // getent finds nothing (or only what is never the host).
         for v4 in ["", "127.0.0.1 STREAM host.orb.internal\n"] {
-            let mut r = Orb::new(v4, ORB_V6);
-            let e = apply(
-                &c,
-                &dir.join("unused.yaml"),
-                lima::Host::Linux,
-                &mut r,
-                &mut |_| {},
-            )
-            .unwrap_err();
+            let (s, r, _) = orb_apply("orb-unresolved", v4, ORB_V6);
+            let e = s.unwrap_err();
             assert!(
                 e.contains("getent ahostsv4 host.orb.internal.") && e.contains("bring-up stops"),
                 "{e}"
@@ -1225,19 +1226,13 @@ mod tests {
 
     #[test]
     fn an_ipv4_mapped_answer_is_no_ipv6_host_alias() {
-        let dir = tmp("orb-mapped");
-        let mut c = config(&dir);
-        c.backend = Backend::Orbstack;
         // What `getent ahostsv6` prints for a name with no IPv6 address.
-        let mut r = Orb::new(ORB_V4, "::ffff:0.250.250.254 STREAM host.orb.internal\n");
-        apply(
-            &c,
-            &dir.join("unused.yaml"),
-            lima::Host::Linux,
-            &mut r,
-            &mut |_| {},
-        )
-        .unwrap();
+        let (s, r, _) = orb_apply(
+            "orb-mapped",
+            ORB_V4,
+            "::ffff:0.250.250.254 STREAM host.orb.internal\n",
+        );
+        s.unwrap();
         assert!(r.loads[0].contains("-d 0.250.250.254/32"));
         // IPv6: no host rule at all (ULA and link-local still refused).
         assert!(!r.loads[1].contains("ffff"), "{}", r.loads[1]);
