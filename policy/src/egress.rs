@@ -21,7 +21,8 @@
 //!    LAN ranges because a host alias may live inside one (Lima's
 //!    `host.lima.internal` is 192.168.5.2);
 //! 5. (`open`) DNS (UDP and TCP 53) to the backend's resolvers;
-//! 6. (`open`) LAN, link-local, CGNAT and ULA ranges refused;
+//! 6. (`open`) LAN, link-local, CGNAT, `0/8`, benchmarking and ULA
+//!    ranges refused;
 //! 7. the verdict: `closed` refuses the rest; `open` has no rule of its own
 //!    here: what is left (the public internet) returns to `OUTPUT`, whose
 //!    policy accepts it unless the system says otherwise.
@@ -41,13 +42,18 @@ use crate::config::Egress;
 pub const CHAIN: &str = "LEVER-EGRESS";
 
 /// IPv4 ranges an open jail may not reach: private LANs, link-local
-/// (cloud metadata endpoints live there), carrier-grade NAT.
+/// (cloud metadata endpoints live there), carrier-grade NAT, "this
+/// network" (`0/8`: OrbStack's host services answer there, and Linux
+/// routes it like any other), and the benchmarking range (`198.18/15`:
+/// OrbStack's network of machines and containers).
 pub const V4_REFUSED: &[&str] = &[
     "10.0.0.0/8",
     "172.16.0.0/12",
     "192.168.0.0/16",
     "169.254.0.0/16",
     "100.64.0.0/10",
+    "0.0.0.0/8",
+    "198.18.0.0/15",
 ];
 
 /// IPv6 ranges an open jail may not reach: link-local and unique local.
@@ -250,7 +256,7 @@ mod tests {
         assert!(accept < host_reject && host_reject < lan, "{r:#?}");
         assert_eq!(
             r.last().unwrap(),
-            "-d 100.64.0.0/10 -j REJECT --reject-with icmp-port-unreachable"
+            "-d 198.18.0.0/15 -j REJECT --reject-with icmp-port-unreachable"
         );
         // The jail port is listed once even when allow_ports repeats it.
         assert_eq!(r.iter().filter(|l| l.contains("--dport 8443")).count(), 1);

@@ -24,8 +24,8 @@ order: loopback (closed); replies on established connections; IPv6
 neighbour discovery; the host alias on the broker's jail port. Then with
 `egress: open`: the host alias on each allow_ports entry, every other
 host-alias port refused (the admin port above all), DNS to --dns allowed,
-the LAN, link-local, CGNAT and ULA ranges refused, and the rest (the public
-internet) left to OUTPUT's policy; with `egress: closed`: everything else
+the LAN, link-local, CGNAT, 0/8, benchmarking (198.18/15) and ULA ranges
+refused, and the rest (the public internet) left to OUTPUT's policy; with `egress: closed`: everything else
 refused, allow_ports included (closed is the broker port only). Refused
 means REJECT, so an agent fails at once instead of hanging.
 

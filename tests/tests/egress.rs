@@ -195,7 +195,7 @@ fn build() -> Net {
     addr(&host, "vh", "fd00:5::2/64");
     // The resolver, and a second host alias outside every refused range.
     addr4(&host, "lo", "192.168.5.3/32");
-    addr4(&host, "lo", "198.18.0.1/32");
+    addr4(&host, "lo", "192.0.2.1/32");
     addr(&host, "lo", "2001:db8:5::2/128");
     // host <-> lan: one address in each refused range.
     veth(&host, "hl", &lan, "lh");
@@ -208,6 +208,8 @@ fn build() -> Net {
         "192.168.77.2/32",
         "169.254.9.2/32",
         "100.64.9.2/32",
+        "0.250.250.9/32",
+        "198.19.249.2/32",
     ] {
         addr4(&lan, "lh", a);
         route(&host, &["route", "add", a, "via", "10.9.0.2"]);
@@ -350,7 +352,7 @@ impl Alias {
     fn v4(self) -> &'static str {
         match self {
             Alias::InLan => "192.168.5.2",
-            Alias::Outside => "198.18.0.1",
+            Alias::Outside => "192.0.2.1",
         }
     }
     fn v6(self) -> &'static str {
@@ -391,6 +393,8 @@ fn matrix(net: &Net, family: Family, alias: Alias, open: bool) -> Vec<(String, P
                 "192.168.77.2",
                 "169.254.9.2",
                 "100.64.9.2",
+                "0.250.250.9",
+                "198.19.249.2",
             ] {
                 cell(&format!("lan {lan}"), Probe::Out(sa(lan, 80)), false);
             }
