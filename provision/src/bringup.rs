@@ -214,7 +214,22 @@ struct Machine {
     exec: Vec<String>,
     host_alias: HostAlias,
     host_alias_name: &'static str,
-    dns: Option<&'static str>,
+    /// The backend's DNS resolvers, which an open jail may query.
+    dns: &'static [&'static str],
+}
+
+/// The DNS resolvers an open jail on `backend` may query: what the
+/// backend's network answers DNS on.
+pub(crate) fn resolvers(backend: Backend) -> &'static [&'static str] {
+    match backend {
+        Backend::Lima => &["192.168.5.3"],
+        // OrbStack's resolver: 0.250.250.200 in 2.x, 198.19.248.200 in
+        // 1.x. Both lie in ranges an open jail is refused (0/8, 198.18/15).
+        Backend::Orbstack => &["0.250.250.200", "198.19.248.200"],
+        // QEMU's user-mode network.
+        Backend::Qemu => &["10.0.2.3"],
+        _ => &[],
+    }
 }
 
 fn machine(config: &Config) -> Result<Machine, String> {
@@ -236,7 +251,7 @@ fn machine_named(config: &Config, name: &str) -> Result<Machine, String> {
             name,
             host_alias: HostAlias::Fixed("192.168.5.2"),
             host_alias_name: "host.lima.internal",
-            dns: Some("192.168.5.3"),
+            dns: resolvers(Backend::Lima),
         }),
         Backend::Orbstack => Ok(Machine {
             exec: vec![
@@ -249,7 +264,7 @@ fn machine_named(config: &Config, name: &str) -> Result<Machine, String> {
             name,
             host_alias: HostAlias::Resolved,
             host_alias_name: "host.orb.internal",
-            dns: None,
+            dns: resolvers(Backend::Orbstack),
         }),
         Backend::Qemu => Err(
             "the qemu backend is brought up with `lever qemu` in this build (see `lever plan`)"
@@ -1181,6 +1196,14 @@ mod tests {
             ) && v4_open.contains("-A LEVER-EGRESS -d 0.250.250.254/32 -j REJECT"),
             "{v4_open}"
         );
+        // OrbStack's resolvers answer from ranges an open jail is refused:
+        // DNS to them is let through before those ranges are.
+        let at = |l: &str| v4_open.find(l).unwrap_or_else(|| panic!("{l}: {v4_open}"));
+        for d in ["0.250.250.200", "198.19.248.200"] {
+            let dns = at(&format!("-d {d}/32 -p udp -m udp --dport 53 -j ACCEPT"));
+            assert!(dns < at("-d 0.0.0.0/8 -j REJECT"), "{v4_open}");
+            assert!(dns < at("-d 198.18.0.0/15 -j REJECT"), "{v4_open}");
+        }
         assert!(
             v6_open.contains("-d fd07:b51a:cc66:f0::fe/128 -j REJECT"),
             "{v6_open}"

@@ -138,11 +138,15 @@ fn plan(config: &Config, file: &Path) -> Vec<Step> {
             vec!["enforced by QEMU itself (restrict=on): no guest rules needed".to_owned()]
         }
         (backend, _) => {
-            let (v4, v6, dns) = match backend {
-                Backend::Lima => ("192.168.5.2", "", " --dns 192.168.5.3"),
-                Backend::Qemu => (qemu::BROKER_ALIAS, "", " --dns 10.0.2.3"),
-                _ => ("$HOST_V4", " --host-alias $HOST_V6", ""),
+            let (v4, v6) = match backend {
+                Backend::Lima => ("192.168.5.2", ""),
+                Backend::Qemu => (qemu::BROKER_ALIAS, ""),
+                _ => ("$HOST_V4", " --host-alias $HOST_V6"),
             };
+            let dns: String = crate::bringup::resolvers(backend)
+                .iter()
+                .map(|d| format!(" --dns {d}"))
+                .collect();
             let mut lines = Vec::new();
             if backend == Backend::Orbstack {
                 lines.push(format!(
@@ -562,7 +566,7 @@ mod tests {
         assert!(!egress.iter().any(|l| l.contains("not run")), "{egress:?}");
         assert!(
             egress.iter().any(|l| l.contains(
-                "--host-alias $HOST_V4 --host-alias $HOST_V6 --ipv6 | grep -v '^-A OUTPUT ' | orb -m lever-demo -u root ip6tables-restore -w --noflush"
+                "--host-alias $HOST_V4 --host-alias $HOST_V6 --dns 0.250.250.200 --dns 198.19.248.200 --ipv6 | grep -v '^-A OUTPUT ' | orb -m lever-demo -u root ip6tables-restore -w --noflush"
             )),
             "{egress:?}"
         );
