@@ -891,14 +891,97 @@ const CASES: &[Case] = &[
         message: "inside the tree",
     },
     Case {
-        name: "scion source symlinked out of the root",
-        yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {source: src}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
+        name: "scion source through a symlink in the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nscion: {source: ~/src}\nmanager: {image: img/x:1}\nbroker: {api_key_file: key}\n",
         setup: |d| {
-            d.symlink("/usr", "src");
+            d.mkdir("scion");
+            d.symlink("../scion", "ws/src");
+            d.symlink("../ws/src", "home/src");
         },
         line: 4,
         path: "scion.source",
-        message: "outside the instance root",
+        message: "passes through",
+    },
+    // A path that passes through the tree is the agents' to repoint, even
+    // when it resolves outside it today.
+    Case {
+        name: "api key through a symlink in the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: ws/k}\n",
+        setup: |d| {
+            d.symlink("../key", "ws/k");
+        },
+        line: 5,
+        path: "broker.api_key_file",
+        message: "passes through",
+    },
+    Case {
+        name: "upstream CA through a symlinked directory in the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, upstream_ca_file: ws/certs/ca.pem}\n",
+        setup: |d| {
+            d.mkdir("certs");
+            d.write("certs/ca.pem", "-----BEGIN CERTIFICATE-----\n", 0o644);
+            d.symlink("../certs", "ws/certs");
+        },
+        line: 5,
+        path: "broker.upstream_ca_file",
+        message: "passes through",
+    },
+    Case {
+        name: "audit file through a symlink in the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, telemetry: {audit_file: ws/l/audit.jsonl}}\n",
+        setup: |d| {
+            d.mkdir("logs");
+            d.symlink("../logs", "ws/l");
+        },
+        line: 5,
+        path: "broker.telemetry.audit_file",
+        message: "passes through",
+    },
+    Case {
+        name: "state dir through a symlink in the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, state_dir: ~/t/st}\n",
+        setup: |d| {
+            d.mkdir("st");
+            std::fs::set_permissions(d.join("st"), std::fs::Permissions::from_mode(0o700)).unwrap();
+            d.symlink("../st", "ws/st");
+            d.symlink("../ws", "home/t");
+        },
+        line: 5,
+        path: "broker.state_dir",
+        message: "passes through",
+    },
+    Case {
+        name: "prompt file through a symlink in the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1, prompt_file: ws/p.md}\nbroker: {api_key_file: key}\n",
+        setup: |d| {
+            d.write("prompt.md", "hello\n", 0o644);
+            d.symlink("../prompt.md", "ws/p.md");
+        },
+        line: 4,
+        path: "manager.prompt_file",
+        message: "passes through",
+    },
+    Case {
+        name: "tool program in the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools: [{name: db, command: [ws/bin/tool], backend: '127.0.0.1:3201', operations: [{name: read}]}]\n",
+        setup: |d| {
+            d.mkdir("ws/bin");
+            d.write("ws/bin/tool", "#!/bin/sh\n", 0o755);
+        },
+        line: 7,
+        path: "broker.tools[0].command[0]",
+        message: "inside the tree",
+    },
+    Case {
+        name: "tool program through a symlink in the tree",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  tools: [{name: db, command: [./ws/t], backend: '127.0.0.1:3201', operations: [{name: read}]}]\n",
+        setup: |d| {
+            d.write("tool", "#!/bin/sh\n", 0o755);
+            d.symlink("../tool", "ws/t");
+        },
+        line: 7,
+        path: "broker.tools[0].command[0]",
+        message: "passes through",
     },
     Case {
         name: "state dir inside the tree",
@@ -1299,4 +1382,32 @@ groves:
     ];
     let got_ref: Vec<(u32, &str)> = got.iter().map(|(l, p)| (*l, p.as_str())).collect();
     assert_eq!(got_ref, want, "\n{}", out.stderr);
+}
+
+#[test]
+fn a_scion_source_may_live_anywhere_outside_the_tree() {
+    // DESIGN §3: relative paths resolve against the config's directory and
+    // `~/` is expanded; only the tree (the agents') is out of bounds.
+    let dir = TempDir::new("scion-src");
+    prepare(&dir);
+    dir.mkdir("home/src/scion");
+    dir.mkdir("scion");
+    let abs = dir.join("scion");
+    for src in [
+        "~/src/scion".to_owned(),
+        abs.display().to_string(),
+        "scion".to_owned(),
+    ] {
+        let yaml = BASE.replace(
+            "tree: ws\n",
+            &format!("tree: ws\nscion: {{source: '{src}'}}\n"),
+        );
+        dir.write("lever.yaml", &yaml, 0o644);
+        let out = lever(
+            &["validate", "-c", "lever.yaml"],
+            dir.path(),
+            &dir.join("home"),
+        );
+        assert_eq!(out.code, 0, "{src}: {}", out.stderr);
+    }
 }

@@ -72,7 +72,7 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Sink<'_>, inp: &Inputs<'_>) -> Opti
             .ok(),
         None => Name::parse(DEFAULT_MANAGER_IDENTITY).ok(),
     };
-    let (tools, declared) = build_tools(cx, b.tools.take().unwrap_or_default());
+    let (tools, declared) = build_tools(cx, inp, tree_real, b.tools.take().unwrap_or_default());
 
     let raw_manager = raw.manager.unwrap_or_else(|| {
         cx.missing(
@@ -349,14 +349,19 @@ fn confined_outside_tree(
         );
         return None;
     }
+    if !not_through_tree(cx, tree, path, &inp.root.join(&rel)) {
+        return None;
+    }
     Some(real)
 }
 
+/// `real` (the path `given` resolves to) must lie outside the tree, and
+/// `given` must not pass through it on the way.
 fn outside_tree(
     cx: &mut Sink<'_>,
     tree: Option<&Path>,
     path: &str,
-    real: &Path,
+    (given, real): (&Path, &Path),
     why: &str,
 ) -> bool {
     if tree.is_some_and(|t| fs::within(real, t)) {
@@ -366,7 +371,24 @@ fn outside_tree(
         );
         return false;
     }
-    true
+    not_through_tree(cx, tree, path, given)
+}
+
+fn not_through_tree(cx: &mut Sink<'_>, tree: Option<&Path>, path: &str, given: &Path) -> bool {
+    match tree.and_then(|t| fs::through_tree(given, t)) {
+        Some(d) => {
+            cx.error(
+                path,
+                format!(
+                    "{} passes through {}, which is in the tree: agents could repoint it (a symlink of theirs) before the config is next loaded",
+                    given.display(),
+                    d.display()
+                ),
+            );
+            false
+        }
+        None => true,
+    }
 }
 
 fn check_prompt_file(
@@ -410,7 +432,13 @@ fn check_secret(
             return None;
         }
     };
-    if !outside_tree(cx, tree, path, &real, "every agent could read the secret") {
+    if !outside_tree(
+        cx,
+        tree,
+        path,
+        (&p, &real),
+        "every agent could read the secret",
+    ) {
         return None;
     }
     match fs::secret_file(&p, inp.env) {
@@ -482,7 +510,22 @@ fn build_scion(
             }
         },
         (None, Some(src)) => {
-            let real = confined_outside_tree(cx, inp, tree, "scion.source", &src)?;
+            // Anywhere on the host (`~/`, absolute, or relative to the
+            // root), but never through the tree: it is built on the host.
+            let path = "scion.source";
+            let (given, real) = fs::resolve(&src, inp.root, inp.env)
+                .and_then(|given| fs::real_path(&given).map(|real| (given, real)))
+                .map_err(|e| cx.error(path, e))
+                .ok()?;
+            if !outside_tree(
+                cx,
+                tree,
+                path,
+                (&given, &real),
+                "agents could change the Scion built on the host for the jail",
+            ) {
+                return None;
+            }
             match std::fs::metadata(&real) {
                 Ok(md) if md.is_dir() => Some(Scion::Source(real)),
                 Ok(_) => {
@@ -768,7 +811,12 @@ fn build_agent(
     })
 }
 
-fn build_tools(cx: &mut Sink<'_>, raw: Vec<RawTool>) -> (Vec<Tool>, Vec<Declared>) {
+fn build_tools(
+    cx: &mut Sink<'_>,
+    inp: &Inputs<'_>,
+    tree: Option<&Path>,
+    raw: Vec<RawTool>,
+) -> (Vec<Tool>, Vec<Declared>) {
     let mut declared: Vec<Declared> = Vec::new();
     if raw.len() > MAX_TOOLS {
         cx.error("broker.tools", format!("at most {MAX_TOOLS} tools"));
@@ -811,6 +859,23 @@ fn build_tools(cx: &mut Sink<'_>, raw: Vec<RawTool>) -> (Vec<Tool>, Vec<Declared
                         );
                         ok = false;
                     }
+                }
+                // A program named by path runs on the host, from the
+                // instance root: never one the agents can rewrite.
+                if ok && c[0].contains('/') {
+                    let p = &cx.item(&cmd_path, 0);
+                    ok = fs::resolve(&c[0], inp.root, inp.env)
+                        .and_then(|given| fs::real_path(&given).map(|real| (given, real)))
+                        .map_err(|e| cx.error(p, e))
+                        .is_ok_and(|(given, real)| {
+                            outside_tree(
+                                cx,
+                                tree,
+                                p,
+                                (&given, &real),
+                                "agents could replace the program the broker runs on the host",
+                            )
+                        });
                 }
                 ok.then_some(c)
             }
@@ -1092,7 +1157,7 @@ fn build_broker(
             cx,
             tree,
             path,
-            &real,
+            (&p, &real),
             "an agent could plant a CA and read the upstream traffic",
         ) {
             return None;
@@ -1197,7 +1262,7 @@ fn build_broker(
         let raw = b.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR);
         let resolved = if raw.starts_with('~') || Path::new(raw).is_absolute() {
             fs::resolve(raw, inp.root, inp.env)
-                .and_then(|p| fs::real_path(&p))
+                .and_then(|p| fs::real_path(&p).map(|real| (p, real)))
                 .map_err(|e| cx.error(path, e))
                 .ok()
         } else {
@@ -1206,18 +1271,18 @@ fn build_broker(
                     if rel.as_os_str().is_empty() {
                         Err("must not be the instance root itself".to_owned())
                     } else {
-                        fs::confined_real(inp.root, &rel)
+                        fs::confined_real(inp.root, &rel).map(|real| (inp.root.join(rel), real))
                     }
                 })
                 .map_err(|e| cx.error(path, e))
                 .ok()
         };
-        resolved.and_then(|real| {
+        resolved.and_then(|(given, real)| {
             if !outside_tree(
                 cx,
                 tree,
                 path,
-                &real,
+                (&given, &real),
                 "agents could read the CA key and forge identities",
             ) {
                 return None;
@@ -1296,12 +1361,19 @@ fn build_broker(
         Some(raw) => {
             let path = "broker.telemetry.audit_file";
             fs::resolve(raw, inp.root, inp.env)
-                .and_then(|p| fs::real_path(&p))
+                .and_then(|p| fs::real_path(&p).map(|real| (p, real)))
                 .map_err(|e| cx.error(path, e))
                 .ok()
-                .filter(|real| {
-                    outside_tree(cx, tree, path, real, "agents could rewrite the audit trail")
+                .filter(|(given, real)| {
+                    outside_tree(
+                        cx,
+                        tree,
+                        path,
+                        (given, real),
+                        "agents could rewrite the audit trail",
+                    )
                 })
+                .map(|(_, real)| real)
         }
     };
 

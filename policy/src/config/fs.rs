@@ -132,6 +132,58 @@ pub fn within(inner: &Path, outer: &Path) -> bool {
     inner.starts_with(outer)
 }
 
+/// The first place in `tree` (a real path) that resolving `p` passes
+/// through: a directory on the way, a symlink on the way, or a hop of a
+/// symlink's target. A path that passes through the tree is the agents' to
+/// redirect (they can plant or repoint a symlink there before the config is
+/// next loaded), whatever it resolves to today. `p` is followed one
+/// component and one symlink at a time, as the kernel does.
+pub fn through_tree(p: &Path, tree: &Path) -> Option<PathBuf> {
+    use std::ffi::OsString;
+    // What is left to walk, last component first.
+    let mut todo: Vec<OsString> = Vec::new();
+    let push = |todo: &mut Vec<OsString>, p: &Path| {
+        for c in p.components().rev() {
+            match c {
+                Component::Normal(n) => todo.push(n.to_owned()),
+                Component::ParentDir => todo.push("..".into()),
+                _ => {}
+            }
+        }
+    };
+    // `cur` is free of symlinks: each of its components was checked.
+    let mut cur = if p.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir().ok()?
+    };
+    push(&mut todo, p);
+    let mut hops = 0;
+    while let Some(name) = todo.pop() {
+        if name == ".." {
+            cur.pop();
+            continue;
+        }
+        let next = cur.join(&name);
+        if within(&next, tree) {
+            return Some(next);
+        }
+        match std::fs::symlink_metadata(&next) {
+            Ok(md) if md.file_type().is_symlink() => {
+                hops += 1;
+                // A loop: resolving fails elsewhere with its own error.
+                let target = std::fs::read_link(&next).ok().filter(|_| hops <= 40)?;
+                if target.is_absolute() {
+                    cur = PathBuf::from("/");
+                }
+                push(&mut todo, &target);
+            }
+            _ => cur = next,
+        }
+    }
+    None
+}
+
 /// `root.join(rel)` followed through symlinks must stay strictly inside
 /// `root_real`. Returns the real path.
 pub fn confined_real(root_real: &Path, rel: &Path) -> Result<PathBuf, String> {
