@@ -47,6 +47,15 @@ is printed as JSON; state changes are durable when the command returns.";
 
 /// Where the admin API is: `--admin`, `$LEVER_ADMIN_URL`, `-c FILE`,
 /// `./lever.yaml` if the current directory holds one, the default port.
+/// `--admin`: checked by clap, so a bad URL is a usage error (exit 2).
+pub(crate) fn admin_arg(s: &str) -> Result<String, String> {
+    match Target::parse(s) {
+        Ok(t) if !t.https => Ok(s.to_owned()),
+        Ok(_) => Err("the admin API is plain HTTP on loopback: use an http:// URL".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn admin_url(
     admin: Option<String>,
     env: Option<String>,

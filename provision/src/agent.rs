@@ -18,7 +18,7 @@ pub(crate) enum AgentCommand {
     /// certificate (key and certificate 0600 in --dir)
     Enrol {
         /// The broker's jail URL, e.g. https://host.orb.internal:8443
-        #[arg(long)]
+        #[arg(long, value_parser = https_url)]
         broker: String,
         /// The ticket (`-` reads it from stdin; or set $LEVER_TICKET)
         #[arg(long, env = "LEVER_TICKET", hide_env_values = true)]
@@ -33,14 +33,14 @@ pub(crate) enum AgentCommand {
     /// broker (point ANTHROPIC_BASE_URL at http://127.0.0.1:8462/llm)
     Gateway {
         /// Where to listen (loopback only)
-        #[arg(long, default_value = "127.0.0.1:8462")]
+        #[arg(long, default_value = "127.0.0.1:8462", value_parser = loopback_listen)]
         listen: std::net::SocketAddr,
     },
     /// Obtain a capability token and print it (usable as Claude Code's apiKeyHelper)
     Token {
         /// A grant: TOOL/OP, or TOOL/OP:KEY=VALUE,KEY=VALUE (repeatable;
         /// default llm/generate)
-        #[arg(long = "grant", value_name = "TOOL/OP[:K=V,...]")]
+        #[arg(long = "grant", value_name = "TOOL/OP[:K=V,...]", value_parser = grant_arg)]
         grants: Vec<String>,
         /// Print the whole JSON answer (token, token_id, epoch, expires_at)
         #[arg(long)]
@@ -227,6 +227,28 @@ async fn renew(dir: &Path) -> ExitCode {
         )),
         Err(e) => fail(&e.to_string()),
     }
+}
+
+// Argument checks clap runs, so a bad value is a usage error (exit 2)
+// before anything is read or sent.
+
+fn https_url(s: &str) -> Result<String, String> {
+    match Target::parse(s) {
+        Ok(t) if t.https => Ok(s.to_owned()),
+        Ok(_) => Err("the broker's jail URL must be https://".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn loopback_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    let a: std::net::SocketAddr = s
+        .parse()
+        .map_err(|e| format!("{e} (IP:PORT, e.g. 127.0.0.1:8462)"))?;
+    lever_broker::gateway::check_listen(a).map(|()| a)
+}
+
+fn grant_arg(s: &str) -> Result<String, String> {
+    parse_grant(s).map(|_| s.to_owned())
 }
 
 /// `TOOL/OP` or `TOOL/OP:K=V,K=V`.

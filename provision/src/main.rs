@@ -98,7 +98,7 @@ enum Command {
     Admin {
         /// The admin API URL (default: $LEVER_ADMIN_URL, else from -c FILE, else from
         /// ./lever.yaml if present, else http://127.0.0.1:8444)
-        #[arg(long, value_name = "URL", global = true)]
+        #[arg(long, value_name = "URL", global = true, value_parser = admin::admin_arg)]
         admin: Option<String>,
         /// Take the admin address from this config file (default: ./lever.yaml if present)
         #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]

@@ -29,6 +29,54 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn bad_argument_values_are_usage_errors_caught_before_any_work() {
+    // Each value is refused by the argument's own check (exit 2, naming
+    // the argument), not after files are read or a connection is tried.
+    let dir = std::env::temp_dir().join(format!("lever-cli-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    for (args, says) in [
+        (
+            &["agent", "--dir", d, "gateway", "--listen", "0.0.0.0:18462"][..],
+            "loopback",
+        ),
+        (
+            &["agent", "--dir", d, "gateway", "--listen", "nonsense"],
+            "IP:PORT",
+        ),
+        (
+            &[
+                "agent",
+                "--dir",
+                d,
+                "enrol",
+                "--broker",
+                "http://127.0.0.1:1",
+                "--ticket",
+                "t",
+                "--ca",
+                "ca.pem",
+            ],
+            "https://",
+        ),
+        (
+            &["agent", "--dir", d, "token", "--grant", "nogrant"],
+            "--grant",
+        ),
+        (
+            &["admin", "--admin", "https://127.0.0.1:1", "epoch"],
+            "http://",
+        ),
+        (&["admin", "--admin", "notaurl", "epoch"], "--admin"),
+    ] {
+        let out = lever(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "lever {args:?}: {err}");
+        assert!(err.contains(says), "lever {args:?}: {err}");
+    }
+    assert!(!dir.exists(), "a refused command created {}", dir.display());
+}
+
+#[test]
 fn every_command_has_help_that_teaches() {
     let out = lever(&["--help"]);
     assert_eq!(out.status.code(), Some(0));

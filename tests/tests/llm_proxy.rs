@@ -612,7 +612,8 @@ fn the_gateway_refuses_non_loopback_binds_and_picks_up_a_renewed_certificate() {
         s.inst.dir.path(),
         s.inst.dir.path(),
     );
-    assert_eq!(out.code, 1);
+    // A usage error (DESIGN §4: exit 2), refused before anything starts.
+    assert_eq!(out.code, 2);
     assert!(
         out.stderr.contains("must listen on loopback"),
         "{}",
