@@ -8,6 +8,13 @@
 //! writer appends each record with one `write` (so `kill -9` loses nothing
 //! that was handed over and written) and fsyncs at least every second.
 //!
+//! A chain alone cannot show that lines were cut from its end. So after
+//! each fsync the writer also records the chain's durable tip (the last
+//! written `seq` and that line's hash) in a file beside the trail
+//! (`audit.jsonl.tip`, replaced atomically). `lever audit verify` and the
+//! broker's start compare the trail with it: a trail that ends before its
+//! tip lost records from its end.
+//!
 //! Schema (every key always present, `null` when it does not apply):
 //! `seq`, `time`, `event`, `request_id`, `identity`, `tool`, `op`,
 //! `constraints`, `decision`, `reason`, `token_id`, `detail`, `prev`.
@@ -28,6 +35,59 @@ use crate::error::StartError;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const CHANNEL: usize = 65_536;
 const FSYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// The file beside an audit trail that records its durable tip.
+pub fn tip_path(audit: &Path) -> PathBuf {
+    let mut name = audit.file_name().unwrap_or_default().to_owned();
+    name.push(".tip");
+    audit.with_file_name(name)
+}
+
+/// The tip recorded beside `audit`: `None` when there is no tip file (a
+/// trail from before tips were kept, or one the operator started over).
+pub fn recorded_tip(audit: &Path) -> Result<Option<(u64, String)>, String> {
+    let path = tip_path(audit);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: not the tip Lever writes ({e})", path.display()))?;
+    match (v["seq"].as_u64(), v["hash"].as_str()) {
+        (Some(seq), Some(hash)) if hash.len() == 64 => Ok(Some((seq, hash.to_owned()))),
+        _ => Err(format!(
+            "{}: not the tip Lever writes (no seq and hash)",
+            path.display()
+        )),
+    }
+}
+
+/// Records `(seq, hash)` as the durable tip of `audit`: written to a
+/// temporary file, synced, and renamed over the tip.
+fn write_tip(audit: &Path, seq: u64, hash: &str) {
+    let path = tip_path(audit);
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            writeln!(f, "{{\"seq\":{seq},\"hash\":\"{hash}\"}}")?;
+            f.sync_data()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = result {
+        eprintln!(
+            "lever broker: cannot record the audit tip in {}: {e}",
+            path.display()
+        );
+    }
+}
 
 /// What happened, as recorded. Build with [`Record::new`] and the setters.
 #[derive(Debug, Clone, Default)]
@@ -163,6 +223,12 @@ impl Audit {
     /// starts the writer thread.
     pub fn open(path: &Path) -> Result<(Audit, std::thread::JoinHandle<()>), StartError> {
         let (seq, tip) = tip(path).map_err(StartError::Audit)?;
+        if let Some(why) = cut_short(path, seq, &tip).map_err(StartError::Audit)? {
+            return Err(StartError::Audit(format!(
+                "{why}; check it with `lever audit verify` (delete {} only if you cut the trail yourself)",
+                tip_path(path).display()
+            )));
+        }
         let file = OpenOptions::new()
             .append(true)
             .create(true)
@@ -277,6 +343,17 @@ fn writer(
     let mut batch = 0usize;
     let mut clock = Clock::default();
     let mut prev_line = String::with_capacity(64);
+    // The last record handed to the file, and the last one recorded as the
+    // durable tip.
+    let mut written = (seq, prev.clone());
+    let mut tipped = seq;
+    let mut sync = |file: &File, written: &(u64, String)| {
+        let _ = file.sync_data();
+        if written.0 != tipped {
+            write_tip(&path, written.0, &written.1);
+            tipped = written.0;
+        }
+    };
     loop {
         let msg = if dirty {
             // Wake up to fsync even when nothing new arrives.
@@ -287,7 +364,7 @@ fn writer(
                     Err(mpsc::error::TryRecvError::Disconnected) => break None,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         if Instant::now() >= deadline {
-                            let _ = file.sync_data();
+                            sync(&file, &written);
                             dirty = false;
                             last_sync = Instant::now();
                             break rx.blocking_recv();
@@ -361,6 +438,8 @@ fn writer(
                 batch += 1;
                 if rx.is_empty() || pending.len() >= BATCH {
                     write_out(&mut file, &mut pending, &path);
+                    written.0 = seq;
+                    written.1.clone_from(&prev);
                     dirty = true;
                     if batch > 1 {
                         // Under load: let the next records gather rather
@@ -370,14 +449,16 @@ fn writer(
                     batch = 0;
                 }
                 if dirty && last_sync.elapsed() >= FSYNC_EVERY {
-                    let _ = file.sync_data();
+                    sync(&file, &written);
                     dirty = false;
                     last_sync = Instant::now();
                 }
             }
             Msg::Flush(done) => {
                 write_out(&mut file, &mut pending, &path);
-                let _ = file.sync_data();
+                written.0 = seq;
+                written.1.clone_from(&prev);
+                sync(&file, &written);
                 dirty = false;
                 last_sync = Instant::now();
                 let _ = done.send(());
@@ -385,7 +466,9 @@ fn writer(
         }
     }
     write_out(&mut file, &mut pending, &path);
-    let _ = file.sync_data();
+    written.0 = seq;
+    written.1.clone_from(&prev);
+    sync(&file, &written);
 }
 
 /// How long the writer lets records gather when they arrive in bursts.
@@ -455,18 +538,41 @@ fn tip(path: &Path) -> Result<(u64, String), String> {
     Ok((seq, sha256_hex(last)))
 }
 
+/// Why a trail whose last record is `(seq, hash)` does not reach the tip
+/// recorded beside it, if it does not.
+fn cut_short(path: &Path, seq: u64, hash: &str) -> Result<Option<String>, String> {
+    Ok(match recorded_tip(path)? {
+        Some((at, _)) if at > seq => Some(format!(
+            "{} ends at seq {seq}, but its tip records that seq {at} was written: records were removed from its end",
+            path.display()
+        )),
+        Some((at, h)) if at == seq && h != hash => Some(format!(
+            "{}: its last record (seq {seq}) is not the one its tip records: the end of the trail was replaced",
+            path.display()
+        )),
+        _ => None,
+    })
+}
+
 /// The result of checking a chain.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Every line links to the one before. `tip` is the last line's hash.
     Intact { records: u64, tip: String },
-    /// The first line (1-based) whose `prev` or shape is wrong, and why.
+    /// The first line (1-based) whose `prev` or shape is wrong, and why;
+    /// the line after the last when records were cut from the end; 0 when
+    /// the recorded tip beside the trail cannot be read.
     Broken { line: u64, why: String },
 }
 
 /// Checks an audit file's hash chain from the first line.
 pub fn verify_file(path: &Path) -> std::io::Result<Verdict> {
     let f = File::open(path)?;
+    let recorded = match recorded_tip(path) {
+        Ok(t) => t,
+        Err(why) => return Ok(Verdict::Broken { line: 0, why }),
+    };
+    let mut last_seq = 0;
     let mut prev = GENESIS.to_owned();
     let mut expected_seq = None;
     let mut n = 0u64;
@@ -520,6 +626,30 @@ pub fn verify_file(path: &Path) -> std::io::Result<Verdict> {
         }
         expected_seq = seq.map(|s| s + 1);
         prev = sha256_hex(line);
+        if let (Some(s), Some((at, h))) = (seq, &recorded)
+            && s == *at
+            && prev != *h
+        {
+            return Ok(Verdict::Broken {
+                line: n,
+                why: format!(
+                    "seq {s} is not the record the tip beside the trail ({}) recorded: the trail was rewritten from here",
+                    tip_path(path).display()
+                ),
+            });
+        }
+        last_seq = seq.unwrap_or(last_seq);
+    }
+    if let Some((at, _)) = recorded
+        && at > last_seq
+    {
+        return Ok(Verdict::Broken {
+            line: n + 1,
+            why: format!(
+                "the trail ends at seq {last_seq}, but the tip beside it ({}) records that seq {at} was written: records were removed from its end",
+                tip_path(path).display()
+            ),
+        });
     }
     Ok(Verdict::Intact {
         records: n,
@@ -545,6 +675,57 @@ mod tests {
                 + Duration::from_millis(ms.into());
             assert_eq!(c.format(t), lever_policy::timefmt::rfc3339_millis(t));
         }
+    }
+
+    #[test]
+    fn a_rewritten_or_shortened_end_is_caught_by_the_recorded_tip() {
+        let dir = std::env::temp_dir().join(format!("lever-audit-tip-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let (audit, handle) = Audit::open(&path).unwrap();
+        for i in 0..3u64 {
+            audit.log_blocking(Record::new("llm").allow().detail("n", i));
+        }
+        drop(audit);
+        handle.join().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last = text.lines().last().unwrap();
+        assert_eq!(
+            recorded_tip(&path).unwrap(),
+            Some((3, sha256_hex(last.as_bytes())))
+        );
+        let tip_mode = std::fs::metadata(tip_path(&path)).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&tip_mode) & 0o777,
+            0o600
+        );
+
+        // The last record replaced by another that still chains: the chain
+        // alone holds, the tip does not.
+        let forged = last.replace(r#""n":2"#, r#""n":7"#);
+        assert_ne!(forged, last);
+        std::fs::write(&path, text.replace(last, &forged)).unwrap();
+        match verify_file(&path).unwrap() {
+            Verdict::Broken { line: 3, why } => assert!(why.contains("rewritten"), "{why}"),
+            v => panic!("{v:?}"),
+        }
+        let e = Audit::open(&path).err().unwrap().to_string();
+        assert!(e.contains("was replaced"), "{e}");
+
+        // Without the tip file, the same trail verifies (nothing to compare).
+        std::fs::remove_file(tip_path(&path)).unwrap();
+        assert!(matches!(
+            verify_file(&path).unwrap(),
+            Verdict::Intact { records: 3, .. }
+        ));
+        // A tip that is not Lever's is reported, not ignored.
+        std::fs::write(tip_path(&path), "garbage").unwrap();
+        assert!(matches!(
+            verify_file(&path).unwrap(),
+            Verdict::Broken { line: 0, .. }
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! ca.key      the CA's private key (PEM)         ca.crt   the CA certificate
 //! root.key    the Biscuit root key (PEM)         state.json  epoch, revocations,
 //! audit.jsonl the audit trail (see audit.rs)                 delegation links, tickets
+//! audit.jsonl.tip  the trail's durable tip: last seq and hash (audit.rs)
 //! ```
 //!
 //! Lever's provisioning may have written its own files there before the
@@ -35,6 +36,10 @@ pub(crate) const CA_CERT: &str = "ca.crt";
 pub(crate) const ROOT_KEY: &str = "root.key";
 pub(crate) const STATE: &str = "state.json";
 pub(crate) const AUDIT: &str = "audit.jsonl";
+/// The audit trail's recorded tip (`audit::tip_path`), and its temporary
+/// file while it is replaced.
+const AUDIT_TIP: &str = "audit.jsonl.tip";
+const AUDIT_TIP_TMP: &str = "audit.jsonl.tip.tmp";
 pub(crate) const LOCK: &str = "lock";
 
 /// What `lever apply`/`up` write in the state dir: the log of the broker
@@ -147,7 +152,9 @@ fn foreign_entry(dir: &Path) -> Result<Option<String>, StartError> {
         let kind = entry.file_type().map_err(|e| io_err(&path, e))?;
         let name = entry.file_name();
         let ours = match name.to_str() {
-            Some(AUDIT | LOCK | BROKER_LOG | QEMU_CONSOLE) => kind.is_file(),
+            Some(AUDIT | AUDIT_TIP | AUDIT_TIP_TMP | LOCK | BROKER_LOG | QEMU_CONSOLE) => {
+                kind.is_file()
+            }
             Some(LIMA_DIR) if kind.is_dir() => {
                 for e in fs::read_dir(&path).map_err(|e| io_err(&path, e))? {
                     let e = e.map_err(|x| io_err(&path, x))?;

@@ -77,6 +77,8 @@ pub(crate) fn run(cmd: AuditCommand, config: Option<PathBuf>) -> ExitCode {
                     ));
                     ExitCode::SUCCESS
                 }
+                // Line 0: the trail's recorded tip, not a line of it.
+                Ok(Verdict::Broken { line: 0, why }) => fail(&why),
                 Ok(Verdict::Broken { line, why }) => {
                     eprintln!("{}:{line}: chain broken: {why}", path.display());
                     ExitCode::FAILURE

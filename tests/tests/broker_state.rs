@@ -369,6 +369,35 @@ fn every_decision_lands_in_a_hash_chained_audit_trail() {
     assert_eq!(bad.code, 1);
     assert!(bad.stderr.contains(":3: chain broken"), "{}", bad.stderr);
 
+    // Cut records off the end, from the revocation (answered only once
+    // durable) on: what is left still chains, but the tip the broker
+    // recorded beside the trail shows the loss, to `verify` and to a
+    // broker starting on it. Emptied, likewise.
+    let tip = inst.state_dir().join("audit.jsonl.tip");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tip).unwrap()).unwrap();
+    let revoke = lines
+        .iter()
+        .position(|v| v["event"] == "revoke")
+        .unwrap();
+    assert!(recorded["seq"].as_u64().unwrap() > revoke as u64, "{recorded}");
+    let kept: Vec<&str> = text.lines().take(revoke).collect();
+    for cut in [kept.join("\n") + "\n", String::new()] {
+        std::fs::write(&audit, &cut).unwrap();
+        let bad = lever(&["audit", "verify", audit_s], home, home);
+        assert_eq!(bad.code, 1, "{}", bad.stdout);
+        assert!(
+            bad.stderr.contains("records were removed from its end"),
+            "{}",
+            bad.stderr
+        );
+        let refused = inst.start_fails();
+        assert!(
+            refused.contains("records were removed from its end"),
+            "{refused}"
+        );
+    }
+
     // Restored, the broker appends to the same chain across restarts.
     std::fs::write(&audit, &text).unwrap();
     let b = inst.start();
