@@ -376,11 +376,11 @@ fn every_decision_lands_in_a_hash_chained_audit_trail() {
     let tip = inst.state_dir().join("audit.jsonl.tip");
     let recorded: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&tip).unwrap()).unwrap();
-    let revoke = lines
-        .iter()
-        .position(|v| v["event"] == "revoke")
-        .unwrap();
-    assert!(recorded["seq"].as_u64().unwrap() > revoke as u64, "{recorded}");
+    let revoke = lines.iter().position(|v| v["event"] == "revoke").unwrap();
+    assert!(
+        recorded["seq"].as_u64().unwrap() > revoke as u64,
+        "{recorded}"
+    );
     let kept: Vec<&str> = text.lines().take(revoke).collect();
     for cut in [kept.join("\n") + "\n", String::new()] {
         std::fs::write(&audit, &cut).unwrap();

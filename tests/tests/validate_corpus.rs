@@ -984,6 +984,15 @@ const CASES: &[Case] = &[
         message: "passes through",
     },
     Case {
+        // One error: no default port stands in for the broken one.
+        name: "jail port of the wrong type beside admin port 8443",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, jail_port: abc, admin_port: 8443}\n",
+        setup: none,
+        line: 5,
+        path: "broker.jail_port",
+        message: "expected an integer",
+    },
+    Case {
         name: "state dir inside the tree",
         yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker: {api_key_file: key, state_dir: ws/.lever}\n",
         setup: none,

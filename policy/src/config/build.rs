@@ -1063,6 +1063,9 @@ fn is_arg_name(s: &str) -> bool {
 
 fn port(cx: &mut Sink<'_>, path: &str, v: Option<i64>, default: u16) -> Option<u16> {
     match v {
+        // A value of the wrong type was reported where it was read: no
+        // default stands in for it (it would only feed false errors).
+        None if cx.is_broken(path) => None,
         None => Some(default),
         Some(p) => match u16::try_from(p) {
             Ok(p) if p > 0 => Some(p),
