@@ -88,6 +88,7 @@ impl ApiError {
                 Denial::TooLarge
                 | Denial::TooManyBlocks
                 | Denial::Malformed
+                | Denial::TooComplex
                 | Denial::BadSignature
                 | Denial::Expired
                 | Denial::Revoked

@@ -467,14 +467,18 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
         }
     };
     // Record the link before answering: revoking the parent must revoke
-    // the child even if the child's own facts were ever not consulted.
+    // the child even if the child's own facts were ever not consulted. Each
+    // block of the parent as held is linked, so revoking any of them
+    // (an attenuated copy's own block, say) lists the child as revoked too.
     let (parent_id, child_id) = (parent.token_id.to_string(), minted.token_id.to_string());
     crate::blocking(|| {
         broker.state.update(|s| {
-            s.children
-                .entry(parent_id.clone())
-                .or_default()
-                .insert(child_id.clone());
+            for id in &parent.block_ids {
+                s.children
+                    .entry(id.to_string())
+                    .or_default()
+                    .insert(child_id.clone());
+            }
             Ok::<_, ApiError>(())
         })
     })?;

@@ -82,7 +82,9 @@ impl std::fmt::Debug for Broker {
 /// every time.
 struct CachedToken {
     verified: Arc<Verified>,
-    decisions: Mutex<HashMap<String, Result<(), Denial>>>,
+    /// Keyed by the SHA-256 of the request (tool, op, arguments): a key
+    /// costs 32 bytes however long the arguments.
+    decisions: Mutex<HashMap<[u8; 32], Result<(), Denial>>>,
 }
 
 /// How the broker starts: the state dir opened (or created), the CA and
@@ -321,11 +323,16 @@ impl Broker {
         let entry = self.standing(token, peer)?;
         let cacheable =
             entry.verified.block_ids.len() == 1 && entry.verified.delegated_by.is_none();
-        // A structured key (JSON of tool, op and the sorted arguments):
-        // distinct requests can never share one.
+        // The digest of a structured encoding (JSON of tool, op and the
+        // sorted arguments): distinct requests never share one.
         let key = cacheable
-            .then(|| serde_json::to_string(&(tool, op, args)).ok())
-            .flatten();
+            .then(|| serde_json::to_vec(&(tool, op, args)).ok())
+            .flatten()
+            .map(|json| {
+                let mut k = [0u8; 32];
+                k.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &json).as_ref());
+                k
+            });
         if let Some(k) = &key
             && let Some(d) = entry.decisions.lock().ok().and_then(|m| m.get(k).cloned())
         {
@@ -339,8 +346,10 @@ impl Broker {
             op,
             args,
         });
+        // Refusals for size are decided before any Datalog: not kept.
         if let (Some(k), Ok(mut m)) = (key, entry.decisions.lock())
             && m.len() < 256
+            && decision != Err(Denial::RequestTooLarge)
         {
             m.insert(k, decision.clone());
         }

@@ -193,6 +193,8 @@ pub enum Denial {
     AttenuationCheck,
     Delegated,
     RequestTooLarge,
+    TooComplex,
+    NonStringArgument,
 }
 
 impl Denial {
@@ -212,6 +214,8 @@ impl Denial {
             Denial::AttenuationCheck => "attenuation_check_failed",
             Denial::Delegated => "delegated_token",
             Denial::RequestTooLarge => "request_arguments_too_large",
+            Denial::TooComplex => "token_too_complex",
+            Denial::NonStringArgument => "non_string_argument",
         }
     }
 }
@@ -235,6 +239,12 @@ impl fmt::Display for Denial {
             Denial::Delegated => "a delegated token cannot be delegated again",
             Denial::RequestTooLarge => {
                 "the request has more or longer arguments than the broker judges"
+            }
+            Denial::TooComplex => {
+                "a block appended to the token holds facts, rules or checks beyond what the broker evaluates (checks only, over req, args, time, peer, holder, epoch, current_epoch, expires and delegated_by, within limits)"
+            }
+            Denial::NonStringArgument => {
+                "the token carries its holder's checks, and an argument that is not a string cannot be judged by them"
             }
         })
     }
@@ -412,12 +422,92 @@ fn parse(token: &str) -> Result<UnverifiedBiscuit, Denial> {
     Ok(unverified)
 }
 
+/// The predicates a holder's checks may name: the request and the token's
+/// single-valued facts. Each matches at most one fact, so no holder query
+/// joins over many (`right`, `pin` and `ancestor` can hold dozens).
+const HOLDER_PREDICATES: &[&str] = &[
+    "req",
+    "args",
+    "time",
+    "peer",
+    "holder",
+    "epoch",
+    "current_epoch",
+    "expires",
+    "delegated_by",
+];
+/// Queries (each `or` alternative of each check) across appended blocks.
+pub const MAX_HOLDER_QUERIES: usize = 32;
+/// Expression operations across appended blocks, closures' included.
+pub const MAX_HOLDER_OPS: usize = 256;
+/// Regular expressions (compiled at each evaluation) across appended blocks.
+pub const MAX_HOLDER_REGEXES: usize = 8;
+
+/// What a holder may append, checked before any of it is evaluated:
+/// checks only (a block's facts and rules would run inside the broker's
+/// evaluation, where one rule can join a fact set with itself until memory
+/// or time runs out, and delegation could not carry their meaning), over
+/// [`HOLDER_PREDICATES`], no closure inside a closure, and at most
+/// [`MAX_HOLDER_QUERIES`] queries, [`MAX_HOLDER_OPS`] operations and
+/// [`MAX_HOLDER_REGEXES`] regular expressions in all. Biscuit's own limits
+/// are checked only between evaluation steps, too late for a single
+/// join; these keep every step small.
+fn check_appended(biscuit: &biscuit_auth::Biscuit) -> Result<(), Denial> {
+    use biscuit_auth::builder::{Binary, Op};
+    fn count(ops: &[Op], depth: usize, n: &mut usize, regexes: &mut usize) -> bool {
+        for op in ops {
+            *n += 1;
+            match op {
+                Op::Binary(Binary::Regex) => *regexes += 1,
+                Op::Closure(_, inner) => {
+                    if depth > 0 || !count(inner, depth + 1, n, regexes) {
+                        return false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        true
+    }
+    let (mut queries, mut ops, mut regexes) = (0usize, 0usize, 0usize);
+    for i in 1..biscuit.block_count() {
+        let src = biscuit
+            .print_block_source(i)
+            .map_err(|_| Denial::Malformed)?;
+        let block = biscuit_auth::builder::BlockBuilder::new()
+            .code(&src)
+            .map_err(|_| Denial::Malformed)?;
+        if !block.facts.is_empty() || !block.rules.is_empty() {
+            return Err(Denial::TooComplex);
+        }
+        for q in block.checks.iter().flat_map(|c| &c.queries) {
+            queries += 1;
+            if q.body
+                .iter()
+                .any(|p| !HOLDER_PREDICATES.contains(&p.name.as_str()))
+                || !q
+                    .expressions
+                    .iter()
+                    .all(|e| count(&e.ops, 0, &mut ops, &mut regexes))
+            {
+                return Err(Denial::TooComplex);
+            }
+        }
+    }
+    if queries > MAX_HOLDER_QUERIES || ops > MAX_HOLDER_OPS || regexes > MAX_HOLDER_REGEXES {
+        return Err(Denial::TooComplex);
+    }
+    Ok(())
+}
+
 /// Parses and verifies a token: size and block caps first ([`parse`]),
 /// then the signature chain, then the authority facts. No request is
 /// judged here.
 pub fn verify(root: &PublicKey, token: &str) -> Result<Verified, Denial> {
     let unverified = parse(token)?;
     let biscuit = unverified.verify(*root).map_err(|_| Denial::BadSignature)?;
+    // Before any authorizer runs a holder's Datalog.
+    check_appended(&biscuit)?;
     let block_ids: Vec<TokenId> = biscuit
         .revocation_identifiers()
         .iter()

@@ -320,33 +320,51 @@ fn an_offline_attenuation_cannot_add_rights_or_change_the_holder() {
     let b = inst.start();
     let (m, t, _) = manager_token(&b);
     let g1 = b.enrol("g1");
-    let widened = token::attenuate(
-        &t,
+    // Facts appended offline (or a rule deriving them) are refused as a
+    // whole before any of it runs, whatever they claim: orders, llm, the
+    // holder, and even what the token really grants.
+    let llm = json!([{"tool": "llm", "op": "generate"}]);
+    for block in [
         "right(\"db\", \"read\"); pin(\"db\", \"read\", \"table\", \"orders\"); right(\"llm\", \"generate\"); holder(\"g1\");",
-        HashMap::new(),
-    )
-    .unwrap();
-    // The appended facts grant nothing: orders is still not covered...
-    let r = b.delegate(&m, &widened, "g1", db("orders"));
-    assert_eq!(r.status, 403, "{}", r.error_message());
-    assert!(
-        r.error_message().contains("wider than the token you hold"),
-        "{}",
-        r.error_message()
-    );
-    // ...nor llm...
-    let r = b.delegate(
-        &m,
-        &widened,
-        "g1",
-        json!([{"tool": "llm", "op": "generate"}]),
-    );
-    assert_eq!(r.status, 403, "{}", r.error_message());
-    // ...and the holder is still the manager, not g1.
-    let r = b.delegate(&g1, &widened, "g2", db("users"));
-    assert_eq!(code(&r), "token_wrong_holder");
-    // What the token really grants still works through the widened copy.
-    assert_eq!(b.delegate(&m, &widened, "g1", db("users")).status, 200);
+        "right(\"llm\", \"generate\") <- holder($h);",
+    ] {
+        let widened = token::attenuate(&t, block, HashMap::new()).unwrap();
+        for (who, to, grants) in [
+            (&m, "g1", db("orders")),
+            (&m, "g1", llm.clone()),
+            (&g1, "g2", db("users")),
+            (&m, "g1", db("users")),
+        ] {
+            let r = b.delegate(who, &widened, to, grants);
+            assert_eq!(r.status, 401, "{block}: {}", r.error_message());
+            assert_eq!(code(&r), "token_too_complex", "{block}");
+        }
+    }
+    // The token itself still delegates what it grants.
+    assert_eq!(b.delegate(&m, &t, "g1", db("users")).status, 200);
+}
+
+#[test]
+fn a_holder_block_built_to_exhaust_the_broker_is_refused_at_once() {
+    // Biscuit checks its own limits only between evaluation steps: one
+    // self-join of a hundred facts, or a join of the token's pins with
+    // themselves, is a single step of hours. The broker refuses such a
+    // block before evaluating any of it, and stays responsive.
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    let facts: String = (0..100).map(|i| format!("f({i}); ")).collect();
+    for block in [
+        format!("{facts}g($a, $b, $c, $d) <- f($a), f($b), f($c), f($d);"),
+        "check if pin($a, $b, $c, $d), pin($e, $f, $g, $h), pin($i, $j, $k, $l), pin($n, $o, $p, $q), pin($r, $s, $u, $v);".to_owned(),
+    ] {
+        let hostile = token::attenuate(&t, &block, HashMap::new()).unwrap();
+        let start = std::time::Instant::now();
+        let r = b.delegate(&m, &hostile, "g1", db("users"));
+        assert_eq!(code(&r), "token_too_complex", "{}", r.error_message());
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert_eq!(b.admin(Method::GET, "/healthz", None).status, 200);
+    }
 }
 
 #[test]
@@ -452,6 +470,37 @@ fn revoking_the_delegator_kills_the_delegate() {
     );
     let state = state_file(&inst.state_dir(), "state.json");
     assert!(state.contains(child["token_id"].as_str().unwrap()));
+}
+
+#[test]
+fn revoking_an_attenuated_copys_own_block_kills_its_delegate_and_spares_the_original() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, t, _) = manager_token(&b);
+    let g1 = b.enrol("g1");
+    let att = token::attenuate(&t, "check if req(\"db\", \"read\");", HashMap::new()).unwrap();
+    let child = b.delegate(&m, &att, "g1", db("users")).json();
+    let child_token = child["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        code(&b.delegate(&g1, &child_token, "g2", db("users"))),
+        "delegated_token"
+    );
+    // The id of the block the holder appended (not the token's own id).
+    let root = RootKey::from_pem(&state_file(&inst.state_dir(), "root.key")).unwrap();
+    let appended = token::verify(&root.public(), &att).unwrap().block_ids[1].to_string();
+    let r = b.admin(Method::POST, "/revoke", Some(json!({"token_id": appended})));
+    assert_eq!(r.status, 200);
+    let tokens = r.json()["revoked"]["tokens"].as_array().unwrap().clone();
+    assert!(tokens.contains(&json!(child["token_id"])), "{tokens:?}");
+    for (who, bearer) in [(&g1, &child_token), (&m, &att)] {
+        let r = b.delegate(who, bearer, "g2", db("users"));
+        assert_eq!(
+            (r.status.as_u16(), code(&r).as_str()),
+            (401, "token_revoked")
+        );
+    }
+    // The token as minted, without that block, is untouched.
+    assert_eq!(b.delegate(&m, &t, "g1", db("users")).status, 200);
 }
 
 #[test]

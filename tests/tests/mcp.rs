@@ -224,6 +224,34 @@ fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
         assert_eq!(v["error"]["code"], -32001, "{args} -> {v}");
         assert_eq!(v["id"], 7);
     }
+    // A key sent twice: the value judged is the value the tool gets (the
+    // last one, as parsed), never one judged and another forwarded.
+    let auth = format!("Bearer {token}");
+    let dup = |first: &str, last: &str| {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{{"name":"db_read","arguments":{{"table":"{first}","table":"{last}"}}}}}}"#
+        );
+        raw.send(
+            Method::POST,
+            &[
+                ("authorization", &auth),
+                ("mcp-session-id", &sid),
+                ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
+            ],
+            Bytes::from(body),
+        )
+        .json()
+    };
+    let v = dup("users", "orders");
+    assert_eq!(v["error"]["code"], -32001, "{v}");
+    let v = dup("orders", "users");
+    assert!(
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("ada@")),
+        "{v}"
+    );
     // Names that are not a configured tool/operation.
     for name in [
         "db",
@@ -244,8 +272,40 @@ fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
                "params": {"name": "db_read", "arguments": ["users"]}}),
     );
     assert_eq!(r.json()["error"]["code"], -32602);
+    // A token its holder narrowed with a check on an argument the grant
+    // does not pin: that argument sent as a non-string would slip past the
+    // check (`["evil"]` is not `"evil"`), so any non-string argument is
+    // refused for such a token, before the tool.
+    let narrowed = lever_policy::token::attenuate(
+        &token,
+        "reject if args($m), $m.get(\"filter\") == \"evil\";",
+        std::collections::HashMap::new(),
+    )
+    .unwrap();
+    let raw_n = RawMcp::new(&b, &manager, &narrowed);
+    for args in [
+        json!({"table": "users", "filter": ["evil"]}),
+        json!({"table": "users", "filter": 1}),
+        json!({"table": "users", "filter": {"x": "evil"}}),
+        json!({"table": "users", "limit": 5}),
+    ] {
+        let v = raw_n.call(&sid, "db_read", args.clone());
+        assert_eq!(v["error"]["code"], -32001, "{args} -> {v}");
+        assert_eq!(
+            v["error"]["data"]["reason"], "non_string_argument",
+            "{args} -> {v}"
+        );
+    }
+    let v = raw_n.call(&sid, "db_read", json!({"table": "users", "filter": "evil"}));
+    assert_eq!(
+        v["error"]["data"]["reason"], "attenuation_check_failed",
+        "{v}"
+    );
+    // Strings only: judged and served.
+    let v = raw_n.call(&sid, "db_read", json!({"table": "users"}));
+    assert!(v["result"].is_object(), "{v}");
     let log = b.stderr();
-    assert_eq!(log.matches("lever-tool-db: read").count(), 1, "{log}");
+    assert_eq!(log.matches("lever-tool-db: read").count(), 3, "{log}");
 }
 
 #[test]
@@ -471,6 +531,42 @@ fn revoked_and_epoch_bumped_tokens_lose_the_tools_at_once() {
     );
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["data"]["reason"], "token_stale_epoch");
+}
+
+#[test]
+fn an_expired_token_loses_the_tools_even_with_its_decisions_cached() {
+    // A call's decision is cached per token; expiry is checked in Rust on
+    // every use before the cache is read, so a warm cache outlives nothing.
+    let Env {
+        inst: _inst,
+        b,
+        manager,
+        token,
+        ..
+    } = env(DEFAULT_AGENTS, "  grant_ttl: 3s\n", users());
+    let minted = std::time::Instant::now();
+    let raw = RawMcp::new(&b, &manager, &token);
+    let (sid, _) = raw.initialize("2025-11-25");
+    for _ in 0..2 {
+        let v = raw.wait_ready(&sid, "db_read", json!({"table": "users"}));
+        assert!(v["result"].is_object(), "{v}");
+    }
+    assert!(
+        minted.elapsed() < Duration::from_secs(3),
+        "too slow to warm the cache"
+    );
+    std::thread::sleep(
+        Duration::from_secs(3).saturating_sub(minted.elapsed()) + Duration::from_millis(300),
+    );
+    for msg in [
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+               "params": {"name": "db_read", "arguments": {"table": "users"}}}),
+        json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"}),
+    ] {
+        let r = raw.post(Some(&sid), msg);
+        assert_eq!(r.status, 401);
+        assert_eq!(r.json()["error"]["data"]["reason"], "token_expired");
+    }
 }
 
 #[test]

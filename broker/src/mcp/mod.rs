@@ -486,15 +486,23 @@ fn list(
 /// can never satisfy a pin). A token the broker minted directly carries
 /// facts only, so only its pins matter and overlong strings, which no pin
 /// can equal, are left out; a token with holder-appended or inherited
-/// checks is judged on every string argument, and an overlong one is
-/// refused rather than hidden from those checks.
-fn judged_args(args: &Map<String, Value>, verified: &Verified) -> BTreeMap<String, String> {
+/// checks is judged on every argument: an overlong one is refused rather
+/// than hidden from those checks, and so is one that is not a string
+/// (`"id": 1` would slip past a check written for `"1"`).
+fn judged_args(
+    args: &Map<String, Value>,
+    verified: &Verified,
+) -> Result<BTreeMap<String, String>, Denial> {
     let facts_only = verified.block_ids.len() == 1 && verified.delegated_by.is_none();
-    args.iter()
+    if !facts_only && args.values().any(|v| !v.is_string()) {
+        return Err(Denial::NonStringArgument);
+    }
+    Ok(args
+        .iter()
         .filter_map(|(k, v)| Some((k, v.as_str()?)))
         .filter(|(k, v)| !facts_only || (k.len() <= MAX_ARG_LEN && v.len() <= MAX_ARG_LEN))
         .map(|(k, v)| (k.clone(), v.to_owned()))
-        .collect()
+        .collect())
 }
 
 fn digest(v: &Value) -> String {
@@ -599,7 +607,7 @@ async fn call(
     // starts the rate limit's step.
     let otel = broker.audit.otel.get();
     let mut t = otel.map(|_| std::time::SystemTime::now());
-    let authorized = broker.authorize_token(token, peer, tool, op, &judged);
+    let authorized = judged.and_then(|j| broker.authorize_token(token, peer, tool, op, &j));
     if let (Some(o), Some(start)) = (otel, t) {
         t = o.step(
             &ctx.trace_ids(o),

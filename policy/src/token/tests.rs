@@ -326,59 +326,104 @@ fn oversized_and_overlong_tokens_are_refused_before_parsing() {
 fn an_attenuation_cannot_add_rights_or_change_the_holder() {
     let root = RootKey::generate();
     let t = db_token(&root).token;
-    let widened = attenuate(
-        &t,
+    // Facts (or a rule deriving them) appended by a holder: refused as a
+    // whole, before any of it is evaluated, whatever they claim.
+    for block in [
         "right(\"db\", \"write\"); right(\"fs\", \"read\"); holder(\"grove-b\"); pin(\"db\", \"read\", \"table\", \"orders\"); epoch(9);",
-        HashMap::new(),
+        "right(\"db\", \"write\") <- req($t, $o);",
+    ] {
+        let widened = attenuate(&t, block, HashMap::new()).unwrap();
+        assert_eq!(
+            verify(&root.public(), &widened).err(),
+            Some(Denial::TooComplex),
+            "{block}"
+        );
+        for (peer, op, table) in [
+            ("grove-a", "write", "users"),
+            ("grove-b", "read", "users"),
+            ("grove-a", "read", "orders"),
+            ("grove-a", "read", "users"),
+        ] {
+            assert_eq!(
+                judge(&root, &widened, peer, "db", op, &[("table", table)]),
+                Err(Denial::TooComplex)
+            );
+        }
+    }
+    // The token itself, untouched, still works.
+    assert_eq!(
+        judge(&root, &t, "grove-a", "db", "read", &[("table", "users")]),
+        Ok(())
+    );
+}
+
+#[test]
+fn what_a_holder_may_append_is_bounded_before_it_runs() {
+    let root = RootKey::generate();
+    let t = mint_for(
+        &root,
+        "grove-a",
+        &[
+            grant("db", "read", &[("table", "users")]),
+            grant("db", "write", &[("table", "users")]),
+        ],
+        Duration::from_secs(600),
     )
-    .unwrap();
-    let v = verify(&root.public(), &widened).unwrap();
-    assert_eq!(
-        v.holder, "grove-a",
-        "appended facts are not authority facts"
+    .token;
+    let appended = |src: &str| attenuate(&t, src, HashMap::new()).unwrap();
+    // Checks over the request and the single-valued facts are fine.
+    let ok = appended(
+        "check if req(\"db\", \"read\"), args($m), $m.get(\"table\") == \"users\"; check if time($t), $t < 2100-01-01T00:00:00Z; reject if peer(\"grove-z\"); check if holder($h), epoch($e), expires($x), current_epoch($e), [\"a\", \"b\"].all($v -> $v.length() == 1);",
     );
+    assert_eq!(
+        judge(&root, &ok, "grove-a", "db", "read", &[("table", "users")]),
+        Ok(())
+    );
+    let many_queries = "check if true; ".repeat(MAX_HOLDER_QUERIES + 1);
+    let many_ops = format!(
+        "check if {};",
+        vec!["1 == 1"; MAX_HOLDER_OPS / 3 + 1].join(" && ")
+    );
+    let many_regexes = format!(
+        "check if {};",
+        vec!["\"a\".matches(\"a\")"; MAX_HOLDER_REGEXES + 1].join(" && ")
+    );
+    for src in [
+        // A join over the token's many-valued facts: the shape of a query
+        // that runs for hours (each pin matched against every other).
+        "check if pin($a, $b, $c, $d), pin($e, $f, $g, $h), right($i, $j), right($k, $l);",
+        "check if ancestor($a);",
+        // A fact of the block's own, and a rule.
+        "f(1); check if f(1);",
+        "g($a) <- req($a, $b); check if g(\"db\");",
+        // A closure inside a closure (sets of sets of work).
+        "check if [1, 2].all($x -> [3, 4].all($y -> $x != $y));",
+        many_queries.as_str(),
+        many_ops.as_str(),
+        many_regexes.as_str(),
+    ] {
+        let start = std::time::Instant::now();
+        let refused = appended(src);
+        assert_eq!(
+            judge(
+                &root,
+                &refused,
+                "grove-a",
+                "db",
+                "read",
+                &[("table", "users")]
+            ),
+            Err(Denial::TooComplex),
+            "{src}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "{src}");
+    }
+    // Each limit is a limit, not an off-by-one: exactly at it is fine.
+    let at_limit = "check if true; ".repeat(MAX_HOLDER_QUERIES);
     assert_eq!(
         judge(
             &root,
-            &widened,
-            "grove-a",
-            "db",
-            "write",
-            &[("table", "users")]
-        ),
-        Err(Denial::NotGranted)
-    );
-    assert_eq!(
-        judge(&root, &widened, "grove-a", "fs", "read", &[]),
-        Err(Denial::NotGranted)
-    );
-    assert_eq!(
-        judge(
-            &root,
-            &widened,
-            "grove-b",
-            "db",
-            "read",
-            &[("table", "users")]
-        ),
-        Err(Denial::WrongHolder)
-    );
-    assert_eq!(
-        judge(
-            &root,
-            &widened,
-            "grove-a",
-            "db",
-            "read",
-            &[("table", "orders")]
-        ),
-        Err(Denial::ConstraintMismatch)
-    );
-    // Its legitimate use still works: the block added nothing.
-    assert_eq!(
-        judge(
-            &root,
-            &widened,
+            &appended(&at_limit),
             "grove-a",
             "db",
             "read",
@@ -697,14 +742,12 @@ fn a_delegate_inherits_the_holders_own_checks() {
         Err(Denial::AttenuationCheck),
         "the delegate escaped its delegator's restriction"
     );
-    // Facts an appended block carried are not inherited: only checks.
+    // A parent whose appended block carries facts is refused outright, so
+    // there is nothing to delegate from it (its facts could not be carried).
     let widened = attenuate(&parent.token, "right(\"db\", \"write\");", HashMap::new()).unwrap();
-    assert!(
-        verify(&root.public(), &widened)
-            .unwrap()
-            .holder_checks()
-            .unwrap()
-            .is_empty()
+    assert_eq!(
+        verify(&root.public(), &widened).err(),
+        Some(Denial::TooComplex)
     );
 }
 
