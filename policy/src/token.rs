@@ -459,11 +459,9 @@ fn check_appended(biscuit: &biscuit_auth::Biscuit) -> Result<(), Denial> {
             *n += 1;
             match op {
                 Op::Binary(Binary::Regex) => *regexes += 1,
-                Op::Closure(_, inner) => {
-                    if depth > 0 || !count(inner, depth + 1, n, regexes) {
-                        return false;
-                    }
-                }
+                // No closure inside a closure.
+                Op::Closure(..) if depth > 0 => return false,
+                Op::Closure(_, inner) if !count(inner, depth + 1, n, regexes) => return false,
                 _ => {}
             }
         }

@@ -382,11 +382,11 @@ fn what_a_holder_may_append_is_bounded_before_it_runs() {
     let many_queries = "check if true; ".repeat(MAX_HOLDER_QUERIES + 1);
     let many_ops = format!(
         "check if {};",
-        vec!["1 == 1"; MAX_HOLDER_OPS / 3 + 1].join(" && ")
+        ["1 == 1"; MAX_HOLDER_OPS / 3 + 1].join(" && ")
     );
     let many_regexes = format!(
         "check if {};",
-        vec!["\"a\".matches(\"a\")"; MAX_HOLDER_REGEXES + 1].join(" && ")
+        ["\"a\".matches(\"a\")"; MAX_HOLDER_REGEXES + 1].join(" && ")
     );
     for src in [
         // A join over the token's many-valued facts: the shape of a query
