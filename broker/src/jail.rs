@@ -251,6 +251,14 @@ fn check_grants(
             }
         }
         if g.tool == LLM_TOOL {
+            // `/llm` judges no arguments: a pin there could never be met,
+            // and a token that can never be used is a mistake to report.
+            if !g.constraints.is_empty() {
+                return Err(ApiError::BadRequest(format!(
+                    "{LLM_TOOL}/{} takes no constraints (the /llm proxy judges no arguments)",
+                    g.op
+                )));
+            }
             continue;
         }
         let Some(tool) = config.broker.tool(&g.tool) else {

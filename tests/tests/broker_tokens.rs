@@ -78,6 +78,8 @@ fn obtain_only_what_obtain_and_allowed_values_permit() {
     for bad in [
         json!([]),
         json!([{"tool": "llm", "op": "generate"}, {"tool": "llm", "op": "generate"}]),
+        // `/llm` judges no arguments: a pin there could never be met.
+        json!([{"tool": "llm", "op": "generate", "constraints": {"model": "claude-mock-1"}}]),
     ] {
         assert_eq!(b.obtain(&g1, bad.clone()).status, 400, "{bad}");
     }
