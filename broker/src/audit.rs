@@ -677,12 +677,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_rewritten_or_shortened_end_is_caught_by_the_recorded_tip() {
-        let dir = std::env::temp_dir().join(format!("lever-audit-tip-{}", std::process::id()));
+    /// An empty dir of this process tagged `tag`, and its trail's path.
+    fn fresh(tag: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("lever-audit-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.jsonl");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_rewritten_or_shortened_end_is_caught_by_the_recorded_tip() {
+        let (dir, path) = fresh("tip");
         let (audit, handle) = Audit::open(&path).unwrap();
         for i in 0..3u64 {
             audit.log_blocking(Record::new("llm").allow().detail("n", i));
@@ -730,10 +736,7 @@ mod tests {
 
     #[test]
     fn records_chain_and_details_are_written_in_key_order() {
-        let dir = std::env::temp_dir().join(format!("lever-audit-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("audit.jsonl");
+        let (dir, path) = fresh("unit");
         let (audit, handle) = Audit::open(&path).unwrap();
         for i in 0..3u64 {
             audit.log_blocking(
