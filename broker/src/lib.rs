@@ -321,8 +321,9 @@ impl Broker {
         args: &std::collections::BTreeMap<String, String>,
     ) -> Result<Arc<Verified>, Denial> {
         let entry = self.standing(token, peer)?;
-        let cacheable =
-            entry.verified.block_ids.len() == 1 && entry.verified.delegated_by.is_none();
+        // Facts only: the decision depends on the request alone (expiry,
+        // the one thing that changes with time, is standing, checked above).
+        let cacheable = !entry.verified.carries_checks;
         // The digest of a structured encoding (JSON of tool, op and the
         // sorted arguments): distinct requests never share one.
         let key = cacheable

@@ -275,6 +275,10 @@ pub struct Verified {
     pub delegated_by: Option<String>,
     pub ancestors: Vec<TokenId>,
     pub grants: Vec<Grant>,
+    /// Whether any block carries a check (a holder's own, or one a
+    /// delegated token inherited): such a token is judged on every
+    /// argument, and refuses one its checks cannot see.
+    pub carries_checks: bool,
 }
 
 impl fmt::Debug for Verified {
@@ -443,59 +447,144 @@ pub const MAX_HOLDER_OPS: usize = 256;
 /// Regular expressions (compiled at each evaluation) across appended blocks.
 pub const MAX_HOLDER_REGEXES: usize = 8;
 
-/// What a holder may append, checked before any of it is evaluated:
+/// What a holder may append, checked before any of it is evaluated
 /// checks only (a block's facts and rules would run inside the broker's
 /// evaluation, where one rule can join a fact set with itself until memory
 /// or time runs out, and delegation could not carry their meaning), over
-/// [`HOLDER_PREDICATES`], no closure inside a closure, and at most
-/// [`MAX_HOLDER_QUERIES`] queries, [`MAX_HOLDER_OPS`] operations and
+/// [`HOLDER_PREDICATES`], no closure inside a closure (`&&` and `||`, which
+/// Biscuit compiles to closures without parameters, run at most once and do
+/// not count), no regular expression inside a closure, and at most
+/// [`MAX_HOLDER_QUERIES`] queries, [`MAX_HOLDER_OPS`] operations (each
+/// element of a literal set, array or map counted) and
 /// [`MAX_HOLDER_REGEXES`] regular expressions in all. Biscuit's own limits
-/// are checked only between evaluation steps, too late for a single
-/// join; these keep every step small.
-fn check_appended(biscuit: &biscuit_auth::Biscuit) -> Result<(), Denial> {
-    use biscuit_auth::builder::{Binary, Op};
-    fn count(ops: &[Op], depth: usize, n: &mut usize, regexes: &mut usize) -> bool {
-        for op in ops {
-            *n += 1;
-            match op {
-                Op::Binary(Binary::Regex) => *regexes += 1,
-                // No closure inside a closure.
-                Op::Closure(..) if depth > 0 => return false,
-                Op::Closure(_, inner) if !count(inner, depth + 1, n, regexes) => return false,
-                _ => {}
-            }
+/// are checked only between evaluation steps, too late for a single join;
+/// these keep every step small.
+///
+/// The blocks are read from the token's own bytes (the protobuf Biscuit
+/// evaluates), never from a printout: names and strings print unescaped,
+/// so a printout can be made to parse as something else. Blocks from
+/// index `from` on are checked. Returns whether any block carries a check.
+fn check_blocks(biscuit: &Biscuit, from: usize) -> Result<bool, Denial> {
+    use biscuit_auth::format::schema;
+    use prost::Message as _;
+    let bytes = biscuit.to_vec().map_err(|_| Denial::Malformed)?;
+    let proto = schema::Biscuit::decode(bytes.as_slice()).map_err(|_| Denial::Malformed)?;
+    let decode = |b: &[u8]| schema::Block::decode(b).map_err(|_| Denial::Malformed);
+    let authority = decode(&proto.authority.block)?;
+    let mut carries_checks = !authority.checks.is_empty();
+    // The token's symbols after the default ones: the authority block's,
+    // then each first-party block's in turn (a third-party block has its
+    // own table).
+    let mut symbols = authority.symbols;
+    let mut budget = Budget::default();
+    for (n, signed) in proto.blocks.iter().enumerate() {
+        let block = decode(&signed.block)?;
+        carries_checks |= !block.checks.is_empty();
+        let own;
+        let table: &[String] = if signed.external_signature.is_some() {
+            own = block.symbols.clone();
+            &own
+        } else {
+            symbols.extend(block.symbols.iter().cloned());
+            &symbols
+        };
+        if n + 1 < from {
+            continue;
         }
-        true
-    }
-    let (mut queries, mut ops, mut regexes) = (0usize, 0usize, 0usize);
-    for i in 1..biscuit.block_count() {
-        let src = biscuit
-            .print_block_source(i)
-            .map_err(|_| Denial::Malformed)?;
-        let block = biscuit_auth::builder::BlockBuilder::new()
-            .code(&src)
-            .map_err(|_| Denial::Malformed)?;
         if !block.facts.is_empty() || !block.rules.is_empty() {
             return Err(Denial::TooComplex);
         }
         for q in block.checks.iter().flat_map(|c| &c.queries) {
-            queries += 1;
-            if q.body
-                .iter()
-                .any(|p| !HOLDER_PREDICATES.contains(&p.name.as_str()))
-                || !q
-                    .expressions
-                    .iter()
-                    .all(|e| count(&e.ops, 0, &mut ops, &mut regexes))
-            {
-                return Err(Denial::TooComplex);
+            budget.queries += 1;
+            for p in &q.body {
+                let name = symbol(table, p.name).ok_or(Denial::Malformed)?;
+                if !HOLDER_PREDICATES.contains(&name.as_str()) {
+                    return Err(Denial::TooComplex);
+                }
+            }
+            for e in &q.expressions {
+                budget.walk(&e.ops, 0)?;
             }
         }
     }
-    if queries > MAX_HOLDER_QUERIES || ops > MAX_HOLDER_OPS || regexes > MAX_HOLDER_REGEXES {
-        return Err(Denial::TooComplex);
+    budget.within()?;
+    Ok(carries_checks)
+}
+
+/// Symbol `i` of a block whose custom symbols are `table`.
+fn symbol(table: &[String], i: u64) -> Option<String> {
+    const OFFSET: u64 = 1024;
+    if i >= OFFSET {
+        table.get(usize::try_from(i - OFFSET).ok()?).cloned()
+    } else {
+        biscuit_auth::datalog::SymbolTable::new()
+            .get_symbol(i)
+            .map(str::to_owned)
     }
-    Ok(())
+}
+
+/// The work counted against [`check_blocks`]'s limits.
+#[derive(Default)]
+struct Budget {
+    queries: usize,
+    ops: usize,
+    regexes: usize,
+}
+
+impl Budget {
+    fn within(&self) -> Result<(), Denial> {
+        if self.queries > MAX_HOLDER_QUERIES
+            || self.ops > MAX_HOLDER_OPS
+            || self.regexes > MAX_HOLDER_REGEXES
+        {
+            return Err(Denial::TooComplex);
+        }
+        Ok(())
+    }
+
+    /// Counts `ops`, `depth` closures (with parameters) deep.
+    fn walk(
+        &mut self,
+        ops: &[biscuit_auth::format::schema::Op],
+        depth: usize,
+    ) -> Result<(), Denial> {
+        use biscuit_auth::format::schema::op::Content;
+        use biscuit_auth::format::schema::op_binary::Kind;
+        for op in ops {
+            self.ops += 1;
+            match &op.content {
+                Some(Content::Value(t)) => self.ops += elements(t),
+                Some(Content::Binary(b)) if b.kind == Kind::Regex as i32 => {
+                    // Compiled at each evaluation: never once per element.
+                    if depth > 0 {
+                        return Err(Denial::TooComplex);
+                    }
+                    self.regexes += 1;
+                }
+                Some(Content::Closure(c)) => {
+                    let depth = depth + usize::from(!c.params.is_empty());
+                    if depth > 1 {
+                        return Err(Denial::TooComplex);
+                    }
+                    self.walk(&c.ops, depth)?;
+                }
+                _ => {}
+            }
+            self.within()?;
+        }
+        Ok(())
+    }
+}
+
+/// The elements of a literal set, array or map, nested ones included.
+fn elements(t: &biscuit_auth::format::schema::Term) -> usize {
+    use biscuit_auth::format::schema::term::Content;
+    match &t.content {
+        Some(Content::Set(s)) => s.set.iter().map(|e| 1 + elements(e)).sum(),
+        Some(Content::Array(a)) => a.array.iter().map(|e| 1 + elements(e)).sum(),
+        Some(Content::Map(m)) => m.entries.iter().map(|e| 1 + elements(&e.value)).sum(),
+        _ => 0,
+    }
 }
 
 /// Parses and verifies a token: size and block caps first ([`parse`]),
@@ -505,7 +594,7 @@ pub fn verify(root: &PublicKey, token: &str) -> Result<Verified, Denial> {
     let unverified = parse(token)?;
     let biscuit = unverified.verify(*root).map_err(|_| Denial::BadSignature)?;
     // Before any authorizer runs a holder's Datalog.
-    check_appended(&biscuit)?;
+    let carries_checks = check_blocks(&biscuit, 1)?;
     let block_ids: Vec<TokenId> = biscuit
         .revocation_identifiers()
         .iter()
@@ -589,6 +678,7 @@ pub fn verify(root: &PublicKey, token: &str) -> Result<Verified, Denial> {
         delegated_by,
         ancestors,
         grants,
+        carries_checks,
     })
 }
 
@@ -700,6 +790,16 @@ impl Verified {
                 .map_err(|_| Denial::Malformed)?;
             out.extend(block.checks);
         }
+        // The reparse of a printout is what the child will carry, and a
+        // printout can parse as something other than what it printed
+        // (names and strings print unescaped): bound exactly what will be
+        // carried, appended to a copy of this token, with the same checks.
+        let mut probe = biscuit_auth::builder::BlockBuilder::new();
+        for c in &out {
+            probe = probe.check(c.clone()).map_err(|_| Denial::Malformed)?;
+        }
+        let probe = self.biscuit.append(probe).map_err(|_| Denial::Malformed)?;
+        check_blocks(&probe, self.biscuit.block_count())?;
         Ok(out)
     }
 

@@ -431,7 +431,7 @@ fn list(
     token: &str,
     verified: &Verified,
 ) -> Result<Vec<Value>, ApiError> {
-    let facts_only = verified.block_ids.len() == 1 && verified.delegated_by.is_none();
+    let facts_only = !verified.carries_checks;
     let _admitted = if facts_only {
         None
     } else {
@@ -483,17 +483,18 @@ fn list(
 }
 
 /// The arguments judged against the token: string values only (a non-string
-/// can never satisfy a pin). A token the broker minted directly carries
-/// facts only, so only its pins matter and overlong strings, which no pin
-/// can equal, are left out; a token with holder-appended or inherited
-/// checks is judged on every argument: an overlong one is refused rather
-/// than hidden from those checks, and so is one that is not a string
-/// (`"id": 1` would slip past a check written for `"1"`).
+/// can never satisfy a pin). A token without checks (facts only: one the
+/// broker minted directly, or a delegate that inherited none) has only its
+/// pins to meet, so overlong strings, which no pin can equal, are left out;
+/// a token with holder-appended or inherited checks is judged on every
+/// argument: an overlong one is refused rather than hidden from those
+/// checks, and so is one that is not a string (`"id": 1` would slip past a
+/// check written for `"1"`).
 fn judged_args(
     args: &Map<String, Value>,
     verified: &Verified,
 ) -> Result<BTreeMap<String, String>, Denial> {
-    let facts_only = verified.block_ids.len() == 1 && verified.delegated_by.is_none();
+    let facts_only = !verified.carries_checks;
     if !facts_only && args.values().any(|v| !v.is_string()) {
         return Err(Denial::NonStringArgument);
     }

@@ -371,6 +371,14 @@ fn what_a_holder_may_append_is_bounded_before_it_runs() {
     )
     .token;
     let appended = |src: &str| attenuate(&t, src, HashMap::new()).unwrap();
+    // `&&` and `||` inside a closure are not closures that multiply work.
+    let ok = appended(
+        "check if [\"a\", \"b\"].any($v -> $v == \"a\" || $v == \"b\" && true); check if \"users\".matches(\"^u\") || false;",
+    );
+    assert_eq!(
+        judge(&root, &ok, "grove-a", "db", "read", &[("table", "users")]),
+        Ok(())
+    );
     // Checks over the request and the single-valued facts are fine.
     let ok = appended(
         "check if req(\"db\", \"read\"), args($m), $m.get(\"table\") == \"users\"; check if time($t), $t < 2100-01-01T00:00:00Z; reject if peer(\"grove-z\"); check if holder($h), epoch($e), expires($x), current_epoch($e), [\"a\", \"b\"].all($v -> $v.length() == 1);",
@@ -388,7 +396,18 @@ fn what_a_holder_may_append_is_bounded_before_it_runs() {
         "check if {};",
         ["\"a\".matches(\"a\")"; MAX_HOLDER_REGEXES + 1].join(" && ")
     );
+    let big_set = format!(
+        "check if [{}].contains(1);",
+        (0..MAX_HOLDER_OPS)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for src in [
+        // A regex inside a closure: compiled once per element.
+        "check if [1, 2].all($x -> \"a\".matches(\"a\"));",
+        // A literal set counts its elements.
+        big_set.as_str(),
         // A join over the token's many-valued facts: the shape of a query
         // that runs for hours (each pin matched against every other).
         "check if pin($a, $b, $c, $d), pin($e, $f, $g, $h), right($i, $j), right($k, $l);",
@@ -749,6 +768,80 @@ fn a_delegate_inherits_the_holders_own_checks() {
         verify(&root.public(), &widened).err(),
         Some(Denial::TooComplex)
     );
+}
+
+/// `token` with `block` appended, built directly (not from source).
+fn append_built(token: &str, block: biscuit_auth::builder::BlockBuilder) -> String {
+    UnverifiedBiscuit::from_base64(token)
+        .unwrap()
+        .append(block)
+        .unwrap()
+        .to_base64()
+        .unwrap()
+}
+
+#[test]
+fn a_block_is_judged_as_it_runs_not_as_it_prints() {
+    use biscuit_auth::builder::{BlockBuilder, CheckKind, check, fact, pred, rule, string, var};
+    let root = RootKey::generate();
+    let t = db_token(&root).token;
+    // Names and strings print unescaped. A fact named to open a comment and
+    // a check named to close it print as two harmless checks, with a rule
+    // (a self-join) hidden between them; the block really holds a fact and
+    // that rule, and is refused.
+    let v = [var("a")];
+    let hidden = BlockBuilder::new()
+        .fact(fact("check if req($a);/*", &[string("x")]))
+        .unwrap()
+        .rule(rule(
+            "g",
+            &[var("a"), var("b")],
+            &[
+                pred("right", &[var("a"), var("x")]),
+                pred("right", &[var("b"), var("y")]),
+            ],
+        ))
+        .unwrap()
+        .check(check(&[pred("*/check if req", &v)], CheckKind::One))
+        .unwrap();
+    let hidden = append_built(&t, hidden);
+    // What the printout shows: checks only.
+    let shown = UnverifiedBiscuit::from_base64(&hidden)
+        .unwrap()
+        .print_block_source(1)
+        .unwrap();
+    let reparsed = biscuit_auth::builder::BlockBuilder::new()
+        .code(&shown)
+        .unwrap();
+    assert!(
+        reparsed.facts.is_empty() && reparsed.rules.is_empty(),
+        "{shown}"
+    );
+    assert_eq!(
+        verify(&root.public(), &hidden).err(),
+        Some(Denial::TooComplex)
+    );
+    // A check over `req` alone, whose string prints as the end of that
+    // check and a join over pins: fine as it runs, but what a delegate
+    // would inherit (the printout, parsed again) is bounded too, so the
+    // delegation is refused rather than handing the child that join.
+    let quoted = BlockBuilder::new()
+        .check(check(
+            &[pred(
+                "req",
+                &[
+                    string("db\"), pin($a, $b, $c, $d), pin($e, $f, $g, $h), req(\"x"),
+                    string("read"),
+                ],
+            )],
+            CheckKind::One,
+        ))
+        .unwrap();
+    let quoted = append_built(&t, quoted);
+    let v = verify(&root.public(), &quoted).unwrap();
+    assert_eq!(v.holder_checks().err(), Some(Denial::TooComplex));
+    assert!(v.carries_checks);
+    assert!(!verify(&root.public(), &t).unwrap().carries_checks);
 }
 
 #[test]
