@@ -1420,3 +1420,34 @@ fn a_scion_source_may_live_anywhere_outside_the_tree() {
         assert_eq!(out.code, 0, "{src}: {}", out.stderr);
     }
 }
+
+#[test]
+fn the_tree_under_another_name_is_still_the_tree() {
+    // A bind mount of the tree (as a case-insensitive file system or a
+    // firmlink would) spells it otherwise: a key reached through it is
+    // still refused, the tree being known by identity as well as by name.
+    // In a mount namespace of its own (needs root, as CI runs), so the
+    // mount never outlives the test.
+    let dir = TempDir::new("tree-alias");
+    prepare(&dir);
+    dir.mkdir("alias");
+    dir.write("ws/k", "sk-ant-test-key\n", 0o600);
+    let yaml = BASE.replace("api_key_file: key", "api_key_file: alias/k");
+    dir.write("lever.yaml", &yaml, 0o644);
+    let script = format!(
+        "mount --bind ws alias && exec {} validate -c lever.yaml",
+        lever_tests::lever_bin().display()
+    );
+    let out = lever_tests::run(
+        std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .current_dir(dir.path())
+            .env("HOME", dir.join("home")),
+    );
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("broker.api_key_file") && out.stderr.contains("passes through"),
+        "{}",
+        out.stderr
+    );
+}

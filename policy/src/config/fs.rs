@@ -158,6 +158,13 @@ pub fn through_tree(p: &Path, tree: &Path) -> Option<PathBuf> {
         std::env::current_dir().ok()?
     };
     push(&mut todo, p);
+    // The tree by identity as well as by name: a case-insensitive file
+    // system, a firmlink or a bind mount can spell it otherwise.
+    let id = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let tree_id = id(tree);
     let mut hops = 0;
     while let Some(name) = todo.pop() {
         if name == ".." {
@@ -165,7 +172,7 @@ pub fn through_tree(p: &Path, tree: &Path) -> Option<PathBuf> {
             continue;
         }
         let next = cur.join(&name);
-        if within(&next, tree) {
+        if within(&next, tree) || (tree_id.is_some() && id(&next) == tree_id) {
             return Some(next);
         }
         match std::fs::symlink_metadata(&next) {
