@@ -347,9 +347,10 @@ fn writer(
     // durable tip.
     let mut written = (seq, prev.clone());
     let mut tipped = seq;
+    // The tip moves only past records that were written and synced: a
+    // failed write or sync never makes it claim more than the file holds.
     let mut sync = |file: &File, written: &(u64, String)| {
-        let _ = file.sync_data();
-        if written.0 != tipped {
+        if file.sync_data().is_ok() && written.0 != tipped {
             write_tip(&path, written.0, &written.1);
             tipped = written.0;
         }
@@ -437,9 +438,10 @@ fn writer(
                 // queue is drained (or the batch is large).
                 batch += 1;
                 if rx.is_empty() || pending.len() >= BATCH {
-                    write_out(&mut file, &mut pending, &path);
-                    written.0 = seq;
-                    written.1.clone_from(&prev);
+                    if write_out(&mut file, &mut pending, &path) {
+                        written.0 = seq;
+                        written.1.clone_from(&prev);
+                    }
                     dirty = true;
                     if batch > 1 {
                         // Under load: let the next records gather rather
@@ -455,9 +457,10 @@ fn writer(
                 }
             }
             Msg::Flush(done) => {
-                write_out(&mut file, &mut pending, &path);
-                written.0 = seq;
-                written.1.clone_from(&prev);
+                if write_out(&mut file, &mut pending, &path) {
+                    written.0 = seq;
+                    written.1.clone_from(&prev);
+                }
                 sync(&file, &written);
                 dirty = false;
                 last_sync = Instant::now();
@@ -465,9 +468,10 @@ fn writer(
             }
         }
     }
-    write_out(&mut file, &mut pending, &path);
-    written.0 = seq;
-    written.1.clone_from(&prev);
+    if write_out(&mut file, &mut pending, &path) {
+        written.0 = seq;
+        written.1.clone_from(&prev);
+    }
     sync(&file, &written);
 }
 
@@ -477,17 +481,23 @@ const GATHER: Duration = Duration::from_millis(1);
 /// Largest batch of records written at once.
 const BATCH: usize = 64 * 1024;
 
-fn write_out(file: &mut File, pending: &mut Vec<u8>, path: &Path) {
+/// Writes the pending records out; false if they could not be written.
+fn write_out(file: &mut File, pending: &mut Vec<u8>, path: &Path) -> bool {
     if pending.is_empty() {
-        return;
+        return true;
     }
-    if let Err(e) = file.write_all(pending) {
-        eprintln!(
-            "lever broker: cannot write the audit log {}: {e}",
-            path.display()
-        );
-    }
+    let ok = match file.write_all(pending) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "lever broker: cannot write the audit log {}: {e}",
+                path.display()
+            );
+            false
+        }
+    };
     pending.clear();
+    ok
 }
 
 /// The last sequence number and the hash of the last line of an audit file
@@ -731,6 +741,25 @@ mod tests {
             verify_file(&path).unwrap(),
             Verdict::Broken { line: 0, .. }
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_tip_never_claims_records_that_were_not_written() {
+        // Every write fails (ENOSPC): the tip must not move past the file.
+        let (dir, path) = fresh("full");
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        let (audit, handle) = Audit::open(&path).unwrap();
+        for i in 0..3u64 {
+            audit.log_blocking(Record::new("llm").allow().detail("n", i));
+        }
+        drop(audit);
+        handle.join().unwrap();
+        assert!(
+            !matches!(recorded_tip(&path), Ok(Some((n, _))) if n > 0),
+            "{:?}",
+            recorded_tip(&path)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
