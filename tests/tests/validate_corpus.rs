@@ -1451,3 +1451,58 @@ fn the_tree_under_another_name_is_still_the_tree() {
         out.stderr
     );
 }
+
+#[test]
+fn a_tool_program_given_from_home_runs_from_home() {
+    // `~/` is expanded by the config, not by a shell: the broker must run
+    // the very program that was checked, not `<root>/~/bin/tool`.
+    let dir = TempDir::new("tool-home");
+    prepare(&dir);
+    dir.write("home/bin/tool", "#!/bin/sh\n", 0o755);
+    let yaml = BASE.replace(
+        "broker: {api_key_file: key}\n",
+        "broker:\n  api_key_file: key\n  tools: [{name: db, command: ['~/bin/tool', '-x'], backend: '127.0.0.1:3201', operations: [{name: read}]}]\n",
+    );
+    dir.write("lever.yaml", &yaml, 0o644);
+    let env = lever_policy::config::fs::Env {
+        home: Some(dir.join("home")),
+        uid: rustix::process::geteuid().as_raw(),
+    };
+    let loaded = lever_policy::config::load(&dir.join("lever.yaml"), &env).unwrap();
+    let command = loaded.config.broker.tools[0].transport.command().to_vec();
+    assert_eq!(
+        command,
+        [
+            dir.join("home/bin/tool").display().to_string(),
+            "-x".to_owned()
+        ]
+    );
+}
+
+#[test]
+fn a_tool_argument_naming_a_file_in_the_tree_is_a_warning() {
+    let dir = TempDir::new("tool-arg");
+    prepare(&dir);
+    dir.write("ws/srv.py", "print()\n", 0o644);
+    dir.write("srv.py", "print()\n", 0o644);
+    for (script, warned) in [("ws/srv.py", true), ("srv.py", false)] {
+        let yaml = BASE.replace(
+            "broker: {api_key_file: key}\n",
+            &format!("broker:\n  api_key_file: key\n  tools: [{{name: db, command: [python3, {script}], backend: '127.0.0.1:3201', operations: [{{name: read}}]}}]\n"),
+        );
+        dir.write("lever.yaml", &yaml, 0o644);
+        let out = lever(
+            &["validate", "-c", "lever.yaml"],
+            dir.path(),
+            &dir.join("home"),
+        );
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(
+            out.stderr
+                .contains("broker.tools[0].command[1]: warning: \"ws/srv.py\" is in the tree"),
+            warned,
+            "{script}: {}",
+            out.stderr
+        );
+    }
+}

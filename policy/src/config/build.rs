@@ -849,7 +849,7 @@ fn build_tools(
                 cx.error(&cmd_path, "must name a program (a non-empty argv list)");
                 None
             }
-            Some(c) => {
+            Some(mut c) => {
                 let mut ok = true;
                 for (j, a) in c.iter().enumerate() {
                     if a.is_empty() || a.contains('\0') {
@@ -864,18 +864,45 @@ fn build_tools(
                 // instance root: never one the agents can rewrite.
                 if ok && c[0].contains('/') {
                     let p = &cx.item(&cmd_path, 0);
-                    ok = fs::resolve(&c[0], inp.root, inp.env)
+                    match fs::resolve(&c[0], inp.root, inp.env)
                         .and_then(|given| fs::real_path(&given).map(|real| (given, real)))
-                        .map_err(|e| cx.error(p, e))
-                        .is_ok_and(|(given, real)| {
-                            outside_tree(
+                    {
+                        Ok((given, real)) => {
+                            ok = outside_tree(
                                 cx,
                                 tree,
                                 p,
                                 (&given, &real),
                                 "agents could replace the program the broker runs on the host",
-                            )
-                        });
+                            );
+                            // `~/` is the config's, not a shell's: the
+                            // broker runs what was checked.
+                            if c[0].starts_with('~') {
+                                c[0] = given.to_string_lossy().into_owned();
+                            }
+                        }
+                        Err(e) => {
+                            cx.error(p, e);
+                            ok = false;
+                        }
+                    }
+                }
+                // An argument naming something in the tree (a script the
+                // program runs, say) is the agents' to rewrite: whether the
+                // program reads it is the program's business, so a warning.
+                if let Some(t) = tree {
+                    for (j, a) in c.iter().enumerate().skip(1) {
+                        let given = inp.root.join(a);
+                        if !a.starts_with('-')
+                            && given.symlink_metadata().is_ok()
+                            && fs::through_tree(&given, t).is_some()
+                        {
+                            cx.warning(
+                                &cx.item(&cmd_path, j),
+                                format!("{a:?} is in the tree: if the tool reads or runs it, agents can rewrite what the broker runs on the host"),
+                            );
+                        }
+                    }
                 }
                 ok.then_some(c)
             }
