@@ -192,7 +192,7 @@ fn the_official_sdk_reads_the_db_through_the_gateway_and_a_pinned_table_holds() 
 #[test]
 fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
     let Env {
-        inst: _inst,
+        inst,
         b,
         manager,
         token,
@@ -265,6 +265,29 @@ fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
         let v = raw.call(&sid, name, json!({"table": "users"}));
         assert_eq!(v["error"]["code"], -32602, "{name} -> {v}");
     }
+    // What an agent sends is recorded clipped: a 100 kB tool name and a
+    // 100 kB pinned value leave records of a bounded size (and an error
+    // that does not echo them whole).
+    let long = "x".repeat(100_000);
+    let v = raw.call(&sid, &long, json!({}));
+    assert_eq!(v["error"]["code"], -32602);
+    assert!(v.to_string().len() < 2_000, "{} bytes", v.to_string().len());
+    let v = raw.call(&sid, "db_read", json!({"table": long}));
+    assert_eq!(v["error"]["code"], -32001);
+    let rec = wait_audit(&inst, |l| {
+        l["event"] == "tool"
+            && l["detail"]["call"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("xxx"))
+    });
+    assert!(rec.to_string().len() < 2_000, "{rec}");
+    let rec = wait_audit(&inst, |l| {
+        l["event"] == "tool"
+            && l["constraints"]["table"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("xxx"))
+    });
+    assert!(rec.to_string().len() < 2_000, "{rec}");
     // Arguments that are not an object.
     let r = raw.post(
         Some(&sid),
@@ -804,6 +827,51 @@ fn a_cancelled_call_returns_at_once() {
         l["event"] == "tool" && l["detail"]["outcome"] == "cancelled"
     });
     assert_eq!(rec["op"], "trigger-long-running-operation");
+}
+
+#[test]
+fn a_call_whose_agent_goes_away_is_still_recorded() {
+    // The agent closes its connection while the backend works: hyper drops
+    // the handler, and the call (which did run) is recorded anyway.
+    let Env {
+        inst,
+        b,
+        manager,
+        token,
+        ..
+    } = everything("stdio");
+    let raw = RawMcp::new(&b, &manager, &token);
+    let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
+    let auth = format!("Bearer {token}");
+    let body = json!({"jsonrpc": "2.0", "id": "gone", "method": "tools/call",
+        "params": {"name": "everything_trigger-long-running-operation",
+                   "arguments": {"duration": 1.0, "steps": 2}}});
+    let tls = manager.tls();
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("mcp-session-id", sid.as_str()),
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
+    let send = lever_broker::client::send_bytes(
+        &b.jail,
+        Some(&tls),
+        Method::POST,
+        "/mcp",
+        &headers,
+        Bytes::from(body.to_string()),
+    );
+    let cut =
+        b.rt.block_on(async { tokio::time::timeout(Duration::from_millis(300), send).await });
+    assert!(cut.is_err(), "the call answered within 300 ms");
+    let rec = wait_audit(&inst, |l| {
+        l["event"] == "tool" && l["detail"]["outcome"] == "abandoned"
+    });
+    assert_eq!(rec["op"], "trigger-long-running-operation");
+    assert_eq!(rec["identity"], "manager");
+    // The session goes on.
+    let v = raw.call(&sid, "everything_echo", json!({"message": "still here"}));
+    assert!(v["result"].is_object(), "{v}");
 }
 
 #[test]

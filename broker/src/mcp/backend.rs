@@ -304,7 +304,7 @@ impl Backend {
         let live = Arc::new(Live {
             pid,
             conn,
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first_id()),
             dead,
         });
         let ready = tokio::time::timeout(READY_TIMEOUT, self.initialize(&live)).await;
@@ -476,6 +476,18 @@ impl Drop for CancelOnDrop {
 }
 
 /// Whether `msg` is the response to request `id`.
+/// A backend's first request id: random (below 2^52, so a backend that
+/// reads JSON numbers as doubles keeps them exact). Ids are internal to
+/// the broker; an agent that makes a backend print a line cannot guess the
+/// id of another agent's pending call.
+fn first_id() -> u64 {
+    let mut b = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return 1;
+    }
+    (u64::from_le_bytes(b) >> 12).max(1)
+}
+
 fn is_response_to(msg: &Value, id: u64) -> bool {
     msg.get("method").is_none()
         && msg.get("id").and_then(Value::as_u64) == Some(id)
@@ -619,7 +631,9 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, CallError>>>
 
 /// MCP over a child's stdin/stdout: one JSON message per line.
 struct StdioConn {
-    stdin: Arc<tokio::sync::Mutex<ChildStdin>>,
+    /// Whole lines for the writer task: a caller that goes away mid-send
+    /// never leaves half a line in the pipe.
+    lines: tokio::sync::mpsc::Sender<Vec<u8>>,
     pending: Pending,
 }
 
@@ -631,7 +645,8 @@ impl StdioConn {
         pid: u32,
     ) -> StdioConn {
         let pending: Pending = Arc::default();
-        let (replies_tx, mut replies_rx) = tokio::sync::mpsc::channel::<Value>(16);
+        let (lines, mut lines_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        let replies = lines.clone();
         let reader_pending = pending.clone();
         tokio::spawn(async move {
             let mut out = BufReader::new(stdout);
@@ -658,13 +673,16 @@ impl StdioConn {
                 if let (Some(_), Some(id)) = (msg.get("method"), msg.get("id")) {
                     // A request from the backend (sampling, roots...): the
                     // broker offers none of these.
-                    let _ = replies_tx.try_send(json!({
+                    let _ = replies.try_send(line_of(&json!({
                         "jsonrpc": "2.0", "id": id,
                         "error": {"code": -32601, "message": "not supported through the Lever broker"},
-                    }));
+                    })));
                     continue;
                 }
+                // Only a response (a result or an error, no method) answers
+                // a call: a line that merely carries a pending id does not.
                 if let Some(id) = msg.get("id").and_then(Value::as_u64)
+                    && is_response_to(&msg, id)
                     && let Some(tx) = reader_pending.lock().ok().and_then(|mut p| p.remove(&id))
                 {
                     let _ = tx.send(Ok(msg));
@@ -678,19 +696,21 @@ impl StdioConn {
                 p.clear();
             }
         });
-        let stdin = Arc::new(tokio::sync::Mutex::new(stdin));
-        // Replies to the backend's own requests go out through the same pipe.
-        let replies_stdin = stdin.clone();
+        // One writer: calls, notifications and replies to the backend's
+        // own requests, each line whole, in order.
         tokio::spawn(async move {
-            while let Some(r) = replies_rx.recv().await {
-                write_line(&replies_stdin, &r).await;
+            let mut stdin = stdin;
+            while let Some(l) = lines_rx.recv().await {
+                if stdin.write_all(&l).await.is_err() || stdin.flush().await.is_err() {
+                    break;
+                }
             }
         });
-        StdioConn { stdin, pending }
+        StdioConn { lines, pending }
     }
 
     async fn send(&self, msg: &Value) {
-        write_line(&self.stdin, msg).await;
+        let _ = self.lines.send(line_of(msg)).await;
     }
 
     async fn request(&self, msg: &Value, id: u64) -> Result<Value, CallError> {
@@ -706,12 +726,11 @@ impl StdioConn {
     }
 }
 
-async fn write_line(stdin: &tokio::sync::Mutex<ChildStdin>, msg: &Value) {
+/// `msg` as one line of the stdio transport.
+fn line_of(msg: &Value) -> Vec<u8> {
     let mut line = msg.to_string().into_bytes();
     line.push(b'\n');
-    let mut w = stdin.lock().await;
-    let _ = w.write_all(&line).await;
-    let _ = w.flush().await;
+    line
 }
 
 /// Reads one line (without its `\n`) into `buf`, refusing one longer than

@@ -286,16 +286,16 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
             ),
         ));
     }
-    if id
-        .as_ref()
-        .is_some_and(|i| !(i.is_string() || i.is_i64() || i.is_u64()))
-    {
+    if id.as_ref().is_some_and(|i| {
+        !(i.is_string() || i.is_i64() || i.is_u64())
+            || i.as_str().is_some_and(|s| s.len() > MAX_ID_LEN)
+    }) {
         return Ok(rpc_body(
             StatusCode::BAD_REQUEST,
             &rpc_error(
                 &Value::Null,
                 code::INVALID_REQUEST,
-                "a request id must be a string or an integer",
+                "a request id must be an integer or a string of at most 256 bytes",
                 None,
             ),
         ));
@@ -482,6 +482,55 @@ fn list(
     Ok(out)
 }
 
+/// Longest request id (a string id is kept while its call is in flight).
+const MAX_ID_LEN: usize = 256;
+
+/// Longest text taken from a request into a record, a span or an error:
+/// what an agent sends never grows the audit trail without bound.
+const MAX_RECORDED: usize = 256;
+
+/// `s`, cut to at most [`MAX_RECORDED`] bytes (at a character boundary)
+/// and marked when cut.
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_RECORDED {
+        return s.to_owned();
+    }
+    let mut end = MAX_RECORDED;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
+/// A call handed to its backend. If the request goes away before the
+/// answer (the agent disconnected, and hyper dropped the handler), the
+/// call still leaves its record, as `abandoned`, and its session forgets
+/// it.
+struct InFlight<'a> {
+    broker: &'a crate::Broker,
+    sid: &'a str,
+    key: String,
+    /// The record to write if the call is abandoned; taken once answered.
+    abandoned: Option<Record>,
+    tool: &'a str,
+    started: Instant,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.broker.mcp_sessions.untrack(self.sid, &self.key);
+        if let Some(rec) = self.abandoned.take() {
+            let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+            self.broker.stats.inc(
+                "lever_tool_calls_total",
+                &[("tool", self.tool), ("outcome", "abandoned")],
+                1,
+            );
+            self.broker.audit.log_now(rec.detail("backend_ms", ms));
+        }
+    }
+}
+
 /// The arguments judged against the token: string values only (a non-string
 /// can never satisfy a pin). A token without checks (facts only: one the
 /// broker minted directly, or a delegate that inherited none) has only its
@@ -561,7 +610,7 @@ async fn call(
             .token(verified.token_id.as_str())
             .request(ctx)
             .detail("session", sid.to_owned())
-            .detail("call", name.to_owned())
+            .detail("call", clip(name))
             .detail("args_sha256", args_digest.clone())
     };
     let known = name.split_once('_').filter(|(t, op)| {
@@ -580,7 +629,7 @@ async fn call(
         return reply(rpc_error(
             id,
             code::INVALID_PARAMS,
-            &format!("unknown tool `{name}` (see tools/list)"),
+            &format!("unknown tool `{}` (see tools/list)", clip(name)),
             None,
         ));
     };
@@ -594,7 +643,7 @@ async fn call(
         .map(|k| {
             let v = args.get(k).map_or_else(
                 || "<missing>".to_owned(),
-                |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                |v| clip(&v.as_str().map_or_else(|| v.to_string(), str::to_owned)),
             );
             (k.clone(), v)
         })
@@ -675,18 +724,28 @@ async fn call(
             None,
         ));
     };
-    let mut forwarded = json!({"name": op, "arguments": args_value});
-    if let Some(meta) = params.get("_meta") {
-        forwarded["_meta"] = meta.clone();
-    }
+    // The name and the judged arguments, nothing else: no `_meta` or other
+    // parameter the token never saw reaches the backend.
+    let forwarded = json!({"name": op, "arguments": args_value});
     let request_key = id.to_string();
     let cancelled = broker.mcp_sessions.track(sid, &request_key);
     let started = Instant::now();
+    let mut in_flight = InFlight {
+        broker,
+        sid,
+        key: request_key,
+        abandoned: Some(base(
+            Record::new("tool").allow().detail("outcome", "abandoned"),
+        )),
+        tool,
+        started,
+    };
     let outcome = tokio::select! {
         r = backend.call("tools/call", forwarded) => Some(r),
         Ok(()) = cancelled => None,
     };
-    broker.mcp_sessions.untrack(sid, &request_key);
+    in_flight.abandoned = None;
+    drop(in_flight);
     drop(permit);
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (resp, rec) = match outcome {
@@ -759,6 +818,7 @@ fn tool_span(
     start: std::time::SystemTime,
 ) {
     let ids = ctx.trace_ids(o);
+    let name = &clip(name);
     let title = ["tools/call ", name];
     let Some(mut sp) = o.span(
         &ids,
