@@ -123,6 +123,11 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
             if revoked.contains_key(&identity) {
                 return Ok(Err((TicketRefusal::IdentityRevoked, Some(identity))));
             }
+            // Tickets outlive restarts; the config may have changed since.
+            // Left unspent: the name may come back.
+            if broker.config.agent(&identity).is_none() {
+                return Ok(Err((TicketRefusal::UnknownAgent, Some(identity))));
+            }
             t.consumed_at = Some(now);
             s.serial += 1;
             Ok(Ok((identity, s.serial)))
@@ -138,6 +143,10 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
                 TicketRefusal::IdentityRevoked => {
                     ("identity_revoked", "the ticket's identity is revoked")
                 }
+                TicketRefusal::UnknownAgent => (
+                    "unknown_agent",
+                    "the ticket's identity is no longer an agent of the config",
+                ),
             };
             let mut rec = Record::new("enrol").deny(code).request(ctx);
             if let Some(i) = identity {

@@ -103,6 +103,9 @@ pub(crate) enum TicketRefusal {
     Used,
     Expired,
     IdentityRevoked,
+    /// The ticket's identity is no longer an agent of the config (it was
+    /// issued before the config changed).
+    UnknownAgent,
 }
 
 /// The state directory and the in-memory copy of `state.json`. All
@@ -303,6 +306,11 @@ impl State {
                 missing.join(", ")
             )));
         }
+        // The lock before any read: a broker still running may confirm a
+        // change (a `200`) after this one read the state and before it
+        // could take the lock, and this one would then serve, and later
+        // overwrite, the older state.
+        let held = lock(dir)?;
         let read = |name: &str| -> Result<String, StartError> {
             let p = dir.join(name);
             let md = fs::symlink_metadata(&p).map_err(|e| io_err(&p, e))?;
@@ -342,7 +350,7 @@ impl State {
             state: State {
                 dir: dir.to_path_buf(),
                 inner: Mutex::new(persisted),
-                _lock: lock(dir)?,
+                _lock: held,
             },
             created: false,
         })

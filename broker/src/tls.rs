@@ -102,6 +102,11 @@ pub(crate) fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No resumption: a resumed session reuses the client certificate of
+    // its first handshake without checking it again, so an expired one
+    // would go on authenticating for the ticket's life.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 

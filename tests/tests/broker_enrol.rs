@@ -70,6 +70,38 @@ fn a_ticket_expires() {
 }
 
 #[test]
+fn a_ticket_for_an_agent_dropped_from_the_config_is_refused_and_kept() {
+    // Tickets outlive restarts; an agent removed from the config in between
+    // gets no certificate. The ticket stays unspent: if the agent comes
+    // back, it works.
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (ticket, ca) = b.register("g2");
+    drop(b);
+    let yaml = std::fs::read_to_string(inst.dir.join("lever.yaml")).unwrap();
+    let without = yaml
+        .replace("  - name: g2\n    dir: g2\n", "")
+        .replace("to: [g1, g2]", "to: [g1]")
+        .replace("\n    delegate: [{tool: db, op: read, to: [g2]}]", "");
+    assert!(!without.contains("g2"), "{without}");
+    std::fs::write(inst.dir.join("lever.yaml"), &without).unwrap();
+    let b = inst.start();
+    let (r, _) = b.redeem(&ticket, &ca);
+    assert_eq!(r.status, 403);
+    assert_eq!(code(&r), "ticket_refused");
+    assert!(
+        r.error_message()
+            .contains("no longer an agent of the config"),
+        "{}",
+        r.error_message()
+    );
+    drop(b);
+    std::fs::write(inst.dir.join("lever.yaml"), &yaml).unwrap();
+    let b = inst.start();
+    assert_eq!(b.redeem(&ticket, &ca).0.status, 200);
+}
+
+#[test]
 fn of_concurrent_redeems_of_one_ticket_exactly_one_wins() {
     let inst = Instance::new(DEFAULT_AGENTS, "");
     let b = inst.start();

@@ -57,6 +57,28 @@ fn a_new_dir_is_created_private_and_reopened_with_its_changes() {
 }
 
 #[test]
+fn the_lock_is_taken_before_the_state_is_read() {
+    // Another broker holds the dir: the answer is "in use", whatever the
+    // state holds (here, something unreadable), never a read of it.
+    let d = tempdir("held");
+    drop(State::open(&d, fresh).unwrap());
+    let other = State::open(&d, || panic!("must not re-create")).unwrap();
+    fs::write(d.join(STATE), "not json").unwrap();
+    let e = State::open(&d, || panic!("must not re-create"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("in use by another broker"), "{e}");
+    drop(other);
+    let e = State::open(&d, || panic!("must not re-create"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("corrupt"), "{e}");
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
 fn a_failed_update_changes_nothing() {
     let d = tempdir("fail");
     let loaded = State::open(&d, fresh).unwrap();

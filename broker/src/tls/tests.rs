@@ -15,6 +15,18 @@ fn the_server_certificate_is_replaced_with_a_third_of_its_life_left() {
 }
 
 #[test]
+fn the_jail_listener_never_resumes_a_session() {
+    // Resumption would skip the client certificate's checks (its expiry
+    // among them) for the life of a ticket.
+    let (key, cert) = crate::ca::Ca::generate("t").unwrap();
+    let ca = Arc::new(crate::ca::Ca::load(&key, &cert).unwrap());
+    let config = server_config(&ca, Arc::new(ServerCert::new(ca.clone()).unwrap())).unwrap();
+    assert_eq!(config.send_tls13_tickets, 0);
+    assert!(!config.session_storage.can_cache());
+    assert!(!config.ticketer.enabled());
+}
+
+#[test]
 fn rotation_issues_a_new_certificate_when_due() {
     let (key, cert) = crate::ca::Ca::generate("t").unwrap();
     let ca = Arc::new(crate::ca::Ca::load(&key, &cert).unwrap());
