@@ -158,9 +158,34 @@ impl Env for System {
             .map_err(|e| e.to_string())?;
         let v = r.json();
         match (v["ticket"].as_str(), v["ca"].as_str()) {
-            (Some(t), Some(c)) => Ok((t.to_owned(), c.to_owned())),
+            (Some(t), Some(c)) => {
+                same_ca(c, &self.state_dir)?;
+                Ok((t.to_owned(), c.to_owned()))
+            }
             _ => Err(format!("/bootstrap: {}", r.error_message())),
         }
+    }
+}
+
+/// The CA an admin API answered with must be this instance's own (the
+/// state dir's `ca.crt`): whatever else answers on the admin port (another
+/// local process that bound it first) must never have its CA pinned by the
+/// manager.
+fn same_ca(answered: &str, state_dir: &Path) -> Result<(), String> {
+    let path = state_dir.join("ca.crt");
+    let ours = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "{}: {e} (the broker answering on the admin port keeps no state here: is another process holding that port?)",
+            path.display()
+        )
+    })?;
+    if ours.trim() == answered.trim() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the admin port answered with a CA that is not {}: another process holds that port; bring-up stops and nothing is staged",
+            path.display()
+        ))
     }
 }
 

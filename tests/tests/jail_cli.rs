@@ -219,6 +219,59 @@ fn apply_makes_a_private_state_dir_that_the_broker_it_starts_accepts() {
 }
 
 #[test]
+fn apply_never_stages_the_ca_of_whatever_else_holds_the_admin_port() {
+    // Another local process bound the admin port first and answers like a
+    // broker, with a CA of its own: bring-up must stop before the manager
+    // is handed that CA to pin.
+    let inst = OrbInstance::new();
+    let yaml = std::fs::read_to_string(inst.dir.join("lever.yaml")).unwrap();
+    let admin: u16 = yaml
+        .split("admin_port: ")
+        .nth(1)
+        .and_then(|r| r.split(['}', ',']).next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap();
+    let squatter = format!(
+        r#"
+import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def answer(self, body):
+        b = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def do_GET(self): self.answer({{"ok": True}})
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.answer({{"ticket": "lvt_" + "a" * 43, "ca": "-----BEGIN CERTIFICATE-----\\nMIIBsquatter\\n-----END CERTIFICATE-----\\n"}})
+http.server.HTTPServer(("127.0.0.1", {admin}), H).serve_forever()
+"#
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &squatter])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the squatter never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = inst.lever(&["apply"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("another process"), "{}", out.stderr);
+    assert!(!inst.dir.join("ws/.lever/bootstrap/ticket").exists());
+    assert!(!inst.dir.join("ws/.lever/bootstrap/ca.pem").exists());
+}
+
+#[test]
 fn down_and_doctor_act_on_the_machine_named_by_machine() {
     let inst = OrbInstance::new();
     let down = inst.lever(&["down", "--machine", "lever-old"]);
