@@ -113,7 +113,12 @@ pub(crate) enum TicketRefusal {
 #[derive(Debug)]
 pub(crate) struct State {
     dir: PathBuf,
+    /// What requests read: held only for a read or to swap in a new state,
+    /// never across a write to disk.
     inner: Mutex<Persisted>,
+    /// Serializes changes: held across the write and its fsyncs, which
+    /// readers never wait for.
+    writer: Mutex<()>,
     /// Held (flock, exclusive) for the broker's lifetime: two brokers never
     /// share a state dir.
     _lock: File,
@@ -350,6 +355,7 @@ impl State {
             state: State {
                 dir: dir.to_path_buf(),
                 inner: Mutex::new(persisted),
+                writer: Mutex::new(()),
                 _lock: held,
             },
             created: false,
@@ -380,6 +386,7 @@ impl State {
             state: State {
                 dir: dir.to_path_buf(),
                 inner: Mutex::new(persisted),
+                writer: Mutex::new(()),
                 _lock: lock(dir)?,
             },
             ca_key_pem: fresh.ca_key_pem,
@@ -409,19 +416,26 @@ impl State {
 
     /// Changes the state durably: `f` edits a copy; if it returns `Ok`, the
     /// copy is written and fsynced, and only then becomes the state.
-    /// Blocking (fsync): call from a blocking context.
+    /// Changes are serialized; requests reading the state meanwhile see the
+    /// state before the change (it is not answered yet) and never wait for
+    /// the disk. Blocking (fsync): call from a blocking context.
     pub(crate) fn update<R, E: From<std::io::Error>>(
         &self,
         f: impl FnOnce(&mut Persisted) -> Result<R, E>,
     ) -> Result<R, E> {
-        let mut guard = self.lock();
-        let mut next = guard.clone();
+        let _writing = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Only a writer changes the state, and this is the only one now.
+        let current = self.lock().clone();
+        let mut next = current.clone();
         let r = f(&mut next)?;
-        if next != *guard {
+        if next != current {
             prune(&mut next);
             let json = serde_json::to_vec_pretty(&next).map_err(std::io::Error::other)?;
             write_atomic(&self.dir.join(STATE), &json)?;
-            *guard = next;
+            *self.lock() = next;
         }
         Ok(r)
     }

@@ -79,6 +79,39 @@ fn the_lock_is_taken_before_the_state_is_read() {
 }
 
 #[test]
+fn readers_never_wait_for_a_change_being_written() {
+    // A change holds the writer's lock through its work and its fsyncs;
+    // requests read the state meanwhile (the state before the change),
+    // never queued behind the disk.
+    let d = tempdir("readers");
+    let loaded = State::open(&d, fresh).unwrap();
+    let state = &loaded.state;
+    std::thread::scope(|s| {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        s.spawn(move || {
+            state
+                .update(|p| {
+                    started_tx.send(()).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(600));
+                    p.epoch = 2;
+                    Ok::<_, std::io::Error>(())
+                })
+                .unwrap();
+        });
+        started.recv().unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(state.epoch(), 1);
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+    });
+    assert_eq!(state.epoch(), 2);
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
 fn a_failed_update_changes_nothing() {
     let d = tempdir("fail");
     let loaded = State::open(&d, fresh).unwrap();
