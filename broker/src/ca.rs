@@ -211,3 +211,56 @@ pub fn check_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, ApiEr
     CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| ApiError::BadRequest(format!("invalid CSR: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_issued_certificate_takes_only_the_key_from_its_csr() {
+        let (k, c) = Ca::generate("t").unwrap();
+        let ca = Ca::load(&k, &c).unwrap();
+        // A CSR asking for another CN, a server's name, serverAuth and CA
+        // powers: the certificate carries the identity the broker chose,
+        // clientAuth, and nothing the CSR asked for.
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["host.orb.internal".to_owned()]).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "manager");
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+        let (pem, _) = ca.issue_client("g1", &csr, 7).unwrap();
+        let der = pem_certs(&pem).unwrap().remove(0);
+        assert_eq!(client_identity(&der).unwrap(), "g1");
+        let (_, x) = X509Certificate::from_der(der.as_ref()).unwrap();
+        for ext in x.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(_) => {
+                    panic!("a SAN was taken from the CSR")
+                }
+                ParsedExtension::BasicConstraints(bc) => assert!(!bc.ca),
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    assert!(eku.client_auth && !eku.server_auth);
+                }
+                _ => {}
+            }
+        }
+        // Proof of possession: a CSR whose signature does not verify (one
+        // character of its last line changed) is refused.
+        let lines: Vec<&str> = csr.lines().collect();
+        let last = lines.len() - 2;
+        let mut bad: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        let mid = bad[last].len() / 2;
+        let flipped = if &bad[last][mid..=mid] == "A" {
+            "B"
+        } else {
+            "A"
+        };
+        bad[last].replace_range(mid..=mid, flipped);
+        let bad = bad.join("\n") + "\n";
+        assert!(check_csr(&bad).is_err());
+        assert!(ca.issue_client("g1", &bad, 8).is_err());
+    }
+}

@@ -830,6 +830,56 @@ fn a_cancelled_call_returns_at_once() {
 }
 
 #[test]
+fn another_agent_can_neither_cancel_nor_end_what_it_does_not_own() {
+    // g1 knows the manager's session id and the id of its call in flight:
+    // its cancellation and its DELETE are refused, and the manager's call
+    // and session go on.
+    let agents = format!("{EVERYTHING_AGENTS}groves:\n  - name: g1\n    dir: g1\n");
+    let Env {
+        inst: _inst,
+        b,
+        manager,
+        token,
+        ..
+    } = env(&agents, &everything_tools("stdio"), everything_grants());
+    let raw = RawMcp::new(&b, &manager, &token);
+    let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
+    let g1 = b.enrol("g1");
+    let (g1_token, _) = b.token(&g1, json!([{"tool": "llm", "op": "generate"}]));
+    let other = RawMcp::new(&b, &g1, &g1_token);
+    let g1_auth = format!("Bearer {g1_token}");
+    let v = std::thread::scope(|s| {
+        let call = s.spawn(|| {
+            raw.call(
+                &sid,
+                "everything_trigger-long-running-operation",
+                json!({"duration": 1.0, "steps": 2}),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let r = other.post(
+            Some(&sid),
+            json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                   "params": {"requestId": 7, "reason": "not mine"}}),
+        );
+        assert_eq!(r.status, 404);
+        let r = other.send(
+            Method::DELETE,
+            &[("authorization", &g1_auth), ("mcp-session-id", &sid)],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 404);
+        call.join().unwrap()
+    });
+    assert!(
+        v["result"].is_object(),
+        "g1 cancelled the manager's call: {v}"
+    );
+    let ping = json!({"jsonrpc": "2.0", "id": "p", "method": "ping"});
+    assert_eq!(raw.post(Some(&sid), ping).status, 200);
+}
+
+#[test]
 fn a_call_whose_agent_goes_away_is_still_recorded() {
     // The agent closes its connection while the backend works: hyper drops
     // the handler, and the call (which did run) is recorded anyway.
