@@ -218,11 +218,25 @@ fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
         json!({"table": "USERS"}),
         json!({"table": "users\u{0000}"}),
         json!({"table": "users;orders"}),
-        json!({"table": "orders", "Table": "users"}),
     ] {
         let v = raw.call(&sid, "db_read", args.clone());
         assert_eq!(v["error"]["code"], -32001, "{args} -> {v}");
         assert_eq!(v["id"], 7);
+    }
+    // An argument the operation does not declare (`db` declares `table`
+    // and `filter`) is refused before anything is judged or forwarded,
+    // look-alike keys included.
+    for args in [
+        json!({"table": "orders", "Table": "users"}),
+        json!({"table": "users", "limit": 5}),
+        json!({"table": "users", "tabIe": "users"}),
+    ] {
+        let v = raw.call(&sid, "db_read", args.clone());
+        assert_eq!(v["error"]["code"], -32602, "{args} -> {v}");
+        assert_eq!(
+            v["error"]["data"]["reason"], "unknown_argument",
+            "{args} -> {v}"
+        );
     }
     // A key sent twice: the value judged is the value the tool gets (the
     // last one, as parsed), never one judged and another forwarded.
@@ -310,7 +324,7 @@ fn pins_hold_against_missing_non_string_and_look_alike_arguments() {
         json!({"table": "users", "filter": ["evil"]}),
         json!({"table": "users", "filter": 1}),
         json!({"table": "users", "filter": {"x": "evil"}}),
-        json!({"table": "users", "limit": 5}),
+        json!({"table": "users", "filter": null}),
     ] {
         let v = raw_n.call(&sid, "db_read", args.clone());
         assert_eq!(v["error"]["code"], -32001, "{args} -> {v}");

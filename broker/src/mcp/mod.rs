@@ -633,6 +633,36 @@ async fn call(
             None,
         ));
     };
+    // An operation that declares its arguments takes no others: what the
+    // operator did not name never reaches the backend unjudged.
+    let declared = broker
+        .config
+        .broker
+        .tool(tool)
+        .and_then(|t| t.operation(op))
+        .and_then(|o| o.args.as_ref());
+    if let Some(declared) = declared
+        && let Some(k) = args.keys().find(|k| !declared.contains(k))
+    {
+        broker.stats.denial("mcp", "unknown_argument", None);
+        broker
+            .audit
+            .log(
+                base(Record::new("tool").right(tool.to_owned(), op.to_owned()))
+                    .deny("unknown_argument"),
+            )
+            .await;
+        return reply(rpc_error(
+            id,
+            code::INVALID_PARAMS,
+            &format!(
+                "`{}` is not an argument of {name} (it takes: {})",
+                clip(k),
+                declared.join(", ")
+            ),
+            Some(json!({"reason": "unknown_argument"})),
+        ));
+    }
     let judged = judged_args(&args, verified);
     // The constraint values this call is held to, for the record.
     let pinned: BTreeMap<String, String> = verified
