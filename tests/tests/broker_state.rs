@@ -258,6 +258,22 @@ fn bodies_and_headers_are_capped() {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{out}");
+    // A body with no declared length (chunked) is capped as it is read.
+    let mut s = TcpStream::connect(("127.0.0.1", inst.admin_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let chunk = format!(r#"{{"identity": "{}"}}"#, "x".repeat(64 * 1024));
+    let req = format!(
+        "POST /register HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    );
+    let _ = s.write_all(req.as_bytes());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(
+        out.starts_with("HTTP/1.1 413"),
+        "{}",
+        &out[..out.len().min(200)]
+    );
     // Unknown fields in a body are refused, not ignored.
     let r = b.obtain(
         &g1,
