@@ -475,7 +475,6 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Whether `msg` is the response to request `id`.
 /// A backend's first request id: random (below 2^52, so a backend that
 /// reads JSON numbers as doubles keeps them exact). Ids are internal to
 /// the broker; an agent that makes a backend print a line cannot guess the
@@ -488,6 +487,7 @@ fn first_id() -> u64 {
     (u64::from_le_bytes(b) >> 12).max(1)
 }
 
+/// Whether `msg` is the response to request `id`.
 fn is_response_to(msg: &Value, id: u64) -> bool {
     msg.get("method").is_none()
         && msg.get("id").and_then(Value::as_u64) == Some(id)
