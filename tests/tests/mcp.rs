@@ -814,22 +814,13 @@ fn a_cancelled_call_returns_at_once() {
     let raw = RawMcp::new(&b, &manager, &token);
     let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
     let started = Instant::now();
-    let v = std::thread::scope(|s| {
-        let call = s.spawn(|| {
-            raw.call(
-                &sid,
-                "everything_trigger-long-running-operation",
-                json!({"duration": 1.4, "steps": 2}),
-            )
-        });
-        std::thread::sleep(Duration::from_millis(300));
+    let v = long_call_while(&raw, &sid, 1.4, || {
         let r = raw.post(
             Some(&sid),
             json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
                    "params": {"requestId": 7, "reason": "changed my mind"}}),
         );
         assert_eq!(r.status, 202);
-        call.join().unwrap()
     });
     assert_eq!(v["error"]["code"], -32800, "{v}");
     assert!(
@@ -841,6 +832,23 @@ fn a_cancelled_call_returns_at_once() {
         l["event"] == "tool" && l["detail"]["outcome"] == "cancelled"
     });
     assert_eq!(rec["op"], "trigger-long-running-operation");
+}
+
+/// The call `everything_trigger-long-running-operation` (id 7, `secs`
+/// long) in session `sid`, with `meanwhile` run 300 ms into it; its answer.
+fn long_call_while(raw: &RawMcp<'_>, sid: &str, secs: f64, meanwhile: impl FnOnce()) -> Value {
+    std::thread::scope(|s| {
+        let call = s.spawn(|| {
+            raw.call(
+                sid,
+                "everything_trigger-long-running-operation",
+                json!({"duration": secs, "steps": 2}),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        meanwhile();
+        call.join().unwrap()
+    })
 }
 
 #[test]
@@ -862,15 +870,7 @@ fn another_agent_can_neither_cancel_nor_end_what_it_does_not_own() {
     let (g1_token, _) = b.token(&g1, json!([{"tool": "llm", "op": "generate"}]));
     let other = RawMcp::new(&b, &g1, &g1_token);
     let g1_auth = format!("Bearer {g1_token}");
-    let v = std::thread::scope(|s| {
-        let call = s.spawn(|| {
-            raw.call(
-                &sid,
-                "everything_trigger-long-running-operation",
-                json!({"duration": 1.0, "steps": 2}),
-            )
-        });
-        std::thread::sleep(Duration::from_millis(300));
+    let v = long_call_while(&raw, &sid, 1.0, || {
         let r = other.post(
             Some(&sid),
             json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
@@ -883,7 +883,6 @@ fn another_agent_can_neither_cancel_nor_end_what_it_does_not_own() {
             Bytes::new(),
         );
         assert_eq!(r.status, 404);
-        call.join().unwrap()
     });
     assert!(
         v["result"].is_object(),
