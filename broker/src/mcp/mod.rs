@@ -510,8 +510,9 @@ struct InFlight<'a> {
     broker: &'a crate::Broker,
     sid: &'a str,
     key: String,
-    /// The record to write if the call is abandoned; taken once answered.
-    abandoned: Option<Record>,
+    /// Makes the record to write if the call is abandoned (built only
+    /// then: not on every call); taken once answered.
+    abandoned: Option<&'a (dyn Fn() -> Record + Sync)>,
     tool: &'a str,
     started: Instant,
 }
@@ -519,7 +520,8 @@ struct InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.broker.mcp_sessions.untrack(self.sid, &self.key);
-        if let Some(rec) = self.abandoned.take() {
+        if let Some(abandoned) = self.abandoned.take() {
+            let rec = abandoned();
             let ms = self.started.elapsed().as_secs_f64() * 1000.0;
             self.broker.stats.inc(
                 "lever_tool_calls_total",
@@ -760,13 +762,12 @@ async fn call(
     let request_key = id.to_string();
     let cancelled = broker.mcp_sessions.track(sid, &request_key);
     let started = Instant::now();
+    let abandoned = || base(Record::new("tool").allow().detail("outcome", "abandoned"));
     let mut in_flight = InFlight {
         broker,
         sid,
         key: request_key,
-        abandoned: Some(base(
-            Record::new("tool").allow().detail("outcome", "abandoned"),
-        )),
+        abandoned: Some(&abandoned),
         tool,
         started,
     };

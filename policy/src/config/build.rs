@@ -342,17 +342,14 @@ fn confined_outside_tree(
             return None;
         }
     };
-    if tree.is_some_and(|t| fs::within(&real, t)) {
-        cx.error(
-            path,
-            "is inside the tree: agents can write there, so it must live outside it",
-        );
-        return None;
-    }
-    if !not_through_tree(cx, tree, path, &inp.root.join(&rel)) {
-        return None;
-    }
-    Some(real)
+    outside_tree(
+        cx,
+        tree,
+        path,
+        (&inp.root.join(&rel), &real),
+        "agents can write there, so it must live outside it",
+    )
+    .then_some(real)
 }
 
 /// `real` (the path `given` resolves to) must lie outside the tree, and
@@ -371,10 +368,6 @@ fn outside_tree(
         );
         return false;
     }
-    not_through_tree(cx, tree, path, given)
-}
-
-fn not_through_tree(cx: &mut Sink<'_>, tree: Option<&Path>, path: &str, given: &Path) -> bool {
     match tree.and_then(|t| fs::through_tree(given, t)) {
         Some(d) => {
             cx.error(
