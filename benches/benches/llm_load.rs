@@ -111,6 +111,19 @@ fn main() {
         targets.push(("nginx", via_nginx.clone()));
     }
 
+    // The proxy's processes, by target.
+    let pids = |name: &str| -> Vec<u32> {
+        match name {
+            "broker" => vec![broker.0.id()],
+            "broker1" => vec![one.0.id()],
+            "nginx" => nginx
+                .as_ref()
+                .map_or_else(Vec::new, |n| with_children(n.0.id())),
+            _ => Vec::new(),
+        }
+    };
+    let proxy_cpu_ns = |name: &str| pids(name).into_iter().map(cpu_ns).sum::<u64>();
+
     if run("open") {
         let rounds = if quick { 4 } else { 10 };
         println!(
@@ -126,13 +139,19 @@ fn main() {
                 open_loop(&rt, p, rate / 10, Duration::from_millis(300)); // warm up
             }
             let mut lats = vec![Vec::new(); pools.len()];
+            let mut late = Vec::new();
+            let mut cpu = vec![0u64; pools.len()];
             for _ in 0..rounds {
                 for (i, p) in pools.iter().enumerate() {
-                    lats[i].extend(open_loop(&rt, p, rate, open_slice(quick)));
+                    let before = proxy_cpu_ns(targets[i].0);
+                    let o = open_loop(&rt, p, rate, open_slice(quick));
+                    cpu[i] += proxy_cpu_ns(targets[i].0) - before;
+                    lats[i].extend(o.lats);
+                    late.extend(o.late);
                 }
             }
             let mut base = (0u64, 0u64);
-            for ((name, _), lats) in targets.iter().zip(&mut lats) {
+            for (((name, _), lats), cpu) in targets.iter().zip(&mut lats).zip(&cpu) {
                 lats.sort_unstable();
                 let (p50, p99) = (pct(lats, 50.0), pct(lats, 99.0));
                 if *name == "direct" {
@@ -143,12 +162,19 @@ fn main() {
                     );
                 } else {
                     println!(
-                        "    {rate:>5} req/s  {name:<7} p50 {p50:>6} us  p99 {p99:>6} us  => added p50 {:>6} us, p99 {:>6} us",
+                        "    {rate:>5} req/s  {name:<7} p50 {p50:>6} us  p99 {p99:>6} us  => added p50 {:>6} us, p99 {:>6} us  ({:.1} us CPU per request)",
                         p50.saturating_sub(base.0),
-                        p99.saturating_sub(base.1)
+                        p99.saturating_sub(base.1),
+                        *cpu as f64 / 1e3 / lats.len().max(1) as f64
                     );
                 }
             }
+            late.sort_unstable();
+            println!(
+                "    {rate:>5} req/s  (the schedule handed requests over late by p50 {} us, p99 {} us)",
+                pct(&late, 50.0),
+                pct(&late, 99.0)
+            );
         }
     }
 
@@ -157,16 +183,6 @@ fn main() {
         println!(
             "\n  closed loop (64 connections each, as fast as each answers; {rounds} rounds of 1 s slices, the targets alternating; medians)"
         );
-        let pids = |name: &str| -> Vec<u32> {
-            match name {
-                "broker" => vec![broker.0.id()],
-                "broker1" => vec![one.0.id()],
-                "nginx" => nginx
-                    .as_ref()
-                    .map_or_else(Vec::new, |n| with_children(n.0.id())),
-                _ => Vec::new(),
-            }
-        };
         // Per target: the proxy, the mock, the load generator (this process).
         let groups: Vec<Vec<Vec<u32>>> = targets
             .iter()
@@ -212,7 +228,9 @@ fn main() {
     }
 
     if !run("memory") {
-        drop(nginx);
+        // The brokers stop (and write their audit tips) before their
+        // state dirs go.
+        drop((broker, one, nginx));
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
@@ -226,7 +244,7 @@ fn main() {
         before as f64 / 1024.0,
         (during.saturating_sub(before)) as f64 / held.max(1) as f64
     );
-    drop(nginx);
+    drop((broker, one, nginx));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -468,26 +486,44 @@ impl Pool {
     }
 }
 
-/// Sends `rate` requests per second for `dur`, each at its intended time,
-/// and returns the latencies (µs, sorted) measured from that intended time.
-/// The schedule is kept by a dedicated thread with `thread::sleep` (tens of
-/// microseconds of jitter), not by the async timer (1 ms granularity).
-fn open_loop(rt: &tokio::runtime::Runtime, pool: &Arc<Pool>, rate: u64, dur: Duration) -> Vec<u64> {
+/// An open loop's latencies (µs, sorted, from each request's intended
+/// send time) and how late the schedule handed each request over (µs,
+/// sorted).
+struct OpenLoop {
+    lats: Vec<u64>,
+    late: Vec<u64>,
+}
+
+/// Sends `rate` requests per second for `dur`, each at its intended time.
+/// The schedule is kept by a dedicated thread, not by the async timer (1
+/// ms granularity): it sleeps with a timer slack of 1 ns (the default, 50
+/// µs, let a sleep end that much late, and that lateness went into every
+/// latency) to `AWAKE` before the send time, and waits the rest out awake.
+/// The request is then handed to the runtime, whose wake-up is counted,
+/// as every client's is.
+fn open_loop(rt: &tokio::runtime::Runtime, pool: &Arc<Pool>, rate: u64, dur: Duration) -> OpenLoop {
+    const AWAKE: Duration = Duration::from_micros(100);
     let n = (rate as f64 * dur.as_secs_f64()) as u64;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let lats = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let mut late = Vec::with_capacity(n as usize);
     let handle = rt.handle().clone();
     let start = Instant::now() + Duration::from_millis(10);
     let tasks: Vec<tokio::task::JoinHandle<()>> = std::thread::scope(|scope| {
         scope
             .spawn(|| {
+                let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1));
                 let mut tasks = Vec::with_capacity(n as usize);
                 for i in 0..n {
                     let at = start + period * u32::try_from(i).unwrap_or(u32::MAX);
                     let now = Instant::now();
-                    if at > now {
-                        std::thread::sleep(at - now);
+                    if at > now + AWAKE {
+                        std::thread::sleep(at - now - AWAKE);
                     }
+                    while Instant::now() < at {
+                        std::hint::spin_loop();
+                    }
+                    late.push(at.elapsed().as_micros() as u64);
                     let (pool, lats) = (pool.clone(), lats.clone());
                     tasks.push(handle.spawn(async move {
                         pool.call().await;
@@ -504,9 +540,10 @@ fn open_loop(rt: &tokio::runtime::Runtime, pool: &Arc<Pool>, rate: u64, dur: Dur
             t.await.unwrap();
         }
     });
-    let mut v = Arc::try_unwrap(lats).unwrap().into_inner().unwrap();
-    v.sort_unstable();
-    v
+    let mut lats = Arc::try_unwrap(lats).unwrap().into_inner().unwrap();
+    lats.sort_unstable();
+    late.sort_unstable();
+    OpenLoop { lats, late }
 }
 
 /// One slice of an alternating closed-loop measurement.
