@@ -51,7 +51,7 @@ fn main() {
     std::fs::write(
         dir.join("lever.yaml"),
         format!(
-            "name: bench\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1, obtain: [{{tool: db, op: read}}]}}\nbroker:\n  api_key_file: key\n  jail_port: {}\n  admin_port: {}\n  tools: [{{name: db, command: ['{}', {}, '{}'], backend: '127.0.0.1:{}', operations: [{{name: read}}], allowed_values: {{table: [users]}}}}]\n",
+            "name: bench\nbackend: qemu\ntree: ws\nmanager: {{image: img/x:1, obtain: [{{tool: db, op: read}}]}}\nbroker:\n  api_key_file: key\n  jail_port: {}\n  admin_port: {}\n  rate_limits: {{control: {{per_minute: 1000000, burst: 100000}}}}\n  tools: [{{name: db, command: ['{}', {}, '{}'], backend: '127.0.0.1:{}', operations: [{{name: read}}], allowed_values: {{table: [users]}}}}]\n",
             ports[0],
             ports[1],
             std::env::current_exe().unwrap().display(),

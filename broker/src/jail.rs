@@ -44,14 +44,17 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
         "/v1/renew" => {
             expect_method(&req, Method::POST)?;
+            let _slot = control(ctx)?;
             Box::pin(renew(ctx, req)).await
         }
         "/v1/capabilities" => {
             expect_method(&req, Method::POST)?;
+            let _slot = control(ctx)?;
             Box::pin(capabilities(ctx, req)).await
         }
         "/v1/capabilities/delegate" => {
             expect_method(&req, Method::POST)?;
+            let _slot = control(ctx)?;
             Box::pin(delegate(ctx, req)).await
         }
         "/v1/tools" => {
@@ -60,6 +63,7 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
         "/v1/provision" => {
             expect_method(&req, Method::POST)?;
+            let _slot = control(ctx)?;
             Box::pin(provision(ctx, req)).await
         }
         "/mcp" => Box::pin(crate::mcp::handle(ctx, req)).await,
@@ -69,10 +73,19 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
         other if other.starts_with("/v1/agents/") => {
             expect_method(&req, Method::POST)?;
+            let _slot = control(ctx)?;
             Box::pin(dispatch(ctx, other)).await
         }
         other => Err(ApiError::NotFound(other.to_owned())),
     }
+}
+
+/// The caller's place in the control lane (`broker.rate_limits.control`),
+/// held until its request is answered: taken before the body is read, so
+/// an agent past its rate or with too many such requests in flight costs
+/// the broker no signature and no state write.
+fn control(ctx: &Ctx<'_>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    ctx.broker.limits.control.admit(peer(ctx)?)
 }
 
 fn peer<'a>(ctx: &'a Ctx<'_>) -> Result<&'a str, ApiError> {

@@ -136,6 +136,10 @@ impl Budget {
 pub struct Limits {
     pub llm: Lane,
     pub tools: Lane,
+    /// Minting, delegation, renewal, provisioning, dispatch: each signs
+    /// something or writes the state file (whose writes queue behind one
+    /// lock, an operator's revocation among them).
+    pub control: Lane,
     pub llm_tokens: Option<Arc<Budget>>,
 }
 
@@ -144,6 +148,7 @@ impl Limits {
         Limits {
             llm: Lane::new("llm", r.llm),
             tools: Lane::new("tool", r.tools),
+            control: Lane::new("control", r.control),
             llm_tokens: r.llm_tokens.map(|budget| {
                 Arc::new(Budget {
                     budget,

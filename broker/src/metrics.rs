@@ -172,7 +172,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "lever_rate_limited_total",
         "counter",
-        "Refusals by a rate limit, by lane (llm, tool).",
+        "Refusals by a rate limit, by lane (llm, tool, control).",
     ),
     (
         "lever_llm_calls_total",
@@ -269,7 +269,7 @@ impl Metrics {
     }
 
     /// Counts a refusal on `route` for `reason`, and a rate limit in its
-    /// lane (`llm`, `tool`) when it was one.
+    /// lane (`llm`, `tool`, `control`) when it was one.
     pub fn denial(&self, route: &'static str, reason: &str, rate_limited_lane: Option<&str>) {
         self.inc(
             "lever_denials_total",

@@ -115,10 +115,10 @@ pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Res
         Ok(r) => r,
         Err(e) => {
             denied = Some(e.code());
-            let lane = matches!(e, ApiError::RateLimited(..)).then_some(if kind == "llm" {
-                "llm"
-            } else {
-                "tool"
+            let lane = matches!(e, ApiError::RateLimited(..)).then_some(match kind {
+                "llm" => "llm",
+                "mcp" => "tool",
+                _ => "control",
             });
             broker.stats.denial(kind, e.code(), lane);
             Box::pin(rescue(&ctx, &format!("{method} {}", uri.path()), e)).await

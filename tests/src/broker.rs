@@ -406,6 +406,19 @@ pub fn code(r: &Reply) -> String {
     r.json()["error"]["code"].as_str().unwrap_or("").to_owned()
 }
 
+/// A raw mTLS connection to the broker's jail port, as `tls`, for
+/// requests written byte by byte (half a body, a head that never ends).
+pub async fn connect_jail(
+    tls: &ClientTls,
+    port: u16,
+) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tls.connector().connect(name, tcp).await.unwrap()
+}
+
 /// Reads a file of the state dir.
 pub fn state_file(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap()

@@ -639,3 +639,110 @@ fn tokens_and_tickets_are_not_interchangeable() {
     // The ticket still works for what it is for.
     assert_eq!(b.redeem(&ticket, &ca).0.status, 200);
 }
+
+/// Minting, delegation, renewal and provisioning share one lane per
+/// agent (`broker.rate_limits.control`): past its rate, or with too many
+/// of them in flight, an agent is refused with a 429 and `retry-after`
+/// before its body is read; another agent keeps its own allowance.
+#[test]
+fn control_requests_are_limited_per_agent_before_their_bodies_are_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let inst = Instance::new(
+        DEFAULT_AGENTS,
+        "  rate_limits: {control: {per_minute: 1, burst: 3, max_concurrent: 1}}\n",
+    );
+    let b = inst.start();
+    let g1 = b.enrol("g1");
+    let g2 = b.enrol("g2");
+    let serial = || {
+        let state: serde_json::Value =
+            serde_json::from_str(&state_file(&inst.state_dir(), "state.json")).unwrap();
+        state["serial"].as_u64().unwrap()
+    };
+    let enrolled = serial();
+    let llm = || json!([{"tool": "llm", "op": "generate"}]);
+    // A request whose head is sent and whose body never comes.
+    let half = |path: &str| {
+        let (tls, port) = (g1.tls(), inst.jail_port);
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        );
+        b.rt.block_on(async move {
+            let mut s = lever_tests::broker::connect_jail(&tls, port).await;
+            s.write_all(head.as_bytes()).await.unwrap();
+            s
+        })
+    };
+    let answer = |s: &mut (dyn tokio::io::AsyncRead + Unpin + Send)| {
+        b.rt.block_on(async {
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("no answer within 5 s: the broker waited for the body")
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        })
+    };
+
+    // g1's one slot is held by a renewal whose body is still coming.
+    let held = half("/v1/renew");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = b.obtain(&g1, llm());
+    assert_eq!(r.status, 429, "{}", r.error_message());
+    assert_eq!(code(&r), "rate_limited");
+    assert!(
+        r.error_message().contains("in flight"),
+        "{}",
+        r.error_message()
+    );
+    assert!(r.headers.contains_key("retry-after"));
+    // g2 has a lane of its own.
+    assert_eq!(b.obtain(&g2, llm()).status, 200);
+    // The slot comes back when the held request ends.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    // Two of g1's burst of three are spent (the held renewal, the refused
+    // mint): one more passes, then the rate refuses, whatever the route.
+    assert_eq!(b.obtain(&g1, llm()).status, 200);
+    let r = b.obtain(&g1, llm());
+    assert_eq!(r.status, 429);
+    assert!(r.error_message().contains("rate"), "{}", r.error_message());
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    let (_, csr) = lever_broker::client::key_and_csr("g1").unwrap();
+    let r = b.jail(
+        &g1.tls(),
+        Method::POST,
+        "/v1/renew",
+        &[],
+        Some(json!({"csr": csr})),
+    );
+    assert_eq!(r.status, 429);
+    // Refused before the body: a renewal and a delegation with half a body
+    // are answered at once, not after the body deadline.
+    for path in ["/v1/renew", "/v1/capabilities/delegate"] {
+        let mut s = half(path);
+        let text = answer(&mut s);
+        assert!(text.starts_with("HTTP/1.1 429"), "{path}: {text}");
+    }
+    // No refused renewal took a certificate serial.
+    assert_eq!(serial(), enrolled);
+    // Refusals are audited and counted by lane.
+    let denials = || {
+        inst.audit_records()
+            .into_iter()
+            .filter(|r| r["identity"] == "g1" && r["reason"] == "rate_limited")
+            .count()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while denials() < 5 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(denials(), 5, "{:?}", inst.audit_records());
+    let m = b.admin(Method::GET, "/metrics", None);
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(
+        text.contains("lever_rate_limited_total{lane=\"control\"} 5"),
+        "{text}"
+    );
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::Method;
 use lever_tests::broker::{
-    Agent, Broker, DEFAULT_AGENTS, Instance, mock_requests, start_gateway, start_mock,
+    Agent, Broker, DEFAULT_AGENTS, Instance, connect_jail, mock_requests, start_gateway, start_mock,
 };
 use lever_tests::{run, workspace_root};
 use serde_json::{Value, json};
@@ -74,20 +74,6 @@ fn raw_tls(s: &Setup, request: &str) -> String {
     })
 }
 
-/// An mTLS connection to the broker's jail port, as `tls`.
-async fn connect_jail(
-    tls: &lever_broker::client::ClientTls,
-    port: u16,
-) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tls.connector()
-        .connect(rustls_name("localhost"), tcp)
-        .await
-        .unwrap()
-}
-
 /// Reads from `stream` until what it read holds `needle`; returns it all.
 async fn read_until(stream: &mut (impl tokio::io::AsyncRead + Unpin), needle: &str) -> String {
     use tokio::io::AsyncReadExt;
@@ -117,10 +103,6 @@ async fn open_llm_stream(
     );
     stream.write_all(req.as_bytes()).await.unwrap();
     stream
-}
-
-fn rustls_name(host: &str) -> rustls::pki_types::ServerName<'static> {
-    rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap()
 }
 
 fn llm(

@@ -1156,6 +1156,14 @@ const CASES: &[Case] = &[
         message: "out of range",
     },
     Case {
+        name: "control lane burst of zero",
+        yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  rate_limits:\n    control: {burst: 0}\n",
+        setup: none,
+        line: 8,
+        path: "broker.rate_limits.control.burst",
+        message: "out of range",
+    },
+    Case {
         name: "token budget without window",
         yaml: "name: t\nbackend: qemu\ntree: ws\nmanager: {image: img/x:1}\nbroker:\n  api_key_file: key\n  rate_limits:\n    llm_tokens: {tokens: 1000}\n",
         setup: none,

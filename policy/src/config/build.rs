@@ -1329,6 +1329,12 @@ fn build_broker(
         rl.tools,
         DEFAULT_TOOLS_LIMIT,
     );
+    let control = limit(
+        cx,
+        "broker.rate_limits.control",
+        rl.control,
+        DEFAULT_CONTROL_LIMIT,
+    );
     let llm_tokens = rl.llm_tokens.and_then(|t| {
         let p = "broker.rate_limits.llm_tokens";
         let tokens = match t.tokens {
@@ -1417,6 +1423,7 @@ fn build_broker(
         rate_limits: RateLimits {
             llm: llm?,
             tools: tools_limit?,
+            control: control?,
             llm_tokens,
         },
         telemetry: Telemetry {

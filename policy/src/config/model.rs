@@ -199,6 +199,9 @@ pub struct TokenBudget {
 pub struct RateLimits {
     pub llm: Limit,
     pub tools: Limit,
+    /// Minting, delegation, renewal, provisioning and dispatch: the
+    /// requests that sign something or change the state file.
+    pub control: Limit,
     pub llm_tokens: Option<TokenBudget>,
 }
 
@@ -270,4 +273,9 @@ pub(crate) const DEFAULT_TOOLS_LIMIT: Limit = Limit {
     per_minute: 600,
     burst: 60,
     max_concurrent: 32,
+};
+pub(crate) const DEFAULT_CONTROL_LIMIT: Limit = Limit {
+    per_minute: 600,
+    burst: 120,
+    max_concurrent: 16,
 };

@@ -229,6 +229,10 @@ pub struct RawRateLimits {
     pub llm: Option<RawLimit>,
     /// Per-agent limits on tool calls.
     pub tools: Option<RawLimit>,
+    /// Per-agent limits on minting, delegation, renewal, provisioning and
+    /// dispatch (`/v1/capabilities`, `/v1/capabilities/delegate`,
+    /// `/v1/renew`, `/v1/provision`, `/v1/agents/{name}/start|stop`).
+    pub control: Option<RawLimit>,
     /// Optional per-agent LLM token budget.
     pub llm_tokens: Option<RawTokenBudget>,
 }
