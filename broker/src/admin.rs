@@ -146,6 +146,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
                     Ok::<_, ApiError>(())
                 })
             })?;
+            broker.revoked_something();
             broker
                 .audit
                 .log_durable(
@@ -166,6 +167,7 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
                     Ok::<_, ApiError>(crate::state::revoke_token_tree(s, id.as_str(), now))
                 })
             })?;
+            broker.revoked_something();
             broker
                 .audit
                 .log_durable(
@@ -195,6 +197,7 @@ async fn bump_epoch(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
             Ok::<_, ApiError>(s.epoch)
         })
     })?;
+    broker.revoked_something();
     broker
         .audit
         .log_durable(

@@ -60,6 +60,10 @@ pub struct Broker {
     /// The supervised tool backends behind `/mcp`.
     pub tools: mcp::Backends,
     pub(crate) mcp_sessions: mcp::Sessions,
+    /// Moves after every revocation and epoch bump: a tool call or an
+    /// `/llm` call in flight re-checks its token's standing when it does,
+    /// and is cut if the token no longer stands.
+    pub(crate) revocations: tokio::sync::watch::Sender<u64>,
     tokens: Mutex<HashMap<String, Arc<CachedToken>>>,
     /// Counters and histograms, served on the admin port's `/metrics`.
     pub stats: Arc<metrics::Metrics>,
@@ -125,6 +129,7 @@ pub fn open(config: Config) -> Result<Arc<Broker>, StartError> {
         limits: limits::Limits::new(&config_limits),
         tools,
         mcp_sessions: mcp::Sessions::default(),
+        revocations: tokio::sync::watch::Sender::new(0),
         tokens: Mutex::new(HashMap::new()),
         stats: Arc::default(),
         instance_tag: lever_policy::hex::encode(&tag),
@@ -295,7 +300,14 @@ impl Broker {
                 v
             }
         };
-        let verified = &entry.verified;
+        self.still_stands(&entry.verified, peer)?;
+        Ok(entry)
+    }
+
+    /// Whether a verified token stands for `peer` now: its holder and any
+    /// delegator not revoked, no block or ancestor revoked, its epoch
+    /// current, not expired.
+    pub(crate) fn still_stands(&self, verified: &Verified, peer: &str) -> Result<(), Denial> {
         if self.state.is_identity_revoked(&verified.holder)
             || verified
                 .delegated_by
@@ -306,8 +318,13 @@ impl Broker {
         }
         verified.check_standing(peer, SystemTime::now(), self.epoch(), |id| {
             self.state.is_token_revoked(id)
-        })?;
-        Ok(entry)
+        })
+    }
+
+    /// Tells the calls in flight that a revocation or an epoch bump just
+    /// landed (after it is in the state).
+    pub(crate) fn revoked_something(&self) {
+        self.revocations.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Verifies `token` for `peer` and authorizes `(tool, op, args)`:

@@ -457,8 +457,33 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
 
     let started = Instant::now();
     let wall = otel.map(|_| std::time::SystemTime::now());
-    let sent =
-        tokio::time::timeout(upstream.header_timeout, upstream.clients.get().request(out)).await;
+    // A revocation or an epoch bump while the upstream thinks: if this
+    // token no longer stands, the call is dropped (and the upstream
+    // request with it).
+    let mut revocations = broker.revocations.subscribe();
+    let sent = tokio::time::timeout(upstream.header_timeout, upstream.clients.get().request(out));
+    tokio::pin!(sent);
+    let sent = loop {
+        tokio::select! {
+            r = &mut sent => break r,
+            Ok(()) = revocations.changed() => {
+                if let Err(d) = broker.still_stands(&verified, &peer) {
+                    ctx.audit_deny(
+                        Record::new("llm")
+                            .deny(d.code())
+                            .identity(&peer)
+                            .right(LLM_TOOL, LLM_OP)
+                            .token(verified.token_id.as_str())
+                            .request(ctx)
+                            .detail("path", path)
+                            .detail("outcome", "revoked"),
+                    )
+                    .await;
+                    return Err(ApiError::Token(d));
+                }
+            }
+        }
+    };
     let resp = match sent {
         Err(_) => {
             return Err(upstream_failure(
@@ -544,6 +569,13 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let body = Metered {
         inner: upstream_body,
         meter: Some(Box::new(meter)),
+        standing: Some(Box::new(Standing {
+            broker: Arc::clone(ctx.broker),
+            verified,
+            peer,
+            seen: revocations,
+            wake: None,
+        })),
     };
     Ok(Response::from_parts(head, body.boxed()))
 }
@@ -940,6 +972,60 @@ impl Drop for Ending {
 struct Metered {
     inner: Incoming,
     meter: Option<Box<Meter>>,
+    /// The token the call was authorized with, re-checked whenever a
+    /// revocation or an epoch bump lands while the response is open.
+    standing: Option<Box<Standing>>,
+}
+
+/// A call's token, watched for revocations while its response streams.
+struct Standing {
+    broker: Arc<crate::Broker>,
+    verified: Arc<lever_policy::token::Verified>,
+    peer: String,
+    /// The revocations this call has already judged itself against.
+    seen: tokio::sync::watch::Receiver<u64>,
+    /// Wakes the response when the next revocation lands, made when the
+    /// upstream first keeps it waiting.
+    wake: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
+}
+
+impl Standing {
+    /// If a revocation landed since the last look: whether the token
+    /// still stands (one atomic read when none did).
+    fn recheck(&mut self) -> Option<lever_policy::token::Denial> {
+        if !self.seen.has_changed().unwrap_or(false) {
+            return None;
+        }
+        self.seen.borrow_and_update();
+        self.wake = None;
+        self.broker.still_stands(&self.verified, &self.peer).err()
+    }
+
+    /// Has `cx` woken when the next revocation lands; if one just did,
+    /// re-checks.
+    fn watch(&mut self, cx: &mut Context<'_>) -> Option<lever_policy::token::Denial> {
+        // Twice at most: a revocation that lands as the waker is set.
+        for _ in 0..2 {
+            let seen = &self.seen;
+            let wake = self.wake.get_or_insert_with(|| {
+                let mut next = seen.clone();
+                Box::pin(async move {
+                    if next.changed().await.is_err() {
+                        // The broker is going away: nothing more to watch.
+                        std::future::pending::<()>().await;
+                    }
+                })
+            });
+            if wake.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            self.wake = None;
+            if let Some(d) = self.recheck() {
+                return Some(d);
+            }
+        }
+        None
+    }
 }
 
 impl Metered {
@@ -976,8 +1062,14 @@ impl HttpBody for Metered {
             return Poll::Ready(None);
         };
         let sse = meter.sse;
+        if let Some(d) = this.standing.as_mut().and_then(|s| s.recheck()) {
+            return this.cut(&d, sse);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match this.standing.as_mut().and_then(|s| s.watch(cx)) {
+                Some(d) => this.cut(&d, sse),
+                None => Poll::Pending,
+            },
             Poll::Ready(None) => {
                 this.end(None);
                 Poll::Ready(None)
@@ -1017,10 +1109,38 @@ impl HttpBody for Metered {
     }
 }
 
+impl Metered {
+    /// Ends a response whose token stopped standing: an SSE client is told
+    /// in its own protocol, any other sees the body cut.
+    fn cut(
+        &mut self,
+        d: &lever_policy::token::Denial,
+        sse: bool,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.end(Some(format!(
+            "the capability token stopped standing while the response was open ({})",
+            d.code()
+        )));
+        self.standing = None;
+        if sse {
+            Poll::Ready(Some(Ok(Frame::data(sse_error_of(
+                "authentication_error",
+                &format!("capability token refused: {d}"),
+            )))))
+        } else {
+            Poll::Ready(Some(Err(format!("capability token refused: {d}").into())))
+        }
+    }
+}
+
 /// An SSE `error` event in the Anthropic shape.
 fn sse_error(message: &str) -> Bytes {
-    let ev =
-        serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}});
+    sse_error_of("api_error", message)
+}
+
+/// An SSE `error` event of Anthropic's error type `kind`.
+fn sse_error_of(kind: &str, message: &str) -> Bytes {
+    let ev = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}});
     Bytes::from(format!("event: error\ndata: {ev}\n\n"))
 }
 

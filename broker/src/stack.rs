@@ -31,7 +31,8 @@ use crate::{Broker, admin, jail};
 /// The context a handler gets.
 #[derive(Debug)]
 pub struct Ctx<'a> {
-    pub broker: &'a Broker,
+    /// Shared: what outlives the handler (a response body) keeps a clone.
+    pub broker: &'a std::sync::Arc<Broker>,
     pub conn: &'a Conn,
     pub request_id: String,
     /// The authenticated peer identity (jail routes behind step 4).
@@ -80,7 +81,11 @@ fn request_id(broker: &Broker) -> String {
     id
 }
 
-pub async fn handle(broker: &Broker, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    broker: &std::sync::Arc<Broker>,
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let mut ctx = Ctx {
         broker,
         conn,

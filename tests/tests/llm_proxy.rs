@@ -491,6 +491,106 @@ fn a_client_that_goes_away_cancels_the_upstream_request() {
 }
 
 #[test]
+fn a_revocation_cuts_an_open_stream_and_a_call_awaiting_its_answer() {
+    let s = setup("");
+    let grant = json!([{"tool": "llm", "op": "generate"}]);
+    let (token, token_id) = s.b.token(&s.manager, grant.clone());
+    // The upstream goes quiet for 3 s after the first word: the cut must
+    // not wait for its next event.
+    let body = messages_body("slow mock:events=4 gap_ms=3000", true).to_string();
+    let (tls, port) = (s.manager.tls(), s.inst.jail_port);
+    let started = Instant::now();
+    // The stream is read on one thread; the operator revokes on this one
+    // once the first word is through.
+    let (text, revoked_at) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            s.b.rt.block_on(async {
+                let mut stream = open_llm_stream(tls, port, &token, &body).await;
+                let mut text = read_until(&mut stream, "word0").await;
+                // To the body's last chunk (the connection itself stays
+                // open for the next request).
+                let rest = tokio::time::timeout(
+                    Duration::from_secs(4),
+                    read_until(&mut stream, "\r\n0\r\n\r\n"),
+                )
+                .await
+                .expect("the stream did not end");
+                text.push_str(&rest);
+                text
+            })
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        let r =
+            s.b.admin(Method::POST, "/revoke", Some(json!({"token_id": token_id})));
+        assert_eq!(r.status, 200);
+        let at = started.elapsed();
+        (reader.join().unwrap(), at)
+    });
+    // Cut at once, told in the stream's own protocol, the rest never sent.
+    assert!(
+        text.contains("event: error") && text.contains("authentication_error"),
+        "{text}"
+    );
+    assert!(!text.contains("word1"), "the stream ran on: {text}");
+    assert!(
+        started.elapsed() < revoked_at + Duration::from_millis(1500),
+        "the stream ended {:?} after the revocation",
+        started.elapsed() - revoked_at
+    );
+    // The mock notices when it tries its next event, 3 s after the first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let cancelled = loop {
+        let seen = mock_requests(&s.b.rt, &s.mock_url);
+        if let Some(n) = seen.last().and_then(|r| r["cancelled_after"].as_u64()) {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream request was not cancelled: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(cancelled, 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let rec = loop {
+        let found = s.inst.audit_records().into_iter().find(|r| {
+            r["event"] == "llm"
+                && r["token_id"] == token_id.as_str()
+                && r["detail"]["failure"]
+                    .as_str()
+                    .is_some_and(|f| f.contains("token_revoked"))
+        });
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{:?}", s.inst.audit_records());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(rec["identity"], "manager");
+
+    // A call still waiting for the upstream's answer is refused when the
+    // epoch moves under it.
+    let (token, _) = s.b.token(&s.manager, grant);
+    let started = Instant::now();
+    let r = std::thread::scope(|scope| {
+        let call = scope.spawn(|| {
+            llm(
+                &s,
+                "/llm/v1/messages",
+                &[("x-api-key", &token)],
+                Some(messages_body("mock:header_delay_ms=5000", false)),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(s.b.admin(Method::POST, "/bump-epoch", None).status, 200);
+        call.join().unwrap()
+    });
+    assert_eq!(r.status, 401, "{}", r.error_message());
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    assert!(started.elapsed() < Duration::from_millis(2500));
+}
+
+#[test]
 fn no_response_ever_carries_the_real_key() {
     let s = setup("");
     // A streaming answer is cut with an SSE error event before the key.

@@ -834,6 +834,66 @@ fn a_cancelled_call_returns_at_once() {
     assert_eq!(rec["op"], "trigger-long-running-operation");
 }
 
+#[test]
+fn a_revocation_cuts_the_calls_its_token_has_in_flight() {
+    let Env {
+        inst,
+        b,
+        manager,
+        token,
+        token_id,
+    } = everything("stdio");
+    let raw = RawMcp::new(&b, &manager, &token);
+    let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
+    let revoke = |body: Value| {
+        let r = b.admin(Method::POST, "/revoke", Some(body));
+        assert_eq!(r.status, 200, "{}", r.error_message());
+    };
+    // Revoking another token leaves the call alone.
+    let (_, other_id) = b.token(&manager, everything_grants());
+    let v = long_call_while(&raw, &sid, 1.0, || {
+        revoke(json!({"token_id": other_id}));
+    });
+    assert!(
+        v["result"].is_object(),
+        "cut by another token's revocation: {v}"
+    );
+    // Its own token's revocation cuts it at once.
+    let started = Instant::now();
+    let v = long_call_while(&raw, &sid, 3.0, || {
+        revoke(json!({"token_id": token_id}));
+    });
+    assert_eq!(v["error"]["code"], -32001, "{v}");
+    assert_eq!(v["error"]["data"]["reason"], "token_revoked", "{v}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "the call ran on for {:?}",
+        started.elapsed()
+    );
+    let rec = wait_audit(&inst, |l| {
+        l["event"] == "tool" && l["detail"]["outcome"] == "revoked"
+    });
+    assert_eq!(rec["token_id"], token_id.as_str());
+    assert_eq!(rec["detail"]["failure"], "token_revoked");
+    // An epoch bump cuts a call of a fresh token the same way.
+    let (fresh, _) = b.token(&manager, everything_grants());
+    let raw = RawMcp::new(&b, &manager, &fresh);
+    let started = Instant::now();
+    let v = long_call_while(&raw, &sid, 3.0, || {
+        let r = b.admin(Method::POST, "/bump-epoch", None);
+        assert_eq!(r.status, 200);
+    });
+    assert_eq!(v["error"]["data"]["reason"], "token_stale_epoch", "{v}");
+    assert!(started.elapsed() < Duration::from_millis(2000));
+    // And so does revoking its holder, for a token of the new epoch.
+    let (fresh, _) = b.token(&manager, everything_grants());
+    let raw = RawMcp::new(&b, &manager, &fresh);
+    let v = long_call_while(&raw, &sid, 3.0, || {
+        revoke(json!({"identity": "manager"}));
+    });
+    assert_eq!(v["error"]["data"]["reason"], "token_revoked", "{v}");
+}
+
 /// The call `everything_trigger-long-running-operation` (id 7, `secs`
 /// long) in session `sid`, with `meanwhile` run 300 ms into it; its answer.
 fn long_call_while(raw: &RawMcp<'_>, sid: &str, secs: f64, meanwhile: impl FnOnce()) -> Value {

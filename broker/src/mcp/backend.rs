@@ -467,7 +467,7 @@ impl Drop for CancelOnDrop {
             h.spawn(async move {
                 live.notify(
                     "notifications/cancelled",
-                    json!({"requestId": id, "reason": "the agent cancelled the call or went away"}),
+                    json!({"requestId": id, "reason": "the call was cancelled: by the agent, by the agent going away, or by a revocation"}),
                 )
                 .await;
             });

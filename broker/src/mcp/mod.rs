@@ -771,20 +771,50 @@ async fn call(
         tool,
         started,
     };
-    let outcome = tokio::select! {
-        r = backend.call("tools/call", forwarded) => Some(r),
-        Ok(()) = cancelled => None,
+    // A revocation or an epoch bump while the call runs: if this token no
+    // longer stands, the call is cut (its backend told, as for a cancel).
+    let mut revocations = broker.revocations.subscribe();
+    let call = backend.call("tools/call", forwarded);
+    // A session that goes away without cancelling never cancels.
+    let cancelled = async {
+        if cancelled.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(call, cancelled);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut call => break Ended::Answered(r),
+            () = &mut cancelled => break Ended::Cancelled,
+            Ok(()) = revocations.changed() => {
+                if let Err(d) = broker.still_stands(verified, peer) {
+                    break Ended::Revoked(d);
+                }
+            }
+        }
     };
     in_flight.abandoned = None;
     drop(in_flight);
     drop(permit);
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (resp, rec) = match outcome {
-        None => (
+        Ended::Cancelled => (
             rpc_error(id, code::CANCELLED, "cancelled", None),
             Record::new("tool").allow().detail("outcome", "cancelled"),
         ),
-        Some(Err(e)) => (
+        Ended::Revoked(d) => (
+            rpc_error(
+                id,
+                code::DENIED,
+                &format!("the call was cut: capability token refused: {d}"),
+                Some(json!({"reason": d.code()})),
+            ),
+            Record::new("tool")
+                .allow()
+                .detail("outcome", "revoked")
+                .detail("failure", d.code()),
+        ),
+        Ended::Answered(Err(e)) => (
             rpc_error(
                 id,
                 code::BACKEND,
@@ -796,7 +826,7 @@ async fn call(
                 .detail("outcome", e.code())
                 .detail("failure", e.to_string()),
         ),
-        Some(Ok(mut answer)) => {
+        Ended::Answered(Ok(mut answer)) => {
             let mut out = json!({"jsonrpc": "2.0", "id": id});
             let outcome = if let Some(r) = answer.get_mut("result") {
                 let is_error = r.get("isError").and_then(Value::as_bool) == Some(true);
@@ -833,6 +863,15 @@ async fn call(
         .log(base(rec).detail("backend_ms", latency_ms))
         .await;
     reply(resp)
+}
+
+/// How a call handed to its backend ended.
+enum Ended<T> {
+    Answered(T),
+    /// Cancelled by its caller (`notifications/cancelled`).
+    Cancelled,
+    /// Its token stopped standing while it ran.
+    Revoked(Denial),
 }
 
 /// A `tools/call`'s span (MCP and gen_ai conventions), a child of the
