@@ -146,10 +146,8 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
                     Ok::<_, ApiError>(())
                 })
             })?;
-            broker.revoked_something();
             broker
-                .audit
-                .log_durable(
+                .record_revocation(
                     Record::new("revoke")
                         .allow()
                         .identity(&identity)
@@ -167,10 +165,8 @@ async fn revoke(ctx: &Ctx<'_>, body: RevokeBody) -> Result<Response<Body>, ApiEr
                     Ok::<_, ApiError>(crate::state::revoke_token_tree(s, id.as_str(), now))
                 })
             })?;
-            broker.revoked_something();
             broker
-                .audit
-                .log_durable(
+                .record_revocation(
                     Record::new("revoke")
                         .allow()
                         .token(id.as_str())
@@ -197,10 +193,8 @@ async fn bump_epoch(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
             Ok::<_, ApiError>(s.epoch)
         })
     })?;
-    broker.revoked_something();
     broker
-        .audit
-        .log_durable(
+        .record_revocation(
             Record::new("bump_epoch")
                 .allow()
                 .request(ctx)

@@ -240,16 +240,31 @@ impl Audit {
         let otel: std::sync::Arc<std::sync::OnceLock<crate::otel::Otel>> = Default::default();
         let for_writer = otel.clone();
         // The writer's timed wait for the next record (the fsync a second
-        // after the last write, with nothing else to wake it).
-        let timer = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(|e| StartError::Audit(format!("the audit writer's timer: {e}")))?;
+        // after the last write, with nothing else to wake it) runs on a
+        // timer of its own, made (and dropped) on the writer's thread.
+        let (ready, started) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("lever-audit".into())
-            .spawn(move || writer(file, path, rx, seq, tip, &for_writer, &timer))
+            .spawn(move || {
+                let timer = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build();
+                match timer {
+                    Ok(timer) => {
+                        let _ = ready.send(Ok(()));
+                        writer(file, path, rx, seq, tip, &for_writer, &timer);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("the audit writer's timer: {e}")));
+                    }
+                }
+            })
             .map_err(|e| StartError::Audit(e.to_string()))?;
-        Ok((Audit { tx, otel }, handle))
+        match started.recv() {
+            Ok(Ok(())) => Ok((Audit { tx, otel }, handle)),
+            Ok(Err(e)) => Err(StartError::Audit(e)),
+            Err(_) => Err(StartError::Audit("the audit writer did not start".into())),
+        }
     }
 
     /// Hands a record to the writer (waits if the channel is full).

@@ -321,10 +321,14 @@ impl Broker {
         })
     }
 
-    /// Tells the calls in flight that a revocation or an epoch bump just
-    /// landed (after it is in the state).
-    pub(crate) fn revoked_something(&self) {
+    /// Records a revocation or an epoch bump that is in the state, then
+    /// tells the calls in flight (so the records of the calls it cuts
+    /// follow its own in the trail), then waits for the record to be on
+    /// disk (answered only once it is).
+    pub(crate) async fn record_revocation(&self, rec: Record) {
+        self.audit.log(rec).await;
         self.revocations.send_modify(|n| *n = n.wrapping_add(1));
+        self.audit.flush().await;
     }
 
     /// Verifies `token` for `peer` and authorizes `(tool, op, args)`:

@@ -346,6 +346,9 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     // starts the rate limit's step (`None`: no span, export off or the
     // trace sampled out).
     let mut t = otel.map(|_| std::time::SystemTime::now());
+    // Subscribed before the token is judged: a revocation that lands from
+    // here on is seen by the call, however far it got.
+    let mut revocations = broker.revocations.subscribe();
     let authorized = broker.authorize_token(token, &peer, LLM_TOOL, LLM_OP, &no_args);
     if let (Some(o), Some(start)) = (otel, t) {
         let right = ("lever.right", "llm/generate");
@@ -457,31 +460,46 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
 
     let started = Instant::now();
     let wall = otel.map(|_| std::time::SystemTime::now());
-    // A revocation or an epoch bump while the upstream thinks: if this
-    // token no longer stands, the call is dropped (and the upstream
-    // request with it).
-    let mut revocations = broker.revocations.subscribe();
+    // A revocation or an epoch bump while the body came in, or while the
+    // upstream thinks: if this token no longer stands, the call is refused
+    // (and the upstream request dropped). Checked before the request
+    // starts, and first on every wake-up, so a revoked token never sends
+    // the key upstream.
     let sent = tokio::time::timeout(upstream.header_timeout, upstream.clients.get().request(out));
     tokio::pin!(sent);
     let sent = loop {
+        if revocations.has_changed().unwrap_or(false) {
+            revocations.borrow_and_update();
+            if let Err(d) = broker.still_stands(&verified, &peer) {
+                break Err(d);
+            }
+        }
         tokio::select! {
-            r = &mut sent => break r,
+            biased;
+            // `changed` marks what it saw as seen: judged here.
             Ok(()) = revocations.changed() => {
                 if let Err(d) = broker.still_stands(&verified, &peer) {
-                    ctx.audit_deny(
-                        Record::new("llm")
-                            .deny(d.code())
-                            .identity(&peer)
-                            .right(LLM_TOOL, LLM_OP)
-                            .token(verified.token_id.as_str())
-                            .request(ctx)
-                            .detail("path", path)
-                            .detail("outcome", "revoked"),
-                    )
-                    .await;
-                    return Err(ApiError::Token(d));
+                    break Err(d);
                 }
             }
+            r = &mut sent => break Ok(r),
+        }
+    };
+    let sent = match sent {
+        Ok(r) => r,
+        Err(d) => {
+            ctx.audit_deny(
+                Record::new("llm")
+                    .deny(d.code())
+                    .identity(&peer)
+                    .right(LLM_TOOL, LLM_OP)
+                    .token(verified.token_id.as_str())
+                    .request(ctx)
+                    .detail("path", path)
+                    .detail("outcome", "revoked"),
+            )
+            .await;
+            return Err(ApiError::Token(d));
         }
     };
     let resp = match sent {
@@ -1004,8 +1022,9 @@ impl Standing {
     /// Has `cx` woken when the next revocation lands; if one just did,
     /// re-checks.
     fn watch(&mut self, cx: &mut Context<'_>) -> Option<lever_policy::token::Denial> {
-        // Twice at most: a revocation that lands as the waker is set.
-        for _ in 0..2 {
+        // Until the waker is set: each pass that finds a revocation landed
+        // judges it and moves `seen` up to it, so this ends.
+        loop {
             let seen = &self.seen;
             let wake = self.wake.get_or_insert_with(|| {
                 let mut next = seen.clone();
@@ -1024,7 +1043,6 @@ impl Standing {
                 return Some(d);
             }
         }
-        None
     }
 }
 
@@ -1138,10 +1156,13 @@ fn sse_error(message: &str) -> Bytes {
     sse_error_of("api_error", message)
 }
 
-/// An SSE `error` event of Anthropic's error type `kind`.
+/// An SSE `error` event of Anthropic's error type `kind`. It may follow a
+/// frame that ended inside an event (or a line): the blank lines first end
+/// whatever the upstream left open, so the error is an event of its own
+/// (a blank line with no event pending is ignored by SSE clients).
 fn sse_error_of(kind: &str, message: &str) -> Bytes {
     let ev = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}});
-    Bytes::from(format!("event: error\ndata: {ev}\n\n"))
+    Bytes::from(format!("\n\nevent: error\ndata: {ev}\n\n"))
 }
 
 impl Drop for Metered {

@@ -502,11 +502,16 @@ fn a_revocation_cuts_an_open_stream_and_a_call_awaiting_its_answer() {
     let started = Instant::now();
     // The stream is read on one thread; the operator revokes on this one
     // once the first word is through.
+    let (first, first_seen) = std::sync::mpsc::channel();
     let (text, revoked_at) = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
             s.b.rt.block_on(async {
                 let mut stream = open_llm_stream(tls, port, &token, &body).await;
-                let mut text = read_until(&mut stream, "word0").await;
+                let mut text =
+                    tokio::time::timeout(Duration::from_secs(10), read_until(&mut stream, "word0"))
+                        .await
+                        .expect("no first word");
+                first.send(()).unwrap();
                 // To the body's last chunk (the connection itself stays
                 // open for the next request).
                 let rest = tokio::time::timeout(
@@ -519,7 +524,7 @@ fn a_revocation_cuts_an_open_stream_and_a_call_awaiting_its_answer() {
                 text
             })
         });
-        std::thread::sleep(Duration::from_millis(400));
+        first_seen.recv_timeout(Duration::from_secs(10)).unwrap();
         let r =
             s.b.admin(Method::POST, "/revoke", Some(json!({"token_id": token_id})));
         assert_eq!(r.status, 200);
@@ -570,7 +575,8 @@ fn a_revocation_cuts_an_open_stream_and_a_call_awaiting_its_answer() {
 
     // A call still waiting for the upstream's answer is refused when the
     // epoch moves under it.
-    let (token, _) = s.b.token(&s.manager, grant);
+    let (token, _) = s.b.token(&s.manager, grant.clone());
+    let upstream_saw = mock_requests(&s.b.rt, &s.mock_url).len();
     let started = Instant::now();
     let r = std::thread::scope(|scope| {
         let call = scope.spawn(|| {
@@ -581,13 +587,57 @@ fn a_revocation_cuts_an_open_stream_and_a_call_awaiting_its_answer() {
                 Some(messages_body("mock:header_delay_ms=5000", false)),
             )
         });
-        std::thread::sleep(Duration::from_millis(400));
+        // Once the request is upstream (authorized, then sent).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while mock_requests(&s.b.rt, &s.mock_url).len() == upstream_saw {
+            assert!(
+                Instant::now() < deadline,
+                "the request never reached the upstream"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         assert_eq!(s.b.admin(Method::POST, "/bump-epoch", None).status, 200);
         call.join().unwrap()
     });
     assert_eq!(r.status, 401, "{}", r.error_message());
     assert_eq!(r.json()["error"]["type"], "authentication_error");
-    assert!(started.elapsed() < Duration::from_millis(2500));
+    assert!(started.elapsed() < Duration::from_millis(3500));
+
+    // A call revoked while its body is still coming in never reaches the
+    // upstream, however the body ends.
+    let (token, token_id) = s.b.token(&s.manager, grant);
+    let body = messages_body("mock:events=2", false).to_string();
+    let (half, rest) = body.split_at(body.len() / 2);
+    let (tls, port) = (s.manager.tls(), s.inst.jail_port);
+    let upstream_saw = mock_requests(&s.b.rt, &s.mock_url).len();
+    let mut stream = s.b.rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = connect_jail(&tls, port).await;
+        let head = format!(
+            "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{half}",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream
+    });
+    // The token is judged as soon as the head is in; then it is revoked.
+    std::thread::sleep(Duration::from_millis(300));
+    let r =
+        s.b.admin(Method::POST, "/revoke", Some(json!({"token_id": token_id})));
+    assert_eq!(r.status, 200);
+    let answer = s.b.rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        stream.write_all(rest.as_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), read_until(&mut stream, "\r\n\r\n"))
+            .await
+            .expect("no answer")
+    });
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert_eq!(
+        mock_requests(&s.b.rt, &s.mock_url).len(),
+        upstream_saw,
+        "a revoked token's request reached the upstream"
+    );
 }
 
 #[test]

@@ -892,6 +892,19 @@ fn a_revocation_cuts_the_calls_its_token_has_in_flight() {
         revoke(json!({"identity": "manager"}));
     });
     assert_eq!(v["error"]["data"]["reason"], "token_revoked", "{v}");
+    // Each of the three was cut while running (authorized, then revoked),
+    // not refused at the door.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let cut = || {
+        inst.audit_records()
+            .into_iter()
+            .filter(|l| l["event"] == "tool" && l["detail"]["outcome"] == "revoked")
+            .count()
+    };
+    while cut() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cut(), 3, "{:?}", inst.audit_records());
 }
 
 /// The call `everything_trigger-long-running-operation` (id 7, `secs`

@@ -689,6 +689,9 @@ async fn call(
     // starts the rate limit's step.
     let otel = broker.audit.otel.get();
     let mut t = otel.map(|_| std::time::SystemTime::now());
+    // Subscribed before the token is judged: a revocation that lands from
+    // here on is seen by the call, however far it got.
+    let mut revocations = broker.revocations.subscribe();
     let authorized = judged.and_then(|j| broker.authorize_token(token, peer, tool, op, &j));
     if let (Some(o), Some(start)) = (otel, t) {
         t = o.step(
@@ -773,25 +776,29 @@ async fn call(
     };
     // A revocation or an epoch bump while the call runs: if this token no
     // longer stands, the call is cut (its backend told, as for a cancel).
-    let mut revocations = broker.revocations.subscribe();
-    let call = backend.call("tools/call", forwarded);
-    // A session that goes away without cancelling never cancels.
-    let cancelled = async {
-        if cancelled.await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::pin!(call, cancelled);
-    let outcome = loop {
-        tokio::select! {
-            r = &mut call => break Ended::Answered(r),
-            () = &mut cancelled => break Ended::Cancelled,
-            Ok(()) = revocations.changed() => {
-                if let Err(d) = broker.still_stands(verified, peer) {
-                    break Ended::Revoked(d);
+    let outcome = {
+        let call = backend.call("tools/call", forwarded);
+        // A session that goes away without cancelling never cancels.
+        let cancelled = async {
+            if cancelled.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(call, cancelled);
+        loop {
+            tokio::select! {
+                biased;
+                Ok(()) = revocations.changed() => {
+                    if let Err(d) = broker.still_stands(verified, peer) {
+                        break Ended::Revoked(d);
+                    }
                 }
+                () = &mut cancelled => break Ended::Cancelled,
+                r = &mut call => break Ended::Answered(r),
             }
         }
+        // The call's future ends here: a cut or cancelled call's backend is
+        // told before the caller's answer and the record.
     };
     in_flight.abandoned = None;
     drop(in_flight);
