@@ -392,19 +392,20 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
             admitted.as_ref().err().map(|e| e.code()),
         );
     }
+    // The record of a refusal once the token is known.
+    let refusal = |code: &str| {
+        Record::new("llm")
+            .deny(code)
+            .identity(&peer)
+            .right(LLM_TOOL, LLM_OP)
+            .token(verified.token_id.as_str())
+            .request(ctx)
+    };
     let permit = match admitted {
         Ok(p) => p,
         Err(e) => {
-            ctx.audit_deny(
-                Record::new("llm")
-                    .deny(e.code())
-                    .identity(&peer)
-                    .right(LLM_TOOL, LLM_OP)
-                    .token(verified.token_id.as_str())
-                    .request(ctx)
-                    .detail("message", e.to_string()),
-            )
-            .await;
+            ctx.audit_deny(refusal(e.code()).detail("message", e.to_string()))
+                .await;
             return Err(e);
         }
     };
@@ -489,12 +490,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         Ok(r) => r,
         Err(d) => {
             ctx.audit_deny(
-                Record::new("llm")
-                    .deny(d.code())
-                    .identity(&peer)
-                    .right(LLM_TOOL, LLM_OP)
-                    .token(verified.token_id.as_str())
-                    .request(ctx)
+                refusal(d.code())
                     .detail("path", path)
                     .detail("outcome", "revoked"),
             )

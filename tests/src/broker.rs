@@ -330,6 +330,20 @@ impl Broker {
         )
     }
 
+    /// `POST /v1/renew` as `agent`, with a fresh key whose CSR names
+    /// `cn`; the key and the answer.
+    pub fn renew(&self, agent: &Agent, cn: &str) -> (String, Reply) {
+        let (key, csr) = client::key_and_csr(cn).unwrap();
+        let r = self.jail(
+            &agent.tls(),
+            Method::POST,
+            "/v1/renew",
+            &[],
+            Some(json!({"csr": csr})),
+        );
+        (key, r)
+    }
+
     /// A token for `grants`, asserting success.
     pub fn token(&self, agent: &Agent, grants: Value) -> (String, String) {
         let r = self.obtain(agent, grants);

@@ -458,14 +458,7 @@ fn renew_issues_for_the_authenticated_cn_not_the_csrs() {
     let inst = Instance::new(DEFAULT_AGENTS, "");
     let b = inst.start();
     let g1 = b.enrol("g1");
-    let (key, csr) = client::key_and_csr("manager").unwrap();
-    let r = b.jail(
-        &g1.tls(),
-        Method::POST,
-        "/v1/renew",
-        &[],
-        Some(json!({"csr": csr})),
-    );
+    let (key, r) = b.renew(&g1, "manager");
     assert_eq!(r.status, 200, "{}", r.error_message());
     assert_eq!(r.json()["identity"], "g1");
     let renewed = lever_tests::broker::Agent {
@@ -495,14 +488,7 @@ fn a_revoked_identity_cannot_mint_renew_delegate_or_enrol() {
         (r.status.as_u16(), code(&r).as_str()),
         (403, "identity_revoked")
     );
-    let (_, csr) = client::key_and_csr("g1").unwrap();
-    let r = b.jail(
-        &g1.tls(),
-        Method::POST,
-        "/v1/renew",
-        &[],
-        Some(json!({"csr": csr})),
-    );
+    let (_, r) = b.renew(&g1, "g1");
     assert_eq!(r.status, 403);
     // A ticket issued before the revocation is dead too; no new ones.
     let (r, _) = b.redeem(&pending, &ca);

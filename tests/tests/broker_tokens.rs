@@ -709,14 +709,7 @@ fn control_requests_are_limited_per_agent_before_their_bodies_are_read() {
     assert!(r.error_message().contains("rate"), "{}", r.error_message());
     let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "retry-after {retry}");
-    let (_, csr) = lever_broker::client::key_and_csr("g1").unwrap();
-    let r = b.jail(
-        &g1.tls(),
-        Method::POST,
-        "/v1/renew",
-        &[],
-        Some(json!({"csr": csr})),
-    );
+    let (_, r) = b.renew(&g1, "g1");
     assert_eq!(r.status, 429);
     // Refused before the body: a renewal and a delegation with half a body
     // are answered at once, not after the body deadline.

@@ -775,14 +775,7 @@ fn the_gateway_refuses_non_loopback_binds_and_picks_up_a_renewed_certificate() {
         502,
         "the gateway cached the old certificate"
     );
-    let (key, csr) = lever_broker::client::key_and_csr("manager").unwrap();
-    let r = s.b.jail(
-        &s.manager.tls(),
-        Method::POST,
-        "/v1/renew",
-        &[],
-        Some(json!({"csr": csr})),
-    );
+    let (key, r) = s.b.renew(&s.manager, "manager");
     std::fs::write(
         ad.join("cert.pem"),
         r.json()["certificate"].as_str().unwrap(),
