@@ -720,7 +720,31 @@ fn control_requests_are_limited_per_agent_before_their_bodies_are_read() {
     }
     // No refused renewal took a certificate serial.
     assert_eq!(serial(), enrolled);
-    // Refusals are audited and counted by lane.
+    // Provisioning and dispatch are in the lane too (the manager's own).
+    let manager = b.enrol("manager");
+    let provision = || {
+        b.jail(
+            &manager.tls(),
+            Method::POST,
+            "/v1/provision",
+            &[],
+            Some(json!({"agent": "g2"})),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(provision().status, 200);
+    }
+    let r = provision();
+    assert_eq!(r.status, 429, "{}", r.error_message());
+    let r = b.jail(
+        &manager.tls(),
+        Method::POST,
+        "/v1/agents/g1/start",
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 429, "{}", r.error_message());
+    // Refusals are audited and counted by lane (g1's five, the manager's two).
     let denials = || {
         inst.audit_records()
             .into_iter()
@@ -735,7 +759,7 @@ fn control_requests_are_limited_per_agent_before_their_bodies_are_read() {
     let m = b.admin(Method::GET, "/metrics", None);
     let text = String::from_utf8_lossy(&m.body);
     assert!(
-        text.contains("lever_rate_limited_total{lane=\"control\"} 5"),
+        text.contains("lever_rate_limited_total{lane=\"control\"} 7"),
         "{text}"
     );
 }
