@@ -33,6 +33,9 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     if path.starts_with("/llm/") {
         return Box::pin(crate::llm::proxy(ctx, req)).await;
     }
+    // The requests that sign something or write the state file take the
+    // caller's place in the control lane first, whatever follows.
+    let _slot = is_control(path).then(|| control(ctx)).transpose()?;
     match path {
         "/healthz" => {
             expect_method(&req, Method::GET)?;
@@ -44,17 +47,14 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
         "/v1/renew" => {
             expect_method(&req, Method::POST)?;
-            let _slot = control(ctx)?;
             Box::pin(renew(ctx, req)).await
         }
         "/v1/capabilities" => {
             expect_method(&req, Method::POST)?;
-            let _slot = control(ctx)?;
             Box::pin(capabilities(ctx, req)).await
         }
         "/v1/capabilities/delegate" => {
             expect_method(&req, Method::POST)?;
-            let _slot = control(ctx)?;
             Box::pin(delegate(ctx, req)).await
         }
         "/v1/tools" => {
@@ -63,7 +63,6 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
         "/v1/provision" => {
             expect_method(&req, Method::POST)?;
-            let _slot = control(ctx)?;
             Box::pin(provision(ctx, req)).await
         }
         "/mcp" => Box::pin(crate::mcp::handle(ctx, req)).await,
@@ -73,11 +72,18 @@ pub async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
         }
         other if other.starts_with("/v1/agents/") => {
             expect_method(&req, Method::POST)?;
-            let _slot = control(ctx)?;
             Box::pin(dispatch(ctx, other)).await
         }
         other => Err(ApiError::NotFound(other.to_owned())),
     }
+}
+
+/// Minting, delegation, renewal, provisioning and dispatch.
+fn is_control(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/capabilities" | "/v1/capabilities/delegate" | "/v1/renew" | "/v1/provision"
+    ) || path.starts_with("/v1/agents/")
 }
 
 /// The caller's place in the control lane (`broker.rate_limits.control`),

@@ -321,6 +321,45 @@ impl Broker {
         })
     }
 
+    /// If a revocation or an epoch bump landed since `seen` last looked:
+    /// whether the token still stands (one atomic read when none did).
+    pub(crate) fn recheck(
+        &self,
+        seen: &mut tokio::sync::watch::Receiver<u64>,
+        verified: &Verified,
+        peer: &str,
+    ) -> Option<Denial> {
+        if !seen.has_changed().unwrap_or(false) {
+            return None;
+        }
+        seen.borrow_and_update();
+        self.still_stands(verified, peer).err()
+    }
+
+    /// Resolves once a revocation or an epoch bump leaves the token no
+    /// longer standing (counting any that landed since `seen` was made):
+    /// what a call in flight waits on beside its work.
+    pub(crate) async fn revoked(
+        &self,
+        seen: &mut tokio::sync::watch::Receiver<u64>,
+        verified: &Verified,
+        peer: &str,
+    ) -> Denial {
+        if let Some(d) = self.recheck(seen, verified, peer) {
+            return d;
+        }
+        loop {
+            if seen.changed().await.is_err() {
+                // The broker is going away: nothing more to watch.
+                return std::future::pending().await;
+            }
+            // `changed` marked the change seen: judged here.
+            if let Err(d) = self.still_stands(verified, peer) {
+                return d;
+            }
+        }
+    }
+
     /// Records a revocation or an epoch bump that is in the state, then
     /// tells the calls in flight (so the records of the calls it cuts
     /// follow its own in the trail), then waits for the record to be on

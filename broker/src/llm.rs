@@ -467,24 +467,10 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     // starts, and first on every wake-up, so a revoked token never sends
     // the key upstream.
     let sent = tokio::time::timeout(upstream.header_timeout, upstream.clients.get().request(out));
-    tokio::pin!(sent);
-    let sent = loop {
-        if revocations.has_changed().unwrap_or(false) {
-            revocations.borrow_and_update();
-            if let Err(d) = broker.still_stands(&verified, &peer) {
-                break Err(d);
-            }
-        }
-        tokio::select! {
-            biased;
-            // `changed` marks what it saw as seen: judged here.
-            Ok(()) = revocations.changed() => {
-                if let Err(d) = broker.still_stands(&verified, &peer) {
-                    break Err(d);
-                }
-            }
-            r = &mut sent => break Ok(r),
-        }
+    let sent = tokio::select! {
+        biased;
+        d = broker.revoked(&mut revocations, &verified, &peer) => Err(d),
+        r = sent => Ok(r),
     };
     let sent = match sent {
         Ok(r) => r,
@@ -1005,14 +991,11 @@ struct Standing {
 
 impl Standing {
     /// If a revocation landed since the last look: whether the token
-    /// still stands (one atomic read when none did).
+    /// still stands (one atomic read when none did). A waker made before
+    /// this look may fire for what it judged: `watch` takes that in stride.
     fn recheck(&mut self) -> Option<lever_policy::token::Denial> {
-        if !self.seen.has_changed().unwrap_or(false) {
-            return None;
-        }
-        self.seen.borrow_and_update();
-        self.wake = None;
-        self.broker.still_stands(&self.verified, &self.peer).err()
+        self.broker
+            .recheck(&mut self.seen, &self.verified, &self.peer)
     }
 
     /// Has `cx` woken when the next revocation lands; if one just did,

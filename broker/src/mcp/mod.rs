@@ -785,17 +785,11 @@ async fn call(
             }
         };
         tokio::pin!(call, cancelled);
-        loop {
-            tokio::select! {
-                biased;
-                Ok(()) = revocations.changed() => {
-                    if let Err(d) = broker.still_stands(verified, peer) {
-                        break Ended::Revoked(d);
-                    }
-                }
-                () = &mut cancelled => break Ended::Cancelled,
-                r = &mut call => break Ended::Answered(r),
-            }
+        tokio::select! {
+            biased;
+            d = broker.revoked(&mut revocations, verified, peer) => Ended::Revoked(d),
+            () = &mut cancelled => Ended::Cancelled,
+            r = &mut call => Ended::Answered(r),
         }
         // The call's future ends here: a cut or cancelled call's backend is
         // told before the caller's answer and the record.
