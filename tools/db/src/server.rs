@@ -121,7 +121,10 @@ pub async fn serve_http(addr: SocketAddr, db: Arc<Db>) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&format!("cannot listen on {addr}: {e}")),
     };
-    eprintln!("lever-tool-db: serving MCP on http://{addr}/mcp");
+    // The address bound, not the one asked for: `-backend 127.0.0.1:0`
+    // takes a free port and says which.
+    let bound = listener.local_addr().unwrap_or(addr);
+    eprintln!("lever-tool-db: serving MCP on http://{bound}/mcp");
     // Started by a broker: go when it goes, even if it was killed outright
     // and could not take its tools down with it.
     let parent = std::os::unix::process::parent_id();

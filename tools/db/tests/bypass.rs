@@ -8,7 +8,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -104,40 +103,42 @@ fn over_http_only_listed_tables_are_readable_and_only_on_loopback() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("loopback"));
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Port 0: the tool binds a free port itself and names it, so no other
+    // process can take the port between a probe and the tool's bind.
     let mut child = Command::new(BIN)
         .args([
             "-backend",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--tables",
             "users,orders",
             "--database",
         ])
         .arg(&db)
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Kept open to the end: the tool logs each read to stderr.
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut banner = String::new();
+    log.read_line(&mut banner).unwrap();
+    let addr: std::net::SocketAddr = banner
+        .trim()
+        .strip_prefix("lever-tool-db: serving MCP on http://")
+        .and_then(|a| a.strip_suffix("/mcp"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in the tool's banner: {banner:?}"));
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
     let post = |msg: &Value| -> String {
-        for _ in 0..200 {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                let body = msg.to_string();
-                write!(
-                    s,
-                    "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .unwrap();
-                let mut text = String::new();
-                s.read_to_string(&mut text).unwrap();
-                return text;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the tool never listened");
+        let mut s = TcpStream::connect(addr).unwrap();
+        let body = msg.to_string();
+        let request = format!(
+            "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes()).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
     };
     assert!(post(&call("orders")).contains("bombe"));
     let secret = post(&call("secrets"));
