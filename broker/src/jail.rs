@@ -118,64 +118,92 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
     if !crate::is_ticket_shaped(&body.ticket) {
         return Err(ApiError::Ticket("not an enrolment ticket"));
     }
-    // Check the CSR before spending the ticket on it.
-    crate::ca::check_csr(&body.csr)?;
     let broker = ctx.broker;
     let hash = crate::ticket_hash(&body.ticket);
     let now = token::unix_secs(SystemTime::now());
-    // Redeem: check and consume under the state lock, durably. Of two
-    // concurrent redeems of one ticket, exactly one sees it unconsumed.
     let state = &broker.state;
+    // Anyone in the jail can call this route without a certificate. A
+    // ticket that cannot be redeemed is refused from the in-memory state:
+    // no CSR is parsed or verified for it and the writer lock is not
+    // taken, so a stream of guesses costs a hash and a lookup, and never
+    // queues ahead of a revocation.
+    let judged = state.read(|s| redeemable(broker, s, &hash, now));
+    if let Err(refused) = judged {
+        return refuse_ticket(ctx, refused).await;
+    }
+    // Check the CSR before spending the ticket on it.
+    crate::ca::check_csr(&body.csr)?;
+    // Redeem: check again and consume under the state's writer lock,
+    // durably. Of two concurrent redeems of one ticket, exactly one sees it
+    // unconsumed.
     let outcome = crate::blocking(|| {
         state.update(|s| {
-            let revoked = &s.revoked_identities;
-            let Some(t) = s.tickets.get_mut(&hash) else {
-                return Ok::<_, ApiError>(Err((TicketRefusal::Unknown, None)));
+            let identity = match redeemable(broker, s, &hash, now) {
+                Ok(identity) => identity,
+                Err(refused) => return Ok::<_, ApiError>(Err(refused)),
             };
-            let identity = t.identity.clone();
-            if t.consumed_at.is_some() {
-                return Ok(Err((TicketRefusal::Used, Some(identity))));
+            if let Some(t) = s.tickets.get_mut(&hash) {
+                t.consumed_at = Some(now);
             }
-            if t.expires_at <= now {
-                return Ok(Err((TicketRefusal::Expired, Some(identity))));
-            }
-            if revoked.contains_key(&identity) {
-                return Ok(Err((TicketRefusal::IdentityRevoked, Some(identity))));
-            }
-            // Tickets outlive restarts; the config may have changed since.
-            // Left unspent: the name may come back.
-            if broker.config.agent(&identity).is_none() {
-                return Ok(Err((TicketRefusal::UnknownAgent, Some(identity))));
-            }
-            t.consumed_at = Some(now);
             s.serial += 1;
             Ok(Ok((identity, s.serial)))
         })
     })?;
     let (identity, serial) = match outcome {
         Ok(v) => v,
-        Err((why, identity)) => {
-            let (code, msg) = match why {
-                TicketRefusal::Unknown => ("ticket_unknown", "unknown ticket"),
-                TicketRefusal::Used => ("ticket_used", "the ticket was already used"),
-                TicketRefusal::Expired => ("ticket_expired", "the ticket has expired"),
-                TicketRefusal::IdentityRevoked => {
-                    ("identity_revoked", "the ticket's identity is revoked")
-                }
-                TicketRefusal::UnknownAgent => (
-                    "unknown_agent",
-                    "the ticket's identity is no longer an agent of the config",
-                ),
-            };
-            let mut rec = Record::new("enrol").deny(code).request(ctx);
-            if let Some(i) = identity {
-                rec = rec.identity(i);
-            }
-            ctx.audit_deny(rec).await;
-            return Err(ApiError::Ticket(msg));
-        }
+        Err(refused) => return refuse_ticket(ctx, refused).await,
     };
     issue_certificate(ctx, "enrol", &identity, &body.csr, serial).await
+}
+
+/// The identity a ticket (by hash) would enrol now, or why it cannot.
+fn redeemable(
+    broker: &crate::Broker,
+    s: &crate::state::Persisted,
+    hash: &str,
+    now: u64,
+) -> Result<String, (TicketRefusal, Option<String>)> {
+    let Some(t) = s.tickets.get(hash) else {
+        return Err((TicketRefusal::Unknown, None));
+    };
+    let identity = t.identity.clone();
+    let why = if t.consumed_at.is_some() {
+        TicketRefusal::Used
+    } else if t.expires_at <= now {
+        TicketRefusal::Expired
+    } else if s.revoked_identities.contains_key(&identity) {
+        TicketRefusal::IdentityRevoked
+    } else if broker.config.agent(&identity).is_none() {
+        // Tickets outlive restarts; the config may have changed since.
+        // Left unspent: the name may come back.
+        TicketRefusal::UnknownAgent
+    } else {
+        return Ok(identity);
+    };
+    Err((why, Some(identity)))
+}
+
+/// Audits and answers a ticket that was not redeemed.
+async fn refuse_ticket(
+    ctx: &Ctx<'_>,
+    (why, identity): (TicketRefusal, Option<String>),
+) -> Result<Response<Body>, ApiError> {
+    let (code, msg) = match why {
+        TicketRefusal::Unknown => ("ticket_unknown", "unknown ticket"),
+        TicketRefusal::Used => ("ticket_used", "the ticket was already used"),
+        TicketRefusal::Expired => ("ticket_expired", "the ticket has expired"),
+        TicketRefusal::IdentityRevoked => ("identity_revoked", "the ticket's identity is revoked"),
+        TicketRefusal::UnknownAgent => (
+            "unknown_agent",
+            "the ticket's identity is no longer an agent of the config",
+        ),
+    };
+    let mut rec = Record::new("enrol").deny(code).request(ctx);
+    if let Some(i) = identity {
+        rec = rec.identity(i);
+    }
+    ctx.audit_deny(rec).await;
+    Err(ApiError::Ticket(msg))
 }
 
 /// Signs a client certificate for `identity` from `csr`, records it, and

@@ -536,6 +536,63 @@ fn a_csr_refused_for_its_size_does_not_spend_the_ticket() {
 }
 
 #[test]
+fn a_ticket_that_cannot_be_redeemed_is_refused_before_its_csr_is_read() {
+    // `/v1/enrol` answers callers without a certificate. A guessed or
+    // spent ticket is refused from the in-memory state, before the
+    // CSR is parsed or verified and without the state's writer lock: a
+    // flood of guesses costs the broker a lookup each. The CSR sent here is
+    // not a CSR at all, so an answer about it would show it was read.
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (spent, ca) = b.register("g1");
+    assert_eq!(b.redeem(&spent, &ca).0.status, 200);
+    let anon = ClientTls::new(&ca, None).unwrap();
+    let enrol = |ticket: &str| {
+        b.jail(
+            &anon,
+            Method::POST,
+            "/v1/enrol",
+            &[],
+            Some(json!({"ticket": ticket, "csr": "not a CSR"})),
+        )
+    };
+    let guessed = format!("lvtk_{}", "0".repeat(64));
+    for (ticket, why) in [
+        (guessed.as_str(), "unknown ticket"),
+        (spent.as_str(), "already used"),
+    ] {
+        let r = enrol(ticket);
+        assert_eq!(r.status, 403, "{why}: {}", r.error_message());
+        assert_eq!(code(&r), "ticket_refused", "{why}");
+        assert!(r.error_message().contains(why), "{}", r.error_message());
+    }
+    // A ticket that can be redeemed has its CSR judged first, and is not
+    // spent on a bad one.
+    let (fresh, _) = b.register("g2");
+    let r = enrol(&fresh);
+    assert_eq!(r.status, 400, "{}", r.error_message());
+    assert_eq!(b.redeem(&fresh, &ca).0.status, 200);
+    // Refused from the read side, and still audited (once each).
+    let mut denied = Vec::new();
+    for _ in 0..50 {
+        denied = inst
+            .audit_records()
+            .iter()
+            .filter(|r| r["event"] == "enrol" && r["decision"] == "deny")
+            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        if denied.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    for reason in ["ticket_unknown", "ticket_used"] {
+        assert!(denied.iter().any(|d| d == reason), "{reason}: {denied:?}");
+    }
+}
+
+#[test]
 fn only_the_manager_lists_and_dispatches_groves() {
     let inst = Instance::new(DEFAULT_AGENTS, "");
     let b = inst.start();
