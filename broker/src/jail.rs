@@ -125,8 +125,8 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
     // Anyone in the jail can call this route without a certificate. A
     // ticket that cannot be redeemed is refused from the in-memory state:
     // no CSR is parsed or verified for it and the writer lock is not
-    // taken, so a stream of guesses costs a hash and a lookup, and never
-    // queues ahead of a revocation.
+    // taken, so a guess costs a lookup (besides its body and its audit
+    // record) and never waits for, or holds up, a state change.
     let judged = state.read(|s| redeemable(broker, s, &hash, now));
     if let Err(refused) = judged {
         return refuse_ticket(ctx, refused).await;
@@ -138,13 +138,17 @@ async fn enrol(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
     // unconsumed.
     let outcome = crate::blocking(|| {
         state.update(|s| {
+            // The clock read again: the CSR check and the wait for the
+            // lock took time, and the ticket may have expired meanwhile.
+            let now = token::unix_secs(SystemTime::now());
             let identity = match redeemable(broker, s, &hash, now) {
                 Ok(identity) => identity,
                 Err(refused) => return Ok::<_, ApiError>(Err(refused)),
             };
-            if let Some(t) = s.tickets.get_mut(&hash) {
-                t.consumed_at = Some(now);
-            }
+            let Some(t) = s.tickets.get_mut(&hash) else {
+                return Ok(Err((TicketRefusal::Unknown, None)));
+            };
+            t.consumed_at = Some(now);
             s.serial += 1;
             Ok(Ok((identity, s.serial)))
         })

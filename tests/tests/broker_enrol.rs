@@ -536,12 +536,12 @@ fn a_csr_refused_for_its_size_does_not_spend_the_ticket() {
 }
 
 #[test]
-fn a_ticket_that_cannot_be_redeemed_is_refused_before_its_csr_is_read() {
+fn a_ticket_that_cannot_be_redeemed_is_refused_before_its_csr_is_parsed() {
     // `/v1/enrol` answers callers without a certificate. A guessed or
     // spent ticket is refused from the in-memory state, before the
     // CSR is parsed or verified and without the state's writer lock: a
     // flood of guesses costs the broker a lookup each. The CSR sent here is
-    // not a CSR at all, so an answer about it would show it was read.
+    // not a CSR at all, so an answer about it would show it was parsed.
     let inst = Instance::new(DEFAULT_AGENTS, "");
     let b = inst.start();
     let (spent, ca) = b.register("g1");
