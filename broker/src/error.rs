@@ -68,8 +68,11 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("{1}")]
     Upstream(StatusCode, String),
-    #[error("rate limit exceeded: {0}")]
-    RateLimited(String, std::time::Duration),
+    /// Refused by the rate-limit lane named (`llm`, `tool`, `control`:
+    /// the `lane` label of `lever_rate_limited_total`); retry after the
+    /// duration.
+    #[error("rate limit exceeded: {1}")]
+    RateLimited(&'static str, String, std::time::Duration),
     #[error("{0}")]
     NotImplemented(String),
     #[error("internal error")]
@@ -134,6 +137,14 @@ impl ApiError {
             ApiError::RateLimited(..) => "rate_limited",
             ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The rate-limit lane that refused, when one did.
+    pub fn rate_limited_lane(&self) -> Option<&'static str> {
+        match self {
+            ApiError::RateLimited(lane, ..) => Some(lane),
+            _ => None,
         }
     }
 

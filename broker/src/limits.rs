@@ -54,6 +54,7 @@ impl Lane {
         if let Err(not_until) = self.rate.check_key(&agent.to_owned()) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             return Err(ApiError::RateLimited(
+                self.what,
                 format!("{} request rate exceeded for `{agent}`", self.what),
                 wait.max(Duration::from_secs(1)),
             ));
@@ -73,6 +74,7 @@ impl Lane {
         };
         sem.try_acquire_owned().map_err(|_| {
             ApiError::RateLimited(
+                self.what,
                 format!(
                     "more than {} {} requests in flight for `{agent}`",
                     self.max_concurrent, self.what
@@ -108,6 +110,7 @@ impl Budget {
                 .window
                 .saturating_sub(now.duration_since(entry.0));
             return Err(ApiError::RateLimited(
+                "llm",
                 format!(
                     "LLM token budget of {} per window spent for `{agent}`",
                     self.budget.tokens

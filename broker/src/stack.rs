@@ -120,12 +120,7 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => {
             denied = Some(e.code());
-            let lane = matches!(e, ApiError::RateLimited(..)).then_some(match kind {
-                "llm" => "llm",
-                "mcp" => "tool",
-                _ => "control",
-            });
-            broker.stats.denial(kind, e.code(), lane);
+            broker.stats.denial(kind, e.code(), e.rate_limited_lane());
             Box::pin(rescue(&ctx, &format!("{method} {}", uri.path()), e)).await
         }
     };
@@ -256,7 +251,7 @@ async fn rescue(ctx: &Ctx<'_>, route: &str, e: ApiError) -> Response<Body> {
         serde_json::json!({"error": {"code": e.code(), "message": message}})
     };
     let mut resp = json(status, &body);
-    if let ApiError::RateLimited(_, wait) = &e
+    if let ApiError::RateLimited(_, _, wait) = &e
         && let Ok(v) = HeaderValue::from_str(&retry_secs(*wait).to_string())
     {
         resp.headers_mut().insert(http::header::RETRY_AFTER, v);

@@ -177,3 +177,63 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     // The admin requests so far (this one is counted after it is answered).
     assert!(v("lever_requests_total", json!({"route": "admin_register"})) >= 1.0);
 }
+
+#[test]
+fn each_rate_limit_refusal_is_counted_in_its_own_lane() {
+    // The lane comes from the limit that refused, whatever the route: one
+    // refusal in each of the three, and each counted once, in its own.
+    let scratch = lever_tests::TempDir::new("mock");
+    scratch.write("key", REAL_KEY, 0o600);
+    let (_mock, mock_url) = start_mock(scratch.path(), "key");
+    let inst = Instance::new(
+        DEFAULT_AGENTS,
+        &format!(
+            "  upstream: {mock_url}\n  rate_limits:\n    llm: {{per_minute: 1, burst: 1}}\n    tools: {{per_minute: 1, burst: 1}}\n    control: {{per_minute: 1, burst: 2}}\n"
+        ),
+    );
+    let b = inst.start();
+    let manager = b.enrol("manager");
+    let llm_grant = json!([{"tool": "llm", "op": "generate"}]);
+    let (llm, _) = b.token(&manager, llm_grant.clone());
+    let (db, _) = b.token(
+        &manager,
+        json!([{"tool": "db", "op": "read", "constraints": {"table": "users"}}]),
+    );
+    let r = b.obtain(&manager, llm_grant);
+    assert_eq!(r.status, 429, "a third mint: {}", r.error_message());
+
+    let body = json!({"model": "claude-mock-1", "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let statuses: Vec<u16> = (0..2)
+        .map(|_| {
+            b.jail(
+                &manager.tls(),
+                Method::POST,
+                "/llm/v1/messages",
+                &[("x-api-key", &llm)],
+                Some(body.clone()),
+            )
+            .status
+            .as_u16()
+        })
+        .collect();
+    assert_eq!(statuses, [200, 429]);
+
+    let raw = RawMcp::new(&b, &manager, &db);
+    let (sid, _) = raw.initialize("2025-11-25");
+    // The first call takes the lane's one place (answered or not: the
+    // backend may still be starting); the second is refused.
+    let _ = raw.call(&sid, "db_read", json!({"table": "users"}));
+    let v = raw.call(&sid, "db_read", json!({"table": "users"}));
+    assert_eq!(v["error"]["code"], -32002, "{v}");
+
+    let m = b.admin(Method::GET, "/metrics", None);
+    let s = parse(std::str::from_utf8(&m.body).unwrap());
+    for lane in ["llm", "tool", "control"] {
+        assert_eq!(
+            value(&s, "lever_rate_limited_total", json!({"lane": lane})),
+            1.0,
+            "lane {lane}"
+        );
+    }
+}

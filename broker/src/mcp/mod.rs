@@ -401,7 +401,7 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
 /// rate limit.
 fn rate_limited(id: &Value, e: &ApiError) -> Response<Body> {
     let wait = match e {
-        ApiError::RateLimited(_, w) => crate::stack::retry_secs(*w),
+        ApiError::RateLimited(_, _, w) => crate::stack::retry_secs(*w),
         _ => 1,
     };
     let mut r = rpc_body(
@@ -741,7 +741,7 @@ async fn call(
     let permit = match admitted {
         Ok(p) => p,
         Err(e) => {
-            broker.stats.denial("mcp", e.code(), Some("tool"));
+            broker.stats.denial("mcp", e.code(), e.rate_limited_lane());
             span(name, Some(e.code()), "denied");
             let _ = ctx.denied_inside.set(e.code());
             broker
