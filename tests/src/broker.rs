@@ -330,6 +330,17 @@ impl Broker {
         )
     }
 
+    /// `POST /v1/provision` as `agent`, for the grove `grove`.
+    pub fn provision(&self, agent: &Agent, grove: &str) -> Reply {
+        self.jail(
+            &agent.tls(),
+            Method::POST,
+            "/v1/provision",
+            &[],
+            Some(json!({"agent": grove})),
+        )
+    }
+
     /// `POST /v1/renew` as `agent`, with a fresh key whose CSR names
     /// `cn`; the key and the answer.
     pub fn renew(&self, agent: &Agent, cn: &str) -> (String, Reply) {

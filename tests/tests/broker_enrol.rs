@@ -172,29 +172,11 @@ fn only_the_manager_provisions_and_only_groves() {
     let b = inst.start();
     let manager = b.enrol("manager");
     let g1 = b.enrol("g1");
-    let r = b.jail(
-        &g1.tls(),
-        Method::POST,
-        "/v1/provision",
-        &[],
-        Some(json!({"agent": "g2"})),
-    );
+    let r = b.provision(&g1, "g2");
     assert_eq!(r.status, 403, "a grove provisioned: {}", r.error_message());
-    let r = b.jail(
-        &manager.tls(),
-        Method::POST,
-        "/v1/provision",
-        &[],
-        Some(json!({"agent": "manager"})),
-    );
+    let r = b.provision(&manager, "manager");
     assert_eq!(r.status, 403);
-    let r = b.jail(
-        &manager.tls(),
-        Method::POST,
-        "/v1/provision",
-        &[],
-        Some(json!({"agent": "g2"})),
-    );
+    let r = b.provision(&manager, "g2");
     assert_eq!(r.status, 200, "{}", r.error_message());
     let t = r.json();
     let (e, _) = b.redeem(t["ticket"].as_str().unwrap(), t["ca"].as_str().unwrap());

@@ -722,19 +722,10 @@ fn control_requests_are_limited_per_agent_before_their_bodies_are_read() {
     assert_eq!(serial(), enrolled);
     // Provisioning and dispatch are in the lane too (the manager's own).
     let manager = b.enrol("manager");
-    let provision = || {
-        b.jail(
-            &manager.tls(),
-            Method::POST,
-            "/v1/provision",
-            &[],
-            Some(json!({"agent": "g2"})),
-        )
-    };
     for _ in 0..3 {
-        assert_eq!(provision().status, 200);
+        assert_eq!(b.provision(&manager, "g2").status, 200);
     }
-    let r = provision();
+    let r = b.provision(&manager, "g2");
     assert_eq!(r.status, 429, "{}", r.error_message());
     let r = b.jail(
         &manager.tls(),

@@ -95,11 +95,24 @@ async fn open_llm_stream(
     token: &str,
     body: &str,
 ) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
+    open_llm_upload(tls, port, token, body, body.len()).await
+}
+
+/// [`open_llm_stream`], with only the first `sent` bytes of `body` written
+/// (its `Content-Length` is the whole body's): the rest is the caller's.
+async fn open_llm_upload(
+    tls: lever_broker::client::ClientTls,
+    port: u16,
+    token: &str,
+    body: &str,
+    sent: usize,
+) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<> {
     use tokio::io::AsyncWriteExt;
     let mut stream = connect_jail(&tls, port).await;
     let req = format!(
-        "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+        "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..sent]
     );
     stream.write_all(req.as_bytes()).await.unwrap();
     stream
@@ -607,19 +620,16 @@ fn a_revocation_cuts_an_open_stream_and_a_call_awaiting_its_answer() {
     // upstream, however the body ends.
     let (token, token_id) = s.b.token(&s.manager, grant);
     let body = messages_body("mock:events=2", false).to_string();
-    let (half, rest) = body.split_at(body.len() / 2);
-    let (tls, port) = (s.manager.tls(), s.inst.jail_port);
+    let half = body.len() / 2;
+    let rest = &body[half..];
     let upstream_saw = mock_requests(&s.b.rt, &s.mock_url).len();
-    let mut stream = s.b.rt.block_on(async {
-        use tokio::io::AsyncWriteExt;
-        let mut stream = connect_jail(&tls, port).await;
-        let head = format!(
-            "POST /llm/v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{half}",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stream
-    });
+    let mut stream = s.b.rt.block_on(open_llm_upload(
+        s.manager.tls(),
+        s.inst.jail_port,
+        &token,
+        &body,
+        half,
+    ));
     // The token is judged as soon as the head is in; then it is revoked.
     std::thread::sleep(Duration::from_millis(300));
     let r =

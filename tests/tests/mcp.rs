@@ -819,8 +819,7 @@ fn a_cancelled_call_returns_at_once() {
     } = everything("stdio");
     let raw = RawMcp::new(&b, &manager, &token);
     let sid = raw.ready_session("everything_echo", json!({"message": "up?"}));
-    let started = Instant::now();
-    let v = long_call_while(&raw, &sid, 1.4, || {
+    let (v, took) = long_call_while(&raw, &sid, 1.4, || {
         let r = raw.post(
             Some(&sid),
             json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
@@ -829,11 +828,7 @@ fn a_cancelled_call_returns_at_once() {
         assert_eq!(r.status, 202);
     });
     assert_eq!(v["error"]["code"], -32800, "{v}");
-    assert!(
-        started.elapsed() < Duration::from_millis(1000),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(took < Duration::from_millis(1000), "{took:?}");
     let rec = wait_audit(&inst, |l| {
         l["event"] == "tool" && l["detail"]["outcome"] == "cancelled"
     });
@@ -857,7 +852,7 @@ fn a_revocation_cuts_the_calls_its_token_has_in_flight() {
     };
     // Revoking another token leaves the call alone.
     let (_, other_id) = b.token(&manager, everything_grants());
-    let v = long_call_while(&raw, &sid, 1.0, || {
+    let (v, _) = long_call_while(&raw, &sid, 1.0, || {
         revoke(json!({"token_id": other_id}));
     });
     assert!(
@@ -865,16 +860,14 @@ fn a_revocation_cuts_the_calls_its_token_has_in_flight() {
         "cut by another token's revocation: {v}"
     );
     // Its own token's revocation cuts it at once.
-    let started = Instant::now();
-    let v = long_call_while(&raw, &sid, 3.0, || {
+    let (v, took) = long_call_while(&raw, &sid, 3.0, || {
         revoke(json!({"token_id": token_id}));
     });
     assert_eq!(v["error"]["code"], -32001, "{v}");
     assert_eq!(v["error"]["data"]["reason"], "token_revoked", "{v}");
     assert!(
-        started.elapsed() < Duration::from_millis(2000),
-        "the call ran on for {:?}",
-        started.elapsed()
+        took < Duration::from_millis(2000),
+        "the call ran on for {took:?}"
     );
     let rec = wait_audit(&inst, |l| {
         l["event"] == "tool" && l["detail"]["outcome"] == "revoked"
@@ -884,17 +877,16 @@ fn a_revocation_cuts_the_calls_its_token_has_in_flight() {
     // An epoch bump cuts a call of a fresh token the same way.
     let (fresh, _) = b.token(&manager, everything_grants());
     let raw = RawMcp::new(&b, &manager, &fresh);
-    let started = Instant::now();
-    let v = long_call_while(&raw, &sid, 3.0, || {
+    let (v, took) = long_call_while(&raw, &sid, 3.0, || {
         let r = b.admin(Method::POST, "/bump-epoch", None);
         assert_eq!(r.status, 200);
     });
     assert_eq!(v["error"]["data"]["reason"], "token_stale_epoch", "{v}");
-    assert!(started.elapsed() < Duration::from_millis(2000));
+    assert!(took < Duration::from_millis(2000), "{took:?}");
     // And so does revoking its holder, for a token of the new epoch.
     let (fresh, _) = b.token(&manager, everything_grants());
     let raw = RawMcp::new(&b, &manager, &fresh);
-    let v = long_call_while(&raw, &sid, 3.0, || {
+    let (v, _) = long_call_while(&raw, &sid, 3.0, || {
         revoke(json!({"identity": "manager"}));
     });
     assert_eq!(v["error"]["data"]["reason"], "token_revoked", "{v}");
@@ -914,9 +906,16 @@ fn a_revocation_cuts_the_calls_its_token_has_in_flight() {
 }
 
 /// The call `everything_trigger-long-running-operation` (id 7, `secs`
-/// long) in session `sid`, with `meanwhile` run 300 ms into it; its answer.
-fn long_call_while(raw: &RawMcp<'_>, sid: &str, secs: f64, meanwhile: impl FnOnce()) -> Value {
-    std::thread::scope(|s| {
+/// long) in session `sid`, with `meanwhile` run 300 ms into it; its answer
+/// and how long it took.
+fn long_call_while(
+    raw: &RawMcp<'_>,
+    sid: &str,
+    secs: f64,
+    meanwhile: impl FnOnce(),
+) -> (Value, Duration) {
+    let started = Instant::now();
+    let v = std::thread::scope(|s| {
         let call = s.spawn(|| {
             raw.call(
                 sid,
@@ -927,7 +926,8 @@ fn long_call_while(raw: &RawMcp<'_>, sid: &str, secs: f64, meanwhile: impl FnOnc
         std::thread::sleep(Duration::from_millis(300));
         meanwhile();
         call.join().unwrap()
-    })
+    });
+    (v, started.elapsed())
 }
 
 #[test]
@@ -949,7 +949,7 @@ fn another_agent_can_neither_cancel_nor_end_what_it_does_not_own() {
     let (g1_token, _) = b.token(&g1, json!([{"tool": "llm", "op": "generate"}]));
     let other = RawMcp::new(&b, &g1, &g1_token);
     let g1_auth = format!("Bearer {g1_token}");
-    let v = long_call_while(&raw, &sid, 1.0, || {
+    let (v, _) = long_call_while(&raw, &sid, 1.0, || {
         let r = other.post(
             Some(&sid),
             json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
