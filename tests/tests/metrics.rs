@@ -45,12 +45,20 @@ fn value(samples: &[Value], name: &str, labels: Value) -> f64 {
         .sum()
 }
 
-#[test]
-fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+/// A broker instance whose upstream is a mock holding the real key, with
+/// `extra` added to its `broker:` section; the mock's dir and process go
+/// with the instance.
+fn with_mock(extra: &str) -> (lever_tests::TempDir, lever_tests::broker::Proc, Instance) {
     let scratch = lever_tests::TempDir::new("mock");
     scratch.write("key", REAL_KEY, 0o600);
-    let (_mock, mock_url) = start_mock(scratch.path(), "key");
-    let inst = Instance::new(DEFAULT_AGENTS, &format!("  upstream: {mock_url}\n"));
+    let (mock, mock_url) = start_mock(scratch.path(), "key");
+    let inst = Instance::new(DEFAULT_AGENTS, &format!("  upstream: {mock_url}\n{extra}"));
+    (scratch, mock, inst)
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    let (_scratch, _mock, inst) = with_mock("");
     let b = inst.start();
     let manager = b.enrol("manager");
     let (llm, _) = b.token(&manager, json!([{"tool": "llm", "op": "generate"}]));
@@ -182,14 +190,8 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
 fn each_rate_limit_refusal_is_counted_in_its_own_lane() {
     // The lane comes from the limit that refused, whatever the route: one
     // refusal in each of the three, and each counted once, in its own.
-    let scratch = lever_tests::TempDir::new("mock");
-    scratch.write("key", REAL_KEY, 0o600);
-    let (_mock, mock_url) = start_mock(scratch.path(), "key");
-    let inst = Instance::new(
-        DEFAULT_AGENTS,
-        &format!(
-            "  upstream: {mock_url}\n  rate_limits:\n    llm: {{per_minute: 1, burst: 1}}\n    tools: {{per_minute: 1, burst: 1}}\n    control: {{per_minute: 1, burst: 2}}\n"
-        ),
+    let (_scratch, _mock, inst) = with_mock(
+        "  rate_limits:\n    llm: {per_minute: 1, burst: 1}\n    tools: {per_minute: 1, burst: 1}\n    control: {per_minute: 1, burst: 2}\n",
     );
     let b = inst.start();
     let manager = b.enrol("manager");
