@@ -3,8 +3,8 @@
 //! ```text
 //! ca.key      the CA's private key (PEM)         ca.crt   the CA certificate
 //! root.key    the Biscuit root key (PEM)         state.json  epoch, revocations,
-//! audit.jsonl the audit trail (see audit.rs)                 delegation links, tickets
-//! audit.jsonl.tip  the trail's durable tip: last seq and hash (audit.rs)
+//! audit.jsonl the audit trail (see audit/)                   delegation links, tickets
+//! audit.jsonl.tip  the trail's durable tip: last seq and hash (audit/)
 //! ```
 //!
 //! Lever's provisioning may have written its own files there before the

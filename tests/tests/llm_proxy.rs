@@ -839,6 +839,82 @@ fn the_request_rate_is_limited_per_agent_with_retry_after() {
 }
 
 #[test]
+fn a_flood_of_refused_calls_is_counted_in_the_audit_trail_not_written_line_by_line() {
+    let s = setup("  rate_limits: {llm: {per_minute: 60, burst: 2}}\n");
+    let h = [("x-api-key", s.token.as_str())];
+    let started = std::time::Instant::now();
+    let n = 300;
+    let refused = (0..n)
+        .filter(|i| {
+            let r = llm(
+                &s,
+                "/llm/v1/messages",
+                &h,
+                Some(messages_body(&format!("{i}"), false)),
+            );
+            r.status == 429
+        })
+        .count();
+    // Two served, at most one more a second refilled while the flood ran.
+    let took = started.elapsed().as_secs() as usize;
+    assert!(refused >= n - 2 - took - 1, "{refused} of {n} refused");
+    // Another agent's refusal is written as it comes.
+    let g1 = s.b.enrol("g1");
+    let r = s.b.jail(
+        &g1.tls(),
+        Method::POST,
+        "/llm/v1/messages",
+        &[("x-api-key", "not-a-token")],
+        Some(messages_body("d", false)),
+    );
+    assert_eq!(r.status, 401);
+    // The count of what was held back arrives on its own, within seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let all = loop {
+        let all = s.inst.audit_records();
+        if all.iter().any(|r| r["event"] == "suppressed") {
+            break all;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no count of the refusals held back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let written = all
+        .iter()
+        .filter(|r| {
+            r["event"] == "llm" && r["identity"] == "manager" && r["reason"] == "rate_limited"
+        })
+        .count();
+    assert!(
+        (64..64 + 2 * took + 4).contains(&written),
+        "{written} rate_limited records for {refused} refusals"
+    );
+    let counts: Vec<&Value> = all.iter().filter(|r| r["event"] == "suppressed").collect();
+    let held: u64 = counts
+        .iter()
+        .map(|r| r["detail"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(written as u64 + held, refused as u64, "{counts:?}");
+    for c in &counts {
+        assert_eq!(c["identity"], "manager");
+        assert_eq!(c["reason"], "rate_limited");
+        assert_eq!(c["detail"]["event"], "llm");
+        assert_eq!(c["decision"], "deny");
+    }
+    assert!(
+        all.iter()
+            .any(|r| r["identity"] == "g1" && r["decision"] == "deny" && r["event"] == "llm"),
+        "the other agent's refusal is missing"
+    );
+    let audit = s.inst.audit_file();
+    let home = s.inst.dir.path();
+    let ok = lever_tests::lever(&["audit", "verify", audit.to_str().unwrap()], home, home);
+    assert_eq!(ok.code, 0, "{}{}", ok.stdout, ok.stderr);
+}
+
+#[test]
 fn requests_in_flight_are_capped_per_agent() {
     let s = setup("  rate_limits: {llm: {max_concurrent: 1}}\n");
     let tls = s.manager.tls();

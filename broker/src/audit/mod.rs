@@ -15,6 +15,9 @@
 //! broker's start compare the trail with it: a trail that ends before its
 //! tip lost records from its end.
 //!
+//! Refusals repeated past a burst are counted rather than written one by
+//! one, so a flood cannot fill the host's disk (`repeats.rs`).
+//!
 //! Schema (every key always present, `null` when it does not apply):
 //! `seq`, `time`, `event`, `request_id`, `identity`, `tool`, `op`,
 //! `constraints`, `decision`, `reason`, `token_id`, `detail`, `prev`.
@@ -31,6 +34,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::error::StartError;
+
+mod repeats;
+pub use repeats::SUPPRESSED;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const CHANNEL: usize = 65_536;
@@ -209,6 +215,8 @@ pub struct Audit {
 
 enum Msg {
     Record(Box<Record>),
+    /// A record the writer makes itself (a count of refusals held back).
+    Own(Box<Record>),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -370,6 +378,11 @@ fn writer(
     // durable tip.
     let mut written = (seq, prev.clone());
     let mut tipped = seq;
+    // Repeated refusals, counted rather than written (`repeats`), and the
+    // records carrying their counts, written next.
+    let mut repeats = repeats::Repeats::default();
+    let mut own: std::collections::VecDeque<Record> = Default::default();
+    let mut closing = false;
     // The tip moves only past records that were written and synced: a
     // failed write or sync never makes it claim more than the file holds.
     let mut sync = |file: &File, written: &(u64, String)| {
@@ -386,28 +399,65 @@ fn writer(
             std::thread::sleep(GATHER);
             gather = false;
         }
-        let msg = match rx.try_recv() {
-            Ok(m) => Some(m),
-            Err(mpsc::error::TryRecvError::Disconnected) => None,
-            Err(mpsc::error::TryRecvError::Empty) if dirty => {
-                // Wake up to fsync even when nothing new arrives: wait for
-                // the next record until the fsync is due.
-                let due = tokio::time::Instant::from_std(last_sync + FSYNC_EVERY);
-                match timer.block_on(async { tokio::time::timeout_at(due, rx.recv()).await }) {
-                    Ok(m) => m,
-                    Err(_) => {
-                        sync(&file, &written);
-                        dirty = false;
-                        last_sync = Instant::now();
-                        rx.blocking_recv()
+        if let Some(due) = repeats.next_due()
+            && (closing || due <= Instant::now())
+        {
+            own.extend(repeats.due(Instant::now(), closing));
+        }
+        let msg = match own.pop_front() {
+            Some(r) => Some(Msg::Own(Box::new(r))),
+            None if closing => None,
+            None => match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Wait for the next record, or until the fsync (a second
+                    // after a write, with nothing else to wake this thread)
+                    // or a count of refusals held back is due.
+                    let sync_due = dirty.then(|| last_sync + FSYNC_EVERY);
+                    let count_due = repeats.next_due();
+                    match sync_due.into_iter().chain(count_due).min() {
+                        None => rx.blocking_recv(),
+                        Some(due) => {
+                            let due = tokio::time::Instant::from_std(due);
+                            match timer
+                                .block_on(async { tokio::time::timeout_at(due, rx.recv()).await })
+                            {
+                                Ok(m) => m,
+                                Err(_) => {
+                                    if sync_due.is_some_and(|s| count_due.is_none_or(|c| s <= c)) {
+                                        sync(&file, &written);
+                                        dirty = false;
+                                        last_sync = Instant::now();
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
                     }
                 }
-            }
-            Err(mpsc::error::TryRecvError::Empty) => rx.blocking_recv(),
+            },
         };
-        let Some(msg) = msg else { break };
+        let Some(msg) = msg else {
+            // Every count still held is written before the writer stops.
+            if repeats.next_due().is_some() {
+                closing = true;
+                continue;
+            }
+            break;
+        };
         match msg {
-            Msg::Record(mut r) => {
+            Msg::Record(r) | Msg::Own(r) if !repeats.admit(&r) => {
+                // Held back and counted; what is pending goes out as usual.
+                if rx.is_empty() && !pending.is_empty() {
+                    if write_out(&mut file, &mut pending, &path) {
+                        written.0 = seq;
+                        written.1.clone_from(&prev);
+                    }
+                    dirty = true;
+                }
+            }
+            Msg::Record(mut r) | Msg::Own(mut r) => {
                 gather = true;
                 seq += 1;
                 let now = SystemTime::now();
@@ -720,6 +770,88 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.jsonl");
         (dir, path)
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_flood_of_one_refusal_is_counted_not_written_and_the_count_survives_a_stop() {
+        let (dir, path) = fresh("flood");
+        let (audit, handle) = Audit::open(&path).unwrap();
+        let refusal = || Record::new("llm").deny("rate_limited").identity("a");
+        for i in 0..1000u64 {
+            audit.log_blocking(refusal());
+            // Allowed records in between are all written.
+            if i % 100 == 0 {
+                audit.log_blocking(Record::new("llm").allow().identity("a"));
+            }
+        }
+        // Another agent's refusal is its own kind.
+        audit.log_blocking(Record::new("llm").deny("rate_limited").identity("b"));
+        drop(audit);
+        handle.join().unwrap();
+        let all = lines(&path);
+        let of = |event: &str, id: &str, decision: &str| {
+            all.iter()
+                .filter(|l| l["event"] == event && l["identity"] == id && l["decision"] == decision)
+                .count()
+        };
+        assert_eq!(of("llm", "a", "allow"), 10);
+        // The burst, and one more a second should the host be that slow.
+        let written = of("llm", "a", "deny");
+        assert!((64..70).contains(&written), "{written}");
+        assert_eq!(of("llm", "b", "deny"), 1);
+        // The writer stopped before the summary was due: it wrote it then.
+        let s: Vec<_> = all.iter().filter(|l| l["event"] == SUPPRESSED).collect();
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0]["identity"], "a");
+        assert_eq!(s[0]["reason"], "rate_limited");
+        assert_eq!(s[0]["detail"]["event"], "llm");
+        assert_eq!(s[0]["detail"]["count"], 1000 - written);
+        assert!(matches!(
+            verify_file(&path).unwrap(),
+            Verdict::Intact { records, .. } if records == 12 + written as u64
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_count_of_refusals_held_back_is_written_while_the_writer_waits() {
+        let (dir, path) = fresh("flood-timed");
+        let (audit, handle) = Audit::open(&path).unwrap();
+        for _ in 0..100 {
+            audit.log_blocking(Record::new("enrol").deny("ticket_unknown"));
+        }
+        // Nothing else comes: the writer wakes for the count on its own.
+        let deadline = Instant::now() + repeats::SUMMARY_EVERY * 3;
+        let summary = loop {
+            let all = lines(&path);
+            if let Some(s) = all.iter().find(|l| l["event"] == SUPPRESSED) {
+                break s.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no count within {:?}",
+                repeats::SUMMARY_EVERY * 3
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(summary["identity"], serde_json::Value::Null);
+        assert_eq!(summary["reason"], "ticket_unknown");
+        drop(audit);
+        handle.join().unwrap();
+        let all = lines(&path);
+        let written = all.iter().filter(|l| l["event"] == "enrol").count();
+        assert!((64..70).contains(&written), "{written}");
+        assert_eq!(summary["detail"]["count"], 100 - written);
+        assert_eq!(all.len(), written + 1);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
