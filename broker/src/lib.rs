@@ -223,7 +223,7 @@ pub async fn run(broker: Arc<Broker>) -> Result<(), StartError> {
     for s in supervisors {
         let _ = s.await;
     }
-    broker.audit.log(Record::new("broker_stop")).await;
+    broker.audit.log_last(Record::new("broker_stop")).await;
     broker.audit.flush().await;
     Ok(())
 }

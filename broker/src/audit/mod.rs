@@ -217,6 +217,8 @@ enum Msg {
     Record(Box<Record>),
     /// A record the writer makes itself (a count of refusals held back).
     Own(Box<Record>),
+    /// The last record of a run: the counts still held go before it.
+    Last(Box<Record>),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -280,6 +282,12 @@ impl Audit {
         // The writer lives as long as the broker; if it is gone the broker
         // is shutting down and there is nowhere left to write.
         let _ = self.tx.send(Msg::Record(Box::new(r))).await;
+    }
+
+    /// Hands over the last record of the broker's run (`broker_stop`): the
+    /// counts of refusals still held back are written before it.
+    pub async fn log_last(&self, r: Record) {
+        let _ = self.tx.send(Msg::Last(Box::new(r))).await;
     }
 
     /// Hands a record over and waits until it is on disk: for the records
@@ -370,6 +378,8 @@ fn writer(
     let mut last_sync = Instant::now();
     let mut dirty = false;
     let mut pending: Vec<u8> = Vec::with_capacity(BATCH);
+    // When the oldest record in `pending` was put there.
+    let mut pending_since = Instant::now();
     // Records came since this thread last slept: more may be on their way.
     let mut gather = false;
     let mut clock = Clock::default();
@@ -446,88 +456,7 @@ fn writer(
             }
             break;
         };
-        match msg {
-            Msg::Record(r) | Msg::Own(r) if !repeats.admit(&r) => {
-                // Held back and counted; what is pending goes out as usual.
-                if rx.is_empty() && !pending.is_empty() {
-                    if write_out(&mut file, &mut pending, &path) {
-                        written.0 = seq;
-                        written.1.clone_from(&prev);
-                    }
-                    dirty = true;
-                }
-            }
-            Msg::Record(mut r) | Msg::Own(mut r) => {
-                gather = true;
-                seq += 1;
-                let now = SystemTime::now();
-                r.sort_detail();
-                let detail = &r.detail;
-                let line = Line {
-                    seq,
-                    time: clock.format(now),
-                    event: r.event,
-                    request_id: &r.request_id,
-                    identity: &r.identity,
-                    tool: &r.tool,
-                    op: &r.op,
-                    constraints: &r.constraints,
-                    decision: &r.decision,
-                    reason: &r.reason,
-                    token_id: &r.token_id,
-                    detail: Detail(detail),
-                    prev: &prev,
-                };
-                // Serialized straight onto the pending batch, hashed there.
-                let start = pending.len();
-                if serde_json::to_writer(&mut pending, &line).is_err() {
-                    pending.truncate(start);
-                    continue;
-                }
-                // `prev` becomes this line's hash; `prev_line` keeps the one
-                // this line carries (both buffers reused).
-                std::mem::swap(&mut prev, &mut prev_line);
-                prev.clear();
-                let digest = ring::digest::digest(&ring::digest::SHA256, &pending[start..]);
-                lever_policy::hex::encode_into(&mut prev, digest.as_ref());
-                // Exported as written (the file stays the system of record;
-                // the export queue never blocks this thread).
-                if let Some(o) = otel.get() {
-                    o.audit(
-                        &crate::otel::AuditView {
-                            seq: Some(seq),
-                            time: Some(now),
-                            event: r.event,
-                            request_id: r.request_id.as_deref(),
-                            identity: r.identity.as_deref(),
-                            tool: r.tool.as_deref(),
-                            op: r.op.as_deref(),
-                            constraints: r.constraints.as_ref(),
-                            decision: r.decision,
-                            reason: r.reason.as_deref(),
-                            token_id: r.token_id.as_deref(),
-                            detail: crate::otel::Details::Pairs(detail),
-                            prev: Some(&prev_line),
-                        },
-                        r.trace,
-                    );
-                }
-                pending.push(b'\n');
-                // One write per burst rather than per record: write when the
-                // queue is drained (or the batch is large).
-                if rx.is_empty() || pending.len() >= BATCH {
-                    if write_out(&mut file, &mut pending, &path) {
-                        written.0 = seq;
-                        written.1.clone_from(&prev);
-                    }
-                    dirty = true;
-                }
-                if dirty && last_sync.elapsed() >= FSYNC_EVERY {
-                    sync(&file, &written);
-                    dirty = false;
-                    last_sync = Instant::now();
-                }
-            }
+        let (mut r, mine) = match msg {
             Msg::Flush(done) => {
                 if write_out(&mut file, &mut pending, &path) {
                     written.0 = seq;
@@ -537,7 +466,97 @@ fn writer(
                 dirty = false;
                 last_sync = Instant::now();
                 let _ = done.send(());
+                continue;
             }
+            Msg::Last(r) => {
+                own.extend(repeats.due(Instant::now(), true));
+                own.push_back(*r);
+                continue;
+            }
+            Msg::Record(r) => (r, false),
+            Msg::Own(r) => (r, true),
+        };
+        // A refusal past its bursts is counted, not written (`repeats`).
+        if mine || repeats.admit(&r) {
+            if !mine {
+                gather = true;
+            }
+            seq += 1;
+            let now = SystemTime::now();
+            r.sort_detail();
+            let detail = &r.detail;
+            let line = Line {
+                seq,
+                time: clock.format(now),
+                event: r.event,
+                request_id: &r.request_id,
+                identity: &r.identity,
+                tool: &r.tool,
+                op: &r.op,
+                constraints: &r.constraints,
+                decision: &r.decision,
+                reason: &r.reason,
+                token_id: &r.token_id,
+                detail: Detail(detail),
+                prev: &prev,
+            };
+            // Serialized straight onto the pending batch, hashed there.
+            let start = pending.len();
+            if serde_json::to_writer(&mut pending, &line).is_err() {
+                pending.truncate(start);
+                seq -= 1;
+                continue;
+            }
+            if start == 0 {
+                pending_since = Instant::now();
+            }
+            // `prev` becomes this line's hash; `prev_line` keeps the one
+            // this line carries (both buffers reused).
+            std::mem::swap(&mut prev, &mut prev_line);
+            prev.clear();
+            let digest = ring::digest::digest(&ring::digest::SHA256, &pending[start..]);
+            lever_policy::hex::encode_into(&mut prev, digest.as_ref());
+            // Exported as written (the file stays the system of record;
+            // the export queue never blocks this thread).
+            if let Some(o) = otel.get() {
+                o.audit(
+                    &crate::otel::AuditView {
+                        seq: Some(seq),
+                        time: Some(now),
+                        event: r.event,
+                        request_id: r.request_id.as_deref(),
+                        identity: r.identity.as_deref(),
+                        tool: r.tool.as_deref(),
+                        op: r.op.as_deref(),
+                        constraints: r.constraints.as_ref(),
+                        decision: r.decision,
+                        reason: r.reason.as_deref(),
+                        token_id: r.token_id.as_deref(),
+                        detail: crate::otel::Details::Pairs(detail),
+                        prev: Some(&prev_line),
+                    },
+                    r.trace,
+                );
+            }
+            pending.push(b'\n');
+        }
+        // One write per burst rather than per record: write when the queue
+        // is drained, the batch is large, or its oldest record has waited
+        // GATHER (records that keep coming, refusals held back among
+        // them, do not keep the others from the file).
+        if !pending.is_empty()
+            && (rx.is_empty() || pending.len() >= BATCH || pending_since.elapsed() >= GATHER)
+        {
+            if write_out(&mut file, &mut pending, &path) {
+                written.0 = seq;
+                written.1.clone_from(&prev);
+            }
+            dirty = true;
+        }
+        if dirty && last_sync.elapsed() >= FSYNC_EVERY {
+            sync(&file, &written);
+            dirty = false;
+            last_sync = Instant::now();
         }
     }
     if write_out(&mut file, &mut pending, &path) {
@@ -772,16 +791,25 @@ mod tests {
         (dir, path)
     }
 
+    /// The complete lines of a trail (one being written is left out).
     fn lines(path: &Path) -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
 
+    /// The refusals the `suppressed` records of `all` count.
+    fn held(all: &[serde_json::Value]) -> u64 {
+        all.iter()
+            .filter(|l| l["event"] == SUPPRESSED)
+            .map(|l| l["detail"]["count"].as_u64().unwrap())
+            .sum()
+    }
+
     #[test]
-    fn a_flood_of_one_refusal_is_counted_not_written_and_the_count_survives_a_stop() {
+    fn a_flood_of_one_refusal_is_counted_and_the_counts_go_before_the_last_record() {
         let (dir, path) = fresh("flood");
         let (audit, handle) = Audit::open(&path).unwrap();
         let refusal = || Record::new("llm").deny("rate_limited").identity("a");
@@ -792,8 +820,12 @@ mod tests {
                 audit.log_blocking(Record::new("llm").allow().identity("a"));
             }
         }
-        // Another agent's refusal is its own kind.
+        // Another agent's refusal is not held back by this flood.
         audit.log_blocking(Record::new("llm").deny("rate_limited").identity("b"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(audit.log_last(Record::new("broker_stop")));
         drop(audit);
         handle.join().unwrap();
         let all = lines(&path);
@@ -807,16 +839,19 @@ mod tests {
         let written = of("llm", "a", "deny");
         assert!((64..70).contains(&written), "{written}");
         assert_eq!(of("llm", "b", "deny"), 1);
-        // The writer stopped before the summary was due: it wrote it then.
-        let s: Vec<_> = all.iter().filter(|l| l["event"] == SUPPRESSED).collect();
-        assert_eq!(s.len(), 1, "{s:?}");
-        assert_eq!(s[0]["identity"], "a");
-        assert_eq!(s[0]["reason"], "rate_limited");
-        assert_eq!(s[0]["detail"]["event"], "llm");
-        assert_eq!(s[0]["detail"]["count"], 1000 - written);
+        assert_eq!(held(&all) + written as u64, 1000);
+        let counts: Vec<_> = all.iter().filter(|l| l["event"] == SUPPRESSED).collect();
+        for s in &counts {
+            assert_eq!(s["identity"], "a");
+            assert_eq!(s["decision"], "deny");
+            assert_eq!(s["reason"], "rate_limited");
+            assert_eq!(s["detail"]["kinds"][0]["event"], "llm");
+        }
+        // The last summary came before the run's last record.
+        assert_eq!(all.last().unwrap()["event"], "broker_stop");
         assert!(matches!(
             verify_file(&path).unwrap(),
-            Verdict::Intact { records, .. } if records == 12 + written as u64
+            Verdict::Intact { records, .. } if records as usize == all.len()
         ));
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -849,8 +884,7 @@ mod tests {
         let all = lines(&path);
         let written = all.iter().filter(|l| l["event"] == "enrol").count();
         assert!((64..70).contains(&written), "{written}");
-        assert_eq!(summary["detail"]["count"], 100 - written);
-        assert_eq!(all.len(), written + 1);
+        assert_eq!(held(&all) + written as u64, 100);
         let _ = std::fs::remove_dir_all(dir);
     }
 

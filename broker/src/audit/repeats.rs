@@ -2,69 +2,128 @@
 //!
 //! Every refusal is an audit record, and the trail lives on the host's
 //! disk. An agent that keeps sending requests it knows will be refused
-//! (past its rate limit, with a forged or revoked token, with a spent
-//! ticket) would otherwise grow `audit.jsonl` as fast as the broker can
-//! answer: tens of thousands of lines a second. So the writer passes each
-//! kind of refusal, the event, identity and reason it carries, through a
-//! token bucket: [`BURST`] records at once, then one a second. The
-//! refusals held back are not lost: the writer counts them and writes a
-//! `suppressed` record with the count and the times of the first and last
-//! one held, [`SUMMARY_EVERY`] after the first, and for every kind still
-//! counting when it stops. Allowed requests are never held back.
+//! (past its rate limit, with a forged or revoked token, with guessed
+//! tickets) would otherwise grow `audit.jsonl` as fast as the broker can
+//! answer: tens of thousands of lines a second.
 //!
-//! A sustained flood of one kind thus costs the trail about one refusal
-//! and half a summary a second. The number of kinds is bounded by the
-//! configured identities (identities come from certificates the broker's
-//! CA signed, or from tickets it issued), the events and the reason codes,
-//! which are fixed strings; a cap on the table is kept anyway.
+//! So the writer passes each refusal through two token buckets: one for
+//! its kind (the same event, reason, tool and operation from the same
+//! identity: [`KIND_BURST`] at once, then [`KIND_PER_SECOND`]) and one for
+//! its identity, whatever the kind ([`AGENT_BURST`], then
+//! [`AGENT_PER_SECOND`]). A refusal is written when both have room.
+//! Otherwise it is counted under its kind, and [`SUMMARY_EVERY`] after the
+//! first one held back the writer writes one `suppressed` record for the
+//! identity: the total, the times of the first and last held back, and the
+//! count of each kind. The counts still held are written before the
+//! `broker_stop` record and when the writer stops. Allowed requests are
+//! never held back.
+//!
+//! Bounds: an identity writes at most [`AGENT_PER_SECOND`] refusals a
+//! second once past its burst, plus one summary every [`SUMMARY_EVERY`].
+//! A summary lists the kinds apart up to [`KINDS_PER_AGENT`] of them;
+//! past that, a new kind is counted by its event and reason alone (tool
+//! and operation names can come from the request; events and reasons are
+//! fixed codes, so this bounds the table). Identities come from certificates the
+//! broker's CA signed or from tickets it issued; refusals without one
+//! (no certificate, an unknown ticket) share one identity, `null`. The
+//! table of identities is capped at [`AGENTS`] too.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value, json};
 
 use super::Record;
 
 /// Refusals of one kind written before any is held back.
-pub(super) const BURST: f64 = 64.0;
-/// Refusals of one kind written per second once past the burst.
-pub(super) const PER_SECOND: f64 = 1.0;
-/// How long after the first refusal held back its count is written.
+pub(super) const KIND_BURST: f64 = 64.0;
+/// Refusals of one kind written per second once past that burst.
+pub(super) const KIND_PER_SECOND: f64 = 1.0;
+/// Refusals of one identity, of any kind, written before any is held back.
+pub(super) const AGENT_BURST: f64 = 512.0;
+/// Refusals of one identity written per second once past that burst.
+pub(super) const AGENT_PER_SECOND: f64 = 4.0;
+/// How long after the first refusal held back the counts are written.
 pub(super) const SUMMARY_EVERY: Duration = Duration::from_secs(2);
-/// Kinds tracked at once; a refusal of a new kind past this is written.
-const KINDS: usize = 4096;
+/// Kinds counted apart per identity; past that, a new kind is counted by
+/// its event and reason alone.
+pub(super) const KINDS_PER_AGENT: usize = 64;
+/// Identities tracked at once; a refusal of one more is written.
+pub(super) const AGENTS: usize = 1024;
 
-/// The event of the records that carry a count of refusals held back.
+/// The event of the records that carry the counts of refusals held back.
 pub const SUPPRESSED: &str = "suppressed";
+
+/// A refusal's kind within its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct KindKey {
+    event: &'static str,
+    reason: Option<String>,
+    tool: Option<String>,
+    op: Option<String>,
+}
+
+impl KindKey {
+    fn of(r: &Record) -> KindKey {
+        KindKey {
+            event: r.event,
+            reason: r.reason.clone(),
+            tool: r.tool.as_deref().map(str::to_owned),
+            op: r.op.as_deref().map(str::to_owned),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant, burst: f64, per_second: f64) {
+        let gained = now.saturating_duration_since(self.at).as_secs_f64() * per_second;
+        self.tokens = (self.tokens + gained).min(burst);
+        self.at = now;
+    }
+}
 
 #[derive(Debug)]
 struct Kind {
-    event: &'static str,
-    identity: Option<String>,
-    reason: Option<String>,
-    /// Records this kind may still write, refilled at `PER_SECOND`.
-    tokens: f64,
-    refilled: Instant,
-    /// Refusals held back since the last summary, and when the first and
-    /// the last of them came.
+    bucket: Bucket,
+    held: u64,
+}
+
+#[derive(Debug)]
+struct Agent {
+    bucket: Bucket,
+    kinds: HashMap<KindKey, Kind>,
+    /// Refusals held back since the last summary, when the first and the
+    /// last of them came, and when their summary is due.
     held: u64,
     first: SystemTime,
     last: SystemTime,
-    /// When the summary of those is written.
     due: Option<Instant>,
 }
 
-/// The writer's table of refusal kinds.
+/// The writer's table of refusals, per identity and kind.
 #[derive(Debug, Default)]
 pub(super) struct Repeats {
-    keys: std::hash::RandomState,
-    kinds: HashMap<u64, Kind>,
-    /// Kinds holding refusals back (with a summary due).
-    holding: usize,
+    agents: HashMap<Option<String>, Agent>,
+    /// The earliest summary due.
+    next: Option<Instant>,
 }
 
 impl Repeats {
-    /// Whether `r` is written now: always, unless it is a refusal whose
-    /// kind has used its burst (it is then counted for the summary).
+    /// Whether `r` is written now: always, unless it is a refusal past its
+    /// kind's or its identity's burst (it is then counted).
     pub(super) fn admit(&mut self, r: &Record) -> bool {
         if r.decision != Some("deny") || r.event == SUPPRESSED {
             return true;
@@ -74,89 +133,125 @@ impl Repeats {
 
     /// [`Repeats::admit`] for a refusal, at the times given.
     fn admit_at(&mut self, r: &Record, now: Instant, wall: SystemTime) -> bool {
-        let key = self
-            .keys
-            .hash_one((r.event, r.identity.as_deref(), r.reason.as_deref()));
-        if !self.kinds.contains_key(&key) && self.kinds.len() >= KINDS {
+        if !self.agents.contains_key(&r.identity) && self.agents.len() >= AGENTS {
             self.prune(now);
-            if self.kinds.len() >= KINDS {
+            if self.agents.len() >= AGENTS {
                 return true;
             }
         }
-        let k = self.kinds.entry(key).or_insert_with(|| Kind {
-            event: r.event,
-            identity: r.identity.clone(),
-            reason: r.reason.clone(),
-            tokens: BURST,
-            refilled: now,
+        let a = self
+            .agents
+            .entry(r.identity.clone())
+            .or_insert_with(|| Agent {
+                bucket: Bucket::full(AGENT_BURST, now),
+                kinds: HashMap::new(),
+                held: 0,
+                first: wall,
+                last: wall,
+                due: None,
+            });
+        let mut key = KindKey::of(r);
+        if !a.kinds.contains_key(&key) && a.kinds.len() >= KINDS_PER_AGENT {
+            key.tool = None;
+            key.op = None;
+        }
+        let k = a.kinds.entry(key).or_insert_with(|| Kind {
+            bucket: Bucket::full(KIND_BURST, now),
             held: 0,
-            first: wall,
-            last: wall,
-            due: None,
         });
-        let gained = now.saturating_duration_since(k.refilled).as_secs_f64() * PER_SECOND;
-        k.tokens = (k.tokens + gained).min(BURST);
-        k.refilled = now;
-        if k.tokens >= 1.0 {
-            k.tokens -= 1.0;
+        k.bucket.refill(now, KIND_BURST, KIND_PER_SECOND);
+        a.bucket.refill(now, AGENT_BURST, AGENT_PER_SECOND);
+        if k.bucket.tokens >= 1.0 && a.bucket.tokens >= 1.0 {
+            k.bucket.tokens -= 1.0;
+            a.bucket.tokens -= 1.0;
             return true;
         }
-        if k.held == 0 {
-            k.first = wall;
-            k.due = Some(now + SUMMARY_EVERY);
-            self.holding += 1;
-        }
         k.held += 1;
-        k.last = wall;
+        if a.held == 0 {
+            a.first = wall;
+            let due = now + SUMMARY_EVERY;
+            a.due = Some(due);
+            self.next = Some(self.next.map_or(due, |n| n.min(due)));
+        }
+        a.held += 1;
+        a.last = wall;
         false
     }
 
     /// When the next summary is due, if any refusal is held back.
     pub(super) fn next_due(&self) -> Option<Instant> {
-        if self.holding == 0 {
-            return None;
-        }
-        self.kinds.values().filter_map(|k| k.due).min()
+        self.next
     }
 
-    /// The summaries due by `now` (every one with `all`, when the writer
-    /// stops), as records to write; their kinds start counting afresh.
+    /// The summaries due by `now` (every one with `all`), oldest first, as
+    /// records to write; their identities start counting afresh.
     pub(super) fn due(&mut self, now: Instant, all: bool) -> Vec<Record> {
+        match self.next {
+            None => return Vec::new(),
+            Some(n) if !all && n > now => return Vec::new(),
+            Some(_) => {}
+        }
         let mut out = Vec::new();
-        if self.holding == 0 {
-            return Vec::new();
-        }
-        for k in self.kinds.values_mut() {
-            match k.due {
+        let mut next = None::<Instant>;
+        for (identity, a) in &mut self.agents {
+            match a.due {
                 Some(d) if all || d <= now => {}
-                _ => continue,
+                Some(d) => {
+                    next = Some(next.map_or(d, |n| n.min(d)));
+                    continue;
+                }
+                None => continue,
             }
+            let mut kinds: Vec<(&KindKey, u64)> = a
+                .kinds
+                .iter_mut()
+                .filter(|(_, k)| k.held > 0)
+                .map(|(key, k)| (key, std::mem::take(&mut k.held)))
+                .collect();
+            // The largest count first; ties in a stable order.
+            kinds.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(y.0)));
             let mut r = Record::new(SUPPRESSED)
-                .deny(k.reason.clone().unwrap_or_default())
-                .detail("event", k.event)
-                .detail("count", k.held)
-                .detail("first", lever_policy::timefmt::rfc3339_millis(k.first))
-                .detail("last", lever_policy::timefmt::rfc3339_millis(k.last));
-            r.identity = k.identity.clone();
-            out.push((k.first, r));
-            k.held = 0;
-            k.due = None;
-            self.holding -= 1;
+                .detail("count", a.held)
+                .detail("first", lever_policy::timefmt::rfc3339_millis(a.first))
+                .detail("last", lever_policy::timefmt::rfc3339_millis(a.last))
+                .detail("kinds", kinds.iter().map(kind_json).collect::<Vec<_>>());
+            r.decision = Some("deny");
+            r.reason = kinds.first().and_then(|(key, _)| key.reason.clone());
+            r.identity = identity.clone();
+            out.push((a.first, r));
+            a.held = 0;
+            a.due = None;
         }
-        // Oldest first, so the trail reads in order.
+        self.next = next;
         out.sort_by_key(|(first, _)| *first);
         out.into_iter().map(|(_, r)| r).collect()
     }
 
-    /// Forgets the kinds with nothing held back and a full bucket again.
+    /// Forgets the identities with nothing held back whose bucket is full
+    /// again (their kinds' buckets, smaller and as fast, are full too).
     fn prune(&mut self, now: Instant) {
-        self.kinds.retain(|_, k| {
-            let full = k.tokens
-                + now.saturating_duration_since(k.refilled).as_secs_f64() * PER_SECOND
-                >= BURST;
-            k.held > 0 || !full
+        self.agents.retain(|_, a| {
+            a.bucket.refill(now, AGENT_BURST, AGENT_PER_SECOND);
+            a.held > 0 || a.bucket.tokens < AGENT_BURST
         });
     }
+}
+
+/// One kind's entry in a summary's `kinds`.
+fn kind_json((key, count): &(&KindKey, u64)) -> Value {
+    let mut m = Map::new();
+    m.insert("event".into(), json!(key.event));
+    for (k, v) in [
+        ("reason", &key.reason),
+        ("tool", &key.tool),
+        ("op", &key.op),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.into(), json!(v));
+        }
+    }
+    m.insert("count".into(), json!(count));
+    Value::Object(m)
 }
 
 #[cfg(test)]
@@ -167,14 +262,30 @@ mod tests {
         Record::new("llm").deny(reason).identity(identity)
     }
 
+    fn counts(s: &Record) -> Vec<(String, u64)> {
+        s.detail_value("kinds")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .map(|k| {
+                let name = [&k["event"], &k["reason"], &k["tool"], &k["op"]]
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                (name, k["count"].as_u64().unwrap())
+            })
+            .collect()
+    }
+
     #[test]
-    fn a_burst_is_written_then_one_a_second_and_the_rest_counted() {
+    fn a_kind_writes_its_burst_then_one_a_second_and_the_rest_is_counted() {
         let mut r = Repeats::default();
         let (t0, wall) = (Instant::now(), SystemTime::now());
         let written = (0..1000)
             .filter(|_| r.admit_at(&refusal("a", "rate_limited"), t0, wall))
             .count();
-        assert_eq!(written, BURST as usize);
+        assert_eq!(written, KIND_BURST as usize);
         assert_eq!(r.next_due(), Some(t0 + SUMMARY_EVERY));
         assert!(r.due(t0 + SUMMARY_EVERY / 2, false).is_empty());
         // A second later one more is written.
@@ -184,10 +295,11 @@ mod tests {
         let s = r.due(t0 + SUMMARY_EVERY, false);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].event, SUPPRESSED);
+        assert_eq!(s[0].decision, Some("deny"));
         assert_eq!(s[0].identity.as_deref(), Some("a"));
         assert_eq!(s[0].reason.as_deref(), Some("rate_limited"));
-        assert_eq!(s[0].detail_value("count"), Some(&(1000 - 64 + 1).into()));
-        assert_eq!(s[0].detail_value("event"), Some(&"llm".into()));
+        assert_eq!(s[0].detail_value("count"), Some(&json!(1000 - 64 + 1)));
+        assert_eq!(counts(&s[0]), [("llm rate_limited".into(), 937)]);
         assert_eq!(r.next_due(), None);
         assert!(r.due(t0 + SUMMARY_EVERY * 10, true).is_empty());
     }
@@ -199,25 +311,83 @@ mod tests {
         for _ in 0..200 {
             r.admit_at(&refusal("a", "rate_limited"), t, wall);
         }
-        // Another agent, another reason, another event: their own bursts.
+        // Another agent, another reason, another event, another tool:
+        // each has its own burst.
         assert!(r.admit_at(&refusal("b", "rate_limited"), t, wall));
         assert!(r.admit_at(&refusal("a", "token_expired"), t, wall));
-        let mut tool = refusal("a", "rate_limited");
+        let mut tool = refusal("a", "not_granted");
         tool.event = "tool";
-        assert!(r.admit_at(&tool, t, wall));
+        assert!(r.admit_at(&tool.clone().right("db", "read"), t, wall));
+        assert!(r.admit_at(&tool.clone().right("db", "write"), t, wall));
         assert!(r.admit(&Record::new("llm").allow().identity("a")));
         let all = r.due(t, true);
         assert_eq!(all.len(), 1, "{all:?}");
-        assert_eq!(all[0].detail_value("count"), Some(&136.into()));
+        assert_eq!(counts(&all[0]), [("llm rate_limited".into(), 136)]);
     }
 
     #[test]
-    fn the_table_is_capped() {
+    fn an_agent_flooding_many_kinds_is_held_to_its_own_burst_and_each_kind_shows() {
         let mut r = Repeats::default();
         let (t, wall) = (Instant::now(), SystemTime::now());
-        for i in 0..KINDS + 10 {
+        let mut written = 0;
+        for i in 0..1000 {
+            // Ten kinds, each under its own burst for a while.
+            let rec = refusal(
+                "a",
+                ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9"][i % 10],
+            );
+            written += usize::from(r.admit_at(&rec, t, wall));
+        }
+        assert_eq!(written, AGENT_BURST as usize);
+        // The refusal such a flood would hide is counted under its kind.
+        let hidden = Record::new("tool")
+            .deny("not_granted")
+            .identity("a")
+            .right("db", "drop");
+        assert!(!r.admit_at(&hidden, t, wall));
+        // Another identity is not held back by this one's flood.
+        assert!(r.admit_at(&refusal("b", "r0"), t, wall));
+        let s = r.due(t, true);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].detail_value("count"), Some(&json!(1000 - 512 + 1)));
+        let c = counts(&s[0]);
+        assert_eq!(c.len(), 11, "{c:?}");
+        assert!(c.contains(&("tool not_granted db drop".into(), 1)), "{c:?}");
+        assert_eq!(c.iter().map(|(_, n)| n).sum::<u64>(), 1000 - 512 + 1);
+    }
+
+    #[test]
+    fn kinds_named_by_the_caller_are_folded_past_the_cap() {
+        let mut r = Repeats::default();
+        let (t, wall) = (Instant::now(), SystemTime::now());
+        let mut written = 0;
+        for i in 0..2000 {
+            // A tool named by the caller: a new kind each time.
+            let rec = Record::new("mint")
+                .deny("unknown_tool")
+                .identity("a")
+                .right(format!("t{i}"), "x");
+            written += usize::from(r.admit_at(&rec, t, wall));
+        }
+        // One each for the first 64 kinds, then the burst of the kind they
+        // fold into (event and reason alone).
+        assert_eq!(written, KINDS_PER_AGENT + KIND_BURST as usize);
+        assert!(r.agents[&Some("a".to_owned())].kinds.len() <= KINDS_PER_AGENT + 1);
+        let s = r.due(t, true);
+        assert_eq!(counts(&s[0]), [("mint unknown_tool".into(), 2000 - 128)]);
+    }
+
+    #[test]
+    fn the_table_of_identities_is_capped() {
+        let mut r = Repeats::default();
+        let (t, wall) = (Instant::now(), SystemTime::now());
+        for i in 0..AGENTS + 10 {
             assert!(r.admit_at(&refusal(&format!("id{i}"), "x"), t, wall));
         }
-        assert_eq!(r.kinds.len(), KINDS);
+        assert_eq!(r.agents.len(), AGENTS);
+        // Once their buckets are full again, they make room.
+        let later = t + Duration::from_secs(3600);
+        assert!(r.admit_at(&refusal("new", "x"), later, wall));
+        assert_eq!(r.agents.len(), 1);
     }
 }
