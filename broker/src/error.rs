@@ -96,6 +96,7 @@ impl ApiError {
                 | Denial::Expired
                 | Denial::Revoked
                 | Denial::StaleEpoch => StatusCode::UNAUTHORIZED,
+                Denial::Throttled => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::FORBIDDEN,
             },
             ApiError::IdentityRevoked(_)
@@ -158,6 +159,20 @@ impl ApiError {
             429 => "rate_limit_error",
             400..=499 => "invalid_request_error",
             _ => "api_error",
+        }
+    }
+}
+
+/// A token refusal as the answer to a request. The one refusal that is not
+/// about the token, too many new tokens verified for the caller, is a rate
+/// limit (`429` with `retry-after`, counted in the `verify` lane).
+impl From<Denial> for ApiError {
+    fn from(d: Denial) -> Self {
+        match d {
+            Denial::Throttled => {
+                ApiError::RateLimited("verify", d.to_string(), std::time::Duration::from_secs(1))
+            }
+            other => ApiError::Token(other),
         }
     }
 }

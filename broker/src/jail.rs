@@ -453,7 +453,7 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
                     .request(ctx),
             )
             .await;
-            return Err(ApiError::Token(d));
+            return Err(ApiError::from(d));
         }
     };
     let body: DelegateBody = read_json(ctx, req, SMALL_BODY).await?;

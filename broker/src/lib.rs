@@ -287,6 +287,11 @@ impl Broker {
                 self.stats
                     .token_cache_misses
                     .fetch_add(1, Ordering::Relaxed);
+                // A token not seen yet: verified only within the agent's
+                // allowance of new tokens (`limits::Fresh`).
+                if !self.limits.fresh.admit(peer) {
+                    return Err(Denial::Throttled);
+                }
                 let v = Arc::new(CachedToken {
                     verified: Arc::new(token::verify(&self.root_public, token)?),
                     decisions: Mutex::new(HashMap::new()),

@@ -85,6 +85,42 @@ impl Lane {
     }
 }
 
+/// New tokens verified per agent: a token the broker has not verified
+/// yet costs a signature check and a Datalog run (100-150 µs of CPU),
+/// where a cached one costs well under a microsecond. The tokens the
+/// broker mints or delegates are bounded by the control lane; this bounds
+/// the rest (tokens attenuated offline, forged ones), so that no agent can
+/// spend the broker's CPU, shared with every other agent, on
+/// verifications.
+pub struct Fresh {
+    rate: Keyed,
+}
+
+impl std::fmt::Debug for Fresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fresh").finish_non_exhaustive()
+    }
+}
+
+/// New tokens verified per agent per second, past [`FRESH_BURST`].
+pub const FRESH_PER_SECOND: u32 = 16;
+/// New tokens an agent may have verified at once.
+pub const FRESH_BURST: u32 = 256;
+
+impl Fresh {
+    fn new() -> Fresh {
+        let quota = Quota::per_second(nz(FRESH_PER_SECOND)).allow_burst(nz(FRESH_BURST));
+        Fresh {
+            rate: RateLimiter::keyed(quota),
+        }
+    }
+
+    /// Whether `agent` may have one more new token verified now.
+    pub fn admit(&self, agent: &str) -> bool {
+        self.rate.check_key(&agent.to_owned()).is_ok()
+    }
+}
+
 /// Tokens used per agent in the current window.
 #[derive(Debug)]
 pub struct Budget {
@@ -144,6 +180,8 @@ pub struct Limits {
     /// lock, an operator's revocation among them).
     pub control: Lane,
     pub llm_tokens: Option<Arc<Budget>>,
+    /// New tokens verified, per agent (not configurable).
+    pub fresh: Fresh,
 }
 
 impl Limits {
@@ -152,6 +190,7 @@ impl Limits {
             llm: Lane::new("llm", r.llm),
             tools: Lane::new("tool", r.tools),
             control: Lane::new("control", r.control),
+            fresh: Fresh::new(),
             llm_tokens: r.llm_tokens.map(|budget| {
                 Arc::new(Budget {
                     budget,

@@ -373,7 +373,7 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
                     .detail("path", path),
             )
             .await;
-            return Err(ApiError::Token(d));
+            return Err(ApiError::from(d));
         }
     };
     // Limits: after the caller is known, before any body is read.

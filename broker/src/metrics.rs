@@ -172,7 +172,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "lever_rate_limited_total",
         "counter",
-        "Refusals by a rate limit, by lane (llm, tool, control).",
+        "Refusals by a rate limit, by lane (llm, tool, control, verify).",
     ),
     (
         "lever_llm_calls_total",

@@ -195,6 +195,9 @@ pub enum Denial {
     RequestTooLarge,
     TooComplex,
     NonStringArgument,
+    /// The broker verifies only so many new tokens per agent per second
+    /// (a refusal of the broker's, not a fault of the token).
+    Throttled,
 }
 
 impl Denial {
@@ -216,6 +219,7 @@ impl Denial {
             Denial::RequestTooLarge => "request_arguments_too_large",
             Denial::TooComplex => "token_too_complex",
             Denial::NonStringArgument => "non_string_argument",
+            Denial::Throttled => "rate_limited",
         }
     }
 }
@@ -245,6 +249,9 @@ impl fmt::Display for Denial {
             }
             Denial::NonStringArgument => {
                 "the token carries its holder's checks, and an argument that is not a string cannot be judged by them"
+            }
+            Denial::Throttled => {
+                "too many new capability tokens from this agent: the broker verifies a few a second; retry shortly"
             }
         })
     }

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use http::Method;
+use lever_broker::client::ClientTls;
 use lever_policy::token::{self, DatalogTerm, Grant, Mint, RootKey};
-use lever_tests::broker::{Broker, DEFAULT_AGENTS, Instance, code, state_file};
+use lever_tests::broker::{Broker, DEFAULT_AGENTS, Instance, code, connect_jail, state_file};
 use serde_json::json;
 
 fn db(table: &str) -> serde_json::Value {
@@ -751,6 +752,103 @@ fn control_requests_are_limited_per_agent_before_their_bodies_are_read() {
     let text = String::from_utf8_lossy(&m.body);
     assert!(
         text.contains("lever_rate_limited_total{lane=\"control\"} 7"),
+        "{text}"
+    );
+}
+
+/// `GET /llm/v1/models` with each of `tokens`, one after the other on one
+/// kept-alive connection as `tls`: each answer's status and head.
+fn get_models_with(
+    b: &Broker,
+    port: u16,
+    tls: &ClientTls,
+    tokens: &[String],
+) -> Vec<(u16, String)> {
+    b.rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = connect_jail(tls, port).await;
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for t in tokens {
+            let req =
+                format!("GET /llm/v1/models HTTP/1.1\r\nHost: localhost\r\nx-api-key: {t}\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            // The head, then as much body as it announces.
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the connection closed");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + len {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the connection closed");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let status = head[9..12].parse().unwrap();
+            out.push((status, head));
+            buf.drain(..end + len);
+        }
+        out
+    })
+}
+
+#[test]
+fn new_tokens_verified_per_agent_are_limited_and_tokens_already_verified_still_work() {
+    let inst = Instance::new(DEFAULT_AGENTS, "");
+    let b = inst.start();
+    let (m, good, _) = manager_token(&b);
+    let tls = m.tls();
+    // Verified (and cached) before the flood: refused (it grants no
+    // `llm`), but not for want of verification.
+    let once = |agent: &lever_tests::broker::Agent, t: &str| {
+        get_models_with(&b, inst.jail_port, &agent.tls(), &[t.to_owned()])[0].0
+    };
+    assert_eq!(once(&m, &good), 403);
+    // Tokens the agent attenuates itself: valid, and each new to the
+    // broker, so each would cost a full verification.
+    let n = 600;
+    let fresh: Vec<String> = (0..n)
+        .map(|_| token::attenuate(&good, "check if true;", HashMap::new()).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let replies = get_models_with(&b, inst.jail_port, &tls, &fresh);
+    let took = started.elapsed().as_secs_f64().ceil() as usize;
+    let limited: Vec<_> = replies.iter().filter(|(s, _)| *s == 429).collect();
+    let verified = n - limited.len();
+    // The burst, and 16 a second more while the flood lasted.
+    assert!(
+        (256..=256 + 16 * took + 1).contains(&verified),
+        "{verified} of {n} new tokens verified in {took} s"
+    );
+    assert!(replies.iter().all(|(s, _)| *s == 403 || *s == 429));
+    assert!(
+        limited
+            .iter()
+            .all(|(_, head)| head.contains("retry-after:"))
+    );
+    // What the agent already holds, verified before, still works; so do
+    // another agent's new tokens.
+    assert_eq!(once(&m, &good), 403);
+    let g1 = b.enrol("g1");
+    let (t1, _) = b.token(&g1, db("users"));
+    assert_eq!(once(&g1, &t1), 403);
+    let metrics = b.admin(Method::GET, "/metrics", None);
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains(&format!(
+            "lever_rate_limited_total{{lane=\"verify\"}} {}",
+            limited.len()
+        )),
         "{text}"
     );
 }

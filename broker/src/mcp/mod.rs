@@ -226,7 +226,7 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
     let verified = ctx
         .broker
         .verify_token(&token, &peer)
-        .map_err(ApiError::Token)?;
+        .map_err(ApiError::from)?;
     match *req.method() {
         Method::POST => {}
         Method::DELETE => {
