@@ -110,6 +110,10 @@ pub struct Record {
     /// The request's trace ids when telemetry already derived them (the
     /// writer derives them otherwise).
     pub trace: Option<crate::otel::Ids>,
+    /// Who sent the request the record is about (set with
+    /// [`Record::request`]): whose allowance a refusal counts against
+    /// (`repeats`). Not written.
+    pub requester: Option<Requester>,
     /// Event-specific fields, written as the `detail` object in key order
     /// (a key set twice keeps its last value).
     pub detail: Vec<(&'static str, serde_json::Value)>,
@@ -140,6 +144,13 @@ impl Record {
     pub fn request(mut self, ctx: &crate::stack::Ctx<'_>) -> Self {
         self.request_id = Some(ctx.request_id.clone());
         self.trace = ctx.known_trace_ids();
+        self.requester = Some(match ctx.conn.listener {
+            crate::server::Listener::Admin => Requester::Operator,
+            crate::server::Listener::Jail => match (&ctx.peer, &ctx.conn.peer) {
+                (Some(cn), _) | (None, Some(Ok(cn))) => Requester::Agent(cn.clone()),
+                _ => Requester::Anonymous,
+            },
+        });
         self
     }
     pub fn right(
@@ -177,6 +188,17 @@ impl Record {
     fn sort_detail(&mut self) {
         self.detail.sort_unstable_by_key(|(k, _)| *k);
     }
+}
+
+/// Who sent a request, as far as the broker can tell.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Requester {
+    /// A caller with a verified certificate of this CN.
+    Agent(String),
+    /// A caller on the jail port without a usable certificate.
+    Anonymous,
+    /// A caller on the admin port.
+    Operator,
 }
 
 /// The `detail` object of a line.
@@ -852,6 +874,61 @@ mod tests {
         assert!(matches!(
             verify_file(&path).unwrap(),
             Verdict::Intact { records, .. } if records as usize == all.len()
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_record_reaches_the_file_while_a_flood_of_refusals_keeps_the_writer_busy() {
+        let (dir, path) = fresh("flood-busy");
+        let (audit, handle) = Audit::open(&path).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Two senders keep the queue from draining with refusals that are
+        // all held back (past the first bursts).
+        let floods: Vec<_> = (0..2)
+            .map(|_| {
+                let (audit, stop) = (audit.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let started = Instant::now();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && started.elapsed() < Duration::from_secs(20)
+                    {
+                        audit.log_blocking(Record::new("llm").deny("rate_limited").identity("a"));
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        audit.log_blocking(Record::new("llm").allow().identity("b"));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let seen = loop {
+            if lines(&path).iter().any(|l| l["identity"] == "b") {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for f in floods {
+            f.join().unwrap();
+        }
+        assert!(seen, "an allowed record waited for the flood to end");
+        drop(audit);
+        handle.join().unwrap();
+        let all = lines(&path);
+        let written = all
+            .iter()
+            .filter(|l| l["decision"] == "deny" && l["event"] == "llm")
+            .count();
+        assert!(
+            held(&all) > 0 && written < 100,
+            "{written} refusals written"
+        );
+        assert!(matches!(
+            verify_file(&path).unwrap(),
+            Verdict::Intact { .. }
         ));
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -6,55 +6,57 @@
 //! tickets) would otherwise grow `audit.jsonl` as fast as the broker can
 //! answer: tens of thousands of lines a second.
 //!
-//! So the writer passes each refusal through two token buckets: one for
-//! its kind (the same event, reason, tool and operation from the same
-//! identity: [`KIND_BURST`] at once, then [`KIND_PER_SECOND`]) and one for
-//! its identity, whatever the kind ([`AGENT_BURST`], then
-//! [`AGENT_PER_SECOND`]). A refusal is written when both have room.
-//! Otherwise it is counted under its kind, and [`SUMMARY_EVERY`] after the
-//! first one held back the writer writes one `suppressed` record for the
-//! identity: the total, the times of the first and last held back, and the
-//! count of each kind. The counts still held are written before the
-//! `broker_stop` record and when the writer stops. Allowed requests are
-//! never held back.
+//! So the writer passes each refusal through two token buckets, both of
+//! its requester (the CN of the request's certificate; callers without one
+//! share one requester on the jail port, the operator is one on the admin
+//! port): one for the refusal's kind (the same event, reason, tool and
+//! operation: [`KIND_BURST`] at once, then [`KIND_PER_SECOND`]) and one for
+//! all its refusals ([`AGENT_BURST`], then [`AGENT_PER_SECOND`]). A refusal
+//! is written when both have room. Otherwise it is counted under its kind,
+//! and [`SUMMARY_EVERY`] after the first one held back the writer writes one
+//! `suppressed` record for the requester: the total, the times of the first
+//! and last held back, and the count of each kind. The counts still held
+//! are written before the `broker_stop` record, and those of refusals that
+//! come after it when the writer stops. Allowed requests are never held
+//! back.
 //!
-//! Bounds: an identity writes at most [`AGENT_PER_SECOND`] refusals a
+//! Bounds: a requester writes at most [`AGENT_PER_SECOND`] refusals a
 //! second once past its burst, plus one summary every [`SUMMARY_EVERY`].
-//! A summary lists the kinds apart up to [`KINDS_PER_AGENT`] of them;
-//! past that, a new kind is counted by its event and reason alone (tool
-//! and operation names can come from the request; events and reasons are
-//! fixed codes, so this bounds the table). Identities come from certificates the
-//! broker's CA signed or from tickets it issued; refusals without one
-//! (no certificate, an unknown ticket) share one identity, `null`. The
-//! table of identities is capped at [`AGENTS`] too.
+//! Tool and operation names can come from the request (a mint for a tool
+//! that does not exist), so within one event and reason at most
+//! [`KINDS_PER_GROUP`] kinds are counted apart (kinds idle again are
+//! forgotten first); past that, a new one is counted by its event and
+//! reason alone. Events and reasons are fixed codes, so the table is
+//! bounded; requesters are capped at [`AGENTS`] too.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Map, Value, json};
 
-use super::Record;
+use super::{Record, Requester};
 
 /// Refusals of one kind written before any is held back.
 pub(super) const KIND_BURST: f64 = 64.0;
 /// Refusals of one kind written per second once past that burst.
 pub(super) const KIND_PER_SECOND: f64 = 1.0;
-/// Refusals of one identity, of any kind, written before any is held back.
+/// Refusals of one requester, of any kind, written before any is held back.
 pub(super) const AGENT_BURST: f64 = 512.0;
-/// Refusals of one identity written per second once past that burst.
+/// Refusals of one requester written per second once past that burst.
 pub(super) const AGENT_PER_SECOND: f64 = 4.0;
 /// How long after the first refusal held back the counts are written.
 pub(super) const SUMMARY_EVERY: Duration = Duration::from_secs(2);
-/// Kinds counted apart per identity; past that, a new kind is counted by
-/// its event and reason alone.
-pub(super) const KINDS_PER_AGENT: usize = 64;
-/// Identities tracked at once; a refusal of one more is written.
+/// Kinds counted apart per requester with the same event and reason (they
+/// differ in tool and operation); past that, a new one is counted by its
+/// event and reason alone.
+pub(super) const KINDS_PER_GROUP: usize = 32;
+/// Requesters tracked at once; a refusal of one more is written.
 pub(super) const AGENTS: usize = 1024;
 
 /// The event of the records that carry the counts of refusals held back.
 pub const SUPPRESSED: &str = "suppressed";
 
-/// A refusal's kind within its identity.
+/// A refusal's kind for its requester.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct KindKey {
     event: &'static str,
@@ -71,6 +73,10 @@ impl KindKey {
             tool: r.tool.as_deref().map(str::to_owned),
             op: r.op.as_deref().map(str::to_owned),
         }
+    }
+
+    fn same_group(&self, other: &KindKey) -> bool {
+        self.event == other.event && self.reason == other.reason
     }
 }
 
@@ -101,6 +107,14 @@ struct Kind {
     held: u64,
 }
 
+impl Kind {
+    /// Nothing held and its bucket full again: forgetting it loses nothing.
+    fn idle(&mut self, now: Instant) -> bool {
+        self.bucket.refill(now, KIND_BURST, KIND_PER_SECOND);
+        self.held == 0 && self.bucket.tokens >= KIND_BURST
+    }
+}
+
 #[derive(Debug)]
 struct Agent {
     bucket: Bucket,
@@ -113,17 +127,17 @@ struct Agent {
     due: Option<Instant>,
 }
 
-/// The writer's table of refusals, per identity and kind.
+/// The writer's table of refusals, per requester and kind.
 #[derive(Debug, Default)]
 pub(super) struct Repeats {
-    agents: HashMap<Option<String>, Agent>,
+    agents: HashMap<Requester, Agent>,
     /// The earliest summary due.
     next: Option<Instant>,
 }
 
 impl Repeats {
     /// Whether `r` is written now: always, unless it is a refusal past its
-    /// kind's or its identity's burst (it is then counted).
+    /// kind's or its requester's burst (it is then counted).
     pub(super) fn admit(&mut self, r: &Record) -> bool {
         if r.decision != Some("deny") || r.event == SUPPRESSED {
             return true;
@@ -133,27 +147,39 @@ impl Repeats {
 
     /// [`Repeats::admit`] for a refusal, at the times given.
     fn admit_at(&mut self, r: &Record, now: Instant, wall: SystemTime) -> bool {
-        if !self.agents.contains_key(&r.identity) && self.agents.len() >= AGENTS {
+        // Whose allowance: the request's sender; for a record about no
+        // request, the identity it names.
+        let who = r.requester.clone().unwrap_or_else(|| match &r.identity {
+            Some(id) => Requester::Agent(id.clone()),
+            None => Requester::Anonymous,
+        });
+        if !self.agents.contains_key(&who) && self.agents.len() >= AGENTS {
             self.prune(now);
             if self.agents.len() >= AGENTS {
                 return true;
             }
         }
-        let a = self
-            .agents
-            .entry(r.identity.clone())
-            .or_insert_with(|| Agent {
-                bucket: Bucket::full(AGENT_BURST, now),
-                kinds: HashMap::new(),
-                held: 0,
-                first: wall,
-                last: wall,
-                due: None,
-            });
+        let a = self.agents.entry(who).or_insert_with(|| Agent {
+            bucket: Bucket::full(AGENT_BURST, now),
+            kinds: HashMap::new(),
+            held: 0,
+            first: wall,
+            last: wall,
+            due: None,
+        });
         let mut key = KindKey::of(r);
-        if !a.kinds.contains_key(&key) && a.kinds.len() >= KINDS_PER_AGENT {
-            key.tool = None;
-            key.op = None;
+        if !a.kinds.contains_key(&key) {
+            let group = |kinds: &HashMap<KindKey, Kind>| {
+                kinds.keys().filter(|k| k.same_group(&key)).count()
+            };
+            if group(&a.kinds) >= KINDS_PER_GROUP {
+                a.kinds
+                    .retain(|k, kind| !k.same_group(&key) || !kind.idle(now));
+                if group(&a.kinds) >= KINDS_PER_GROUP {
+                    key.tool = None;
+                    key.op = None;
+                }
+            }
         }
         let k = a.kinds.entry(key).or_insert_with(|| Kind {
             bucket: Bucket::full(KIND_BURST, now),
@@ -184,7 +210,7 @@ impl Repeats {
     }
 
     /// The summaries due by `now` (every one with `all`), oldest first, as
-    /// records to write; their identities start counting afresh.
+    /// records to write; their requesters start counting afresh.
     pub(super) fn due(&mut self, now: Instant, all: bool) -> Vec<Record> {
         match self.next {
             None => return Vec::new(),
@@ -193,7 +219,7 @@ impl Repeats {
         }
         let mut out = Vec::new();
         let mut next = None::<Instant>;
-        for (identity, a) in &mut self.agents {
+        for (who, a) in &mut self.agents {
             match a.due {
                 Some(d) if all || d <= now => {}
                 Some(d) => {
@@ -215,9 +241,13 @@ impl Repeats {
                 .detail("first", lever_policy::timefmt::rfc3339_millis(a.first))
                 .detail("last", lever_policy::timefmt::rfc3339_millis(a.last))
                 .detail("kinds", kinds.iter().map(kind_json).collect::<Vec<_>>());
+            match who {
+                Requester::Agent(id) => r.identity = Some(id.clone()),
+                Requester::Anonymous => r = r.detail("requester", "anonymous"),
+                Requester::Operator => r = r.detail("requester", "operator"),
+            }
             r.decision = Some("deny");
             r.reason = kinds.first().and_then(|(key, _)| key.reason.clone());
-            r.identity = identity.clone();
             out.push((a.first, r));
             a.held = 0;
             a.due = None;
@@ -227,17 +257,20 @@ impl Repeats {
         out.into_iter().map(|(_, r)| r).collect()
     }
 
-    /// Forgets the identities with nothing held back whose bucket is full
-    /// again (their kinds' buckets, smaller and as fast, are full too).
+    /// Forgets the requesters whose buckets are all full again and who
+    /// hold nothing back: they would start afresh anyway.
     fn prune(&mut self, now: Instant) {
         self.agents.retain(|_, a| {
             a.bucket.refill(now, AGENT_BURST, AGENT_PER_SECOND);
-            a.held > 0 || a.bucket.tokens < AGENT_BURST
+            a.held > 0
+                || a.bucket.tokens < AGENT_BURST
+                || a.kinds.values_mut().any(|k| !k.idle(now))
         });
     }
 }
 
-/// One kind's entry in a summary's `kinds`.
+/// One kind's entry in a summary's `kinds` (fields that are `null` left
+/// out).
 fn kind_json((key, count): &(&KindKey, u64)) -> Value {
     let mut m = Map::new();
     m.insert("event".into(), json!(key.event));
@@ -305,7 +338,7 @@ mod tests {
     }
 
     #[test]
-    fn kinds_are_counted_apart_and_allowed_records_never_held() {
+    fn kinds_are_counted_apart() {
         let mut r = Repeats::default();
         let (t, wall) = (Instant::now(), SystemTime::now());
         for _ in 0..200 {
@@ -319,7 +352,6 @@ mod tests {
         tool.event = "tool";
         assert!(r.admit_at(&tool.clone().right("db", "read"), t, wall));
         assert!(r.admit_at(&tool.clone().right("db", "write"), t, wall));
-        assert!(r.admit(&Record::new("llm").allow().identity("a")));
         let all = r.due(t, true);
         assert_eq!(all.len(), 1, "{all:?}");
         assert_eq!(counts(&all[0]), [("llm rate_limited".into(), 136)]);
@@ -369,12 +401,85 @@ mod tests {
                 .right(format!("t{i}"), "x");
             written += usize::from(r.admit_at(&rec, t, wall));
         }
-        // One each for the first 64 kinds, then the burst of the kind they
+        // One each for the first 32 kinds, then the burst of the kind they
         // fold into (event and reason alone).
-        assert_eq!(written, KINDS_PER_AGENT + KIND_BURST as usize);
-        assert!(r.agents[&Some("a".to_owned())].kinds.len() <= KINDS_PER_AGENT + 1);
+        assert_eq!(written, KINDS_PER_GROUP + KIND_BURST as usize);
+        let a = &r.agents[&Requester::Agent("a".into())];
+        assert_eq!(a.kinds.len(), KINDS_PER_GROUP + 1);
+        // Another event and reason keeps its tool and operation apart.
+        let drop = Record::new("tool")
+            .deny("not_granted")
+            .identity("a")
+            .right("db", "drop");
+        for _ in 0..KIND_BURST as usize {
+            assert!(r.admit_at(&drop, t, wall));
+        }
+        assert!(!r.admit_at(&drop, t, wall));
         let s = r.due(t, true);
-        assert_eq!(counts(&s[0]), [("mint unknown_tool".into(), 2000 - 128)]);
+        assert_eq!(
+            counts(&s[0]),
+            [
+                ("mint unknown_tool".into(), 2000 - 96),
+                ("tool not_granted db drop".into(), 1)
+            ]
+        );
+        // Kinds idle again make room: a new tool is counted apart again.
+        let later = t + Duration::from_secs(120);
+        let rec = Record::new("mint")
+            .deny("unknown_tool")
+            .identity("a")
+            .right("fresh", "x");
+        assert!(r.admit_at(&rec, later, wall));
+        let a = &r.agents[&Requester::Agent("a".into())];
+        assert!(a.kinds.keys().any(|k| k.tool.as_deref() == Some("fresh")));
+    }
+
+    #[test]
+    fn refusals_count_against_who_sent_them_not_whom_they_name() {
+        let mut r = Repeats::default();
+        let (t, wall) = (Instant::now(), SystemTime::now());
+        // The manager's requests refused about g1 (a dispatch, say), and
+        // anonymous ones naming g1 (a spent ticket of g1's).
+        for (who, n) in [
+            (Requester::Agent("manager".into()), 600),
+            (Requester::Anonymous, 600),
+        ] {
+            for i in 0..n {
+                let mut rec = refusal(
+                    "g1",
+                    ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9"][i % 10],
+                );
+                rec.requester = Some(who.clone());
+                r.admit_at(&rec, t, wall);
+            }
+        }
+        let mut own = refusal("g1", "r0");
+        own.requester = Some(Requester::Agent("g1".into()));
+        assert!(r.admit_at(&own, t, wall));
+        let s = r.due(t, true);
+        assert_eq!(s.len(), 2);
+        let manager = s
+            .iter()
+            .find(|x| x.identity.as_deref() == Some("manager"))
+            .unwrap();
+        assert_eq!(manager.detail_value("count"), Some(&json!(600 - 512)));
+        let anon = s.iter().find(|x| x.identity.is_none()).unwrap();
+        assert_eq!(anon.detail_value("requester"), Some(&json!("anonymous")));
+    }
+
+    #[test]
+    fn allowed_records_pass_even_when_the_requester_has_no_room_left() {
+        let mut r = Repeats::default();
+        let (t, wall) = (Instant::now(), SystemTime::now());
+        for i in 0..1000 {
+            r.admit_at(&refusal("a", &format!("r{}", i % 10)), t, wall);
+        }
+        assert!(!r.admit_at(&refusal("a", "r0"), t, wall));
+        for _ in 0..100 {
+            assert!(r.admit(&Record::new("llm").allow().identity("a")));
+            // A record without a decision is no refusal either.
+            assert!(r.admit(&Record::new("llm").identity("a")));
+        }
     }
 
     #[test]
