@@ -47,6 +47,28 @@ use crate::state::State;
 /// Most verified tokens kept in the cache (it is cleared when full).
 const TOKEN_CACHE_MAX: usize = 4096;
 
+/// Makes room in a token cache holding `max` entries for one more, that
+/// `peer` brings: when it is full, `peer`'s own tokens go first, so that
+/// an agent filling the cache with its own attenuations empties it only
+/// of those; only if that is not enough is it cleared.
+fn make_room(m: &mut HashMap<String, Arc<CachedToken>>, peer: &str, max: usize) {
+    if m.len() >= max {
+        m.retain(|_, c| c.verified.holder != peer);
+    }
+    if m.len() >= max {
+        m.clear();
+    }
+}
+
+/// Whether a token the cache does not hold counts against the caller's
+/// allowance of new tokens (`limits::Fresh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Allowance {
+    Take,
+    /// Verified earlier in the same request, which counted it then.
+    Taken,
+}
+
 /// A running broker's shared state.
 pub struct Broker {
     pub config: Arc<Config>,
@@ -273,10 +295,16 @@ impl Broker {
     /// standing for `peer` now: revocation (of every block, every ancestor
     /// and the holder), epoch and expiry are checked on every call.
     pub fn verify_token(&self, token: &str, peer: &str) -> Result<Arc<Verified>, Denial> {
-        self.standing(token, peer).map(|c| c.verified.clone())
+        self.standing(token, peer, Allowance::Take)
+            .map(|c| c.verified.clone())
     }
 
-    fn standing(&self, token: &str, peer: &str) -> Result<Arc<CachedToken>, Denial> {
+    fn standing(
+        &self,
+        token: &str,
+        peer: &str,
+        fresh: Allowance,
+    ) -> Result<Arc<CachedToken>, Denial> {
         let cached = self.tokens.lock().ok().and_then(|m| m.get(token).cloned());
         let entry = match cached {
             Some(v) => {
@@ -289,7 +317,7 @@ impl Broker {
                     .fetch_add(1, Ordering::Relaxed);
                 // A token not seen yet: verified only within the agent's
                 // allowance of new tokens (`limits::Fresh`).
-                if !self.limits.fresh.admit(peer) {
+                if fresh == Allowance::Take && !self.limits.fresh.admit(peer) {
                     return Err(Denial::Throttled);
                 }
                 let v = Arc::new(CachedToken {
@@ -297,9 +325,7 @@ impl Broker {
                     decisions: Mutex::new(HashMap::new()),
                 });
                 if let Ok(mut m) = self.tokens.lock() {
-                    if m.len() >= TOKEN_CACHE_MAX {
-                        m.clear();
-                    }
+                    make_room(&mut m, peer, TOKEN_CACHE_MAX);
                     m.insert(token.to_owned(), v.clone());
                 }
                 v
@@ -385,7 +411,34 @@ impl Broker {
         op: &str,
         args: &std::collections::BTreeMap<String, String>,
     ) -> Result<Arc<Verified>, Denial> {
-        let entry = self.standing(token, peer)?;
+        self.authorize(token, peer, tool, op, args, Allowance::Take)
+    }
+
+    /// [`Broker::authorize_token`] for a token this request already had
+    /// verified ([`Broker::verify_token`], which took it from the caller's
+    /// allowance of new tokens): should the cache have been emptied since,
+    /// it is verified again without counting a second time.
+    pub fn authorize_verified(
+        &self,
+        token: &str,
+        peer: &str,
+        tool: &str,
+        op: &str,
+        args: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Arc<Verified>, Denial> {
+        self.authorize(token, peer, tool, op, args, Allowance::Taken)
+    }
+
+    fn authorize(
+        &self,
+        token: &str,
+        peer: &str,
+        tool: &str,
+        op: &str,
+        args: &std::collections::BTreeMap<String, String>,
+        fresh: Allowance,
+    ) -> Result<Arc<Verified>, Denial> {
+        let entry = self.standing(token, peer, fresh)?;
         // Facts only: the decision depends on the request alone (expiry,
         // the one thing that changes with time, is standing, checked above).
         let cacheable = !entry.verified.carries_checks;
@@ -482,5 +535,63 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
             tokio::task::block_in_place(f)
         }
         _ => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lever_policy::token::{Grant, Mint};
+
+    fn cached(root: &RootKey, holder: &str) -> (String, Arc<CachedToken>) {
+        let grants = [Grant {
+            tool: "db".into(),
+            op: "read".into(),
+            constraints: Default::default(),
+        }];
+        let t = token::mint(
+            root,
+            &Mint {
+                holder,
+                grants: &grants,
+                epoch: 1,
+                expires_at: SystemTime::now() + Duration::from_secs(60),
+                delegation: None,
+                inherit_checks: &[],
+            },
+        )
+        .unwrap()
+        .token;
+        let verified = Arc::new(token::verify(&root.public(), &t).unwrap());
+        let entry = Arc::new(CachedToken {
+            verified,
+            decisions: Mutex::new(HashMap::new()),
+        });
+        (t, entry)
+    }
+
+    #[test]
+    fn a_full_token_cache_gives_up_the_incoming_agents_own_tokens_first() {
+        let root = RootKey::generate();
+        let mut m = HashMap::new();
+        for holder in ["a", "a", "b", "b"] {
+            let (t, e) = cached(&root, holder);
+            m.insert(t, e);
+        }
+        let b_tokens: Vec<String> = m
+            .iter()
+            .filter(|(_, c)| c.verified.holder == "b")
+            .map(|(t, _)| t.clone())
+            .collect();
+        // Not full: nothing goes.
+        make_room(&mut m, "a", 5);
+        assert_eq!(m.len(), 4);
+        // Full: a's go, b's stay.
+        make_room(&mut m, "a", 4);
+        assert_eq!(m.len(), 2);
+        assert!(b_tokens.iter().all(|t| m.contains_key(t)));
+        // Full of others' tokens only: cleared.
+        make_room(&mut m, "c", 2);
+        assert!(m.is_empty());
     }
 }

@@ -364,15 +364,17 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let verified = match authorized {
         Ok(v) => v,
         Err(d) => {
-            ctx.audit_deny(
-                Record::new("llm")
-                    .deny(d.code())
-                    .identity(&peer)
-                    .right(LLM_TOOL, LLM_OP)
-                    .request(ctx)
-                    .detail("path", path),
-            )
-            .await;
+            let mut rec = Record::new("llm")
+                .deny(d.code())
+                .identity(&peer)
+                .right(LLM_TOOL, LLM_OP)
+                .request(ctx)
+                .detail("path", path);
+            if d == lever_policy::token::Denial::Throttled {
+                // Not the `llm` lane's limit: too many new tokens.
+                rec = rec.detail("lane", "verify");
+            }
+            ctx.audit_deny(rec).await;
             return Err(ApiError::from(d));
         }
     };

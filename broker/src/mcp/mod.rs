@@ -446,7 +446,7 @@ fn list(
         if !facts_only
             && ctx
                 .broker
-                .authorize_token(token, peer, &g.tool, &g.op, &g.constraints)
+                .authorize_verified(token, peer, &g.tool, &g.op, &g.constraints)
                 .is_err()
         {
             continue;
@@ -692,7 +692,8 @@ async fn call(
     // Subscribed before the token is judged: a revocation that lands from
     // here on is seen by the call, however far it got.
     let mut revocations = broker.revocations.subscribe();
-    let authorized = judged.and_then(|j| broker.authorize_token(token, peer, tool, op, &j));
+    // The token was verified for this request in `handle`.
+    let authorized = judged.and_then(|j| broker.authorize_verified(token, peer, tool, op, &j));
     if let (Some(o), Some(start)) = (otel, t) {
         t = o.step(
             &ctx.trace_ids(o),
