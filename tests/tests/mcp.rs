@@ -1069,6 +1069,51 @@ fn an_oversized_tool_response_is_refused_and_the_broker_stays_up() {
 }
 
 #[test]
+fn an_oversized_stdio_answer_fails_its_call_alone_and_the_backend_stays() {
+    let agents = "manager:\n  image: img/x:1\n  obtain:\n    - {tool: fx, op: big}\n    - {tool: fx, op: slow}\n    - {tool: fx, op: pid}\n";
+    let tool = format!(
+        "    - {{name: fx, transport: stdio, command: [python3, '{}'], timeout: 20s, operations: [{{name: big}}, {{name: slow}}, {{name: pid}}]}}\n",
+        workspace_root().join("tests/py/stdio_tool.py").display()
+    );
+    let Env {
+        b, manager, token, ..
+    } = env(
+        agents,
+        &tool,
+        json!([{"tool": "fx", "op": "big"}, {"tool": "fx", "op": "slow"}, {"tool": "fx", "op": "pid"}]),
+    );
+    let raw = RawMcp::new(&b, &manager, &token);
+    let sid = raw.ready_session("fx_pid", json!({}));
+    let pid = |raw: &RawMcp<'_>| {
+        raw.call(&sid, "fx_pid", json!({}))["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let before = pid(&raw);
+    for id_last in ["no", "yes"] {
+        // A call in flight on the same backend while another's answer is
+        // over the cap.
+        let slow = std::thread::scope(|s| {
+            let slow = s.spawn(|| raw.call(&sid, "fx_slow", json!({"secs": "2"})));
+            std::thread::sleep(Duration::from_millis(300));
+            let v = raw.call(&sid, "fx_big", json!({"mib": "5", "id_last": id_last}));
+            assert_eq!(
+                v["error"]["data"]["reason"], "backend_response_too_large",
+                "{v}"
+            );
+            slow.join().unwrap()
+        });
+        assert_eq!(
+            slow["result"]["content"][0]["text"], "slow done",
+            "the other call failed with the oversized one (id {id_last}): {slow}"
+        );
+    }
+    // Neither was the backend restarted.
+    assert_eq!(pid(&raw), before);
+}
+
+#[test]
 fn stopping_the_broker_stops_its_backends() {
     let Env {
         inst: _inst,

@@ -656,12 +656,22 @@ impl StdioConn {
                 match read_line(&mut out, &mut buf).await {
                     Ok(true) => {}
                     Ok(false) => break,
-                    Err(too_large) => {
-                        // A message over the cap: fail the calls waiting and
-                        // stop the backend (its stream can no longer be trusted).
+                    Err(Oversize::Answer(id)) => {
+                        // An answer over the cap, read to its end and
+                        // dropped: only its call fails, the others go on.
+                        if let Some(tx) = reader_pending.lock().ok().and_then(|mut p| p.remove(&id))
+                        {
+                            let _ = tx.send(Err(CallError::TooLarge));
+                        }
+                        continue;
+                    }
+                    Err(Oversize::NotAnAnswer) => continue,
+                    Err(Oversize::Unknown) => {
+                        // A message over the cap that cannot be told apart:
+                        // fail the calls waiting and stop the backend.
                         if let Ok(mut p) = reader_pending.lock() {
                             for (_, tx) in p.drain() {
-                                let _ = tx.send(Err(too_large.clone()));
+                                let _ = tx.send(Err(CallError::TooLarge));
                             }
                         }
                         break;
@@ -733,9 +743,28 @@ fn line_of(msg: &Value) -> Vec<u8> {
     line
 }
 
-/// Reads one line (without its `\n`) into `buf`, refusing one longer than
-/// [`MAX_RESPONSE`]. `Ok(false)` at the end of the stream.
-async fn read_line(r: &mut BufReader<ChildStdout>, buf: &mut Vec<u8>) -> Result<bool, CallError> {
+/// A line over [`MAX_RESPONSE`], read to its end and dropped.
+#[derive(Debug, PartialEq, Eq)]
+enum Oversize {
+    /// The response to call `id`.
+    Answer(u64),
+    /// A message that is no response (it has a `method`).
+    NotAnAnswer,
+    /// Its id could not be told (or it ran on past [`MAX_DISCARD`]): the
+    /// stream can no longer be trusted.
+    Unknown,
+}
+
+/// How much of one oversized line is read and dropped before the backend
+/// is given up on.
+const MAX_DISCARD: usize = 64 * MAX_RESPONSE;
+
+/// Reads one line (without its `\n`) into `buf`. `Ok(false)` at the end of
+/// the stream. A line longer than [`MAX_RESPONSE`] is read to its end and
+/// dropped, and told by its id where it names one plainly: at the top
+/// level of its start (as most JSON-RPC writers put it) or among the
+/// scalar members that end it (as the official TypeScript SDK does).
+async fn read_line(r: &mut BufReader<ChildStdout>, buf: &mut Vec<u8>) -> Result<bool, Oversize> {
     loop {
         let chunk = match r.fill_buf().await {
             Ok(c) => c,
@@ -749,12 +778,211 @@ async fn read_line(r: &mut BufReader<ChildStdout>, buf: &mut Vec<u8>) -> Result<
             None => (chunk.len(), false),
         };
         if buf.len() + take > MAX_RESPONSE {
-            return Err(CallError::TooLarge);
+            break;
         }
         buf.extend_from_slice(&chunk[..take]);
         r.consume(if done { take + 1 } else { take });
         if done {
             return Ok(true);
         }
+    }
+    let (head_id, method) = top_level_id(buf);
+    // The rest of the line, dropped, its last bytes kept.
+    let mut tail: Vec<u8> = Vec::with_capacity(2 * TAIL);
+    let mut dropped = buf.len();
+    let ended = loop {
+        let chunk = match r.fill_buf().await {
+            Ok(c) if !c.is_empty() => c,
+            _ => break false,
+        };
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        tail.extend_from_slice(&chunk[take.saturating_sub(TAIL)..take]);
+        if tail.len() > TAIL {
+            tail.drain(..tail.len() - TAIL);
+        }
+        dropped += take;
+        r.consume(if done { take + 1 } else { take });
+        if done {
+            break true;
+        }
+        if dropped > MAX_DISCARD {
+            break false;
+        }
+    };
+    if !ended {
+        return Err(Oversize::Unknown);
+    }
+    if method {
+        return Err(Oversize::NotAnAnswer);
+    }
+    match head_id.or_else(|| last_member_id(&tail)) {
+        Some(id) => Err(Oversize::Answer(id)),
+        None => Err(Oversize::Unknown),
+    }
+}
+
+/// The end of an oversized line kept to find its id.
+const TAIL: usize = 256;
+
+/// The top-level `"id"` (an unsigned integer) of the JSON object `head`
+/// begins, where `head` holds it whole, and whether a top-level `"method"`
+/// key came first. Strings are skipped whole and nested values passed
+/// over, so nothing inside a value (a row of the tool's output) is taken
+/// for a key.
+fn top_level_id(head: &[u8]) -> (Option<u64>, bool) {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    // At depth 1, whether the next string is a key, where the key being
+    // read started, and the last key read (awaiting its `:`).
+    let (mut expect_key, mut key_start, mut key) = (false, None, None::<&[u8]>);
+    let mut method = false;
+    for (i, &b) in head.iter().enumerate() {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_str = false;
+                if let Some(s) = key_start.take() {
+                    key = Some(&head[s..i]);
+                }
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_str = true;
+                if depth == 1 && expect_key {
+                    key_start = Some(i + 1);
+                    expect_key = false;
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                expect_key = depth == 1 && b == b'{';
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => expect_key = true,
+            b':' if depth == 1 => match key.take() {
+                Some(b"method") => method = true,
+                Some(b"id") => return (integer_at(&head[i + 1..]), method),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    (None, method)
+}
+
+/// The unsigned integer `s` starts with (after blanks), if it ends within
+/// `s` (a value cut short is no id).
+fn integer_at(s: &[u8]) -> Option<u64> {
+    let s = s.trim_ascii_start();
+    let n = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    match s.get(n) {
+        Some(b' ' | b'\t' | b'\r' | b'\n' | b',' | b'}') if n > 0 => {
+            std::str::from_utf8(&s[..n]).ok()?.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+/// The `"id"` (an unsigned integer) among the last members of the JSON
+/// object that `tail` ends, read backwards over members whose values are
+/// numbers or strings: those sit at the top level, right before the
+/// object's last `}`. `None` if a nested value comes first.
+fn last_member_id(tail: &[u8]) -> Option<u64> {
+    let t = tail.trim_ascii_end();
+    let mut end = t.len().checked_sub(1).filter(|&i| t[i] == b'}')?;
+    for _ in 0..4 {
+        let v = t[..end].trim_ascii_end();
+        let (value, before) = match v.last()? {
+            b'"' => {
+                let open = string_start(v, v.len() - 1)?;
+                (None, &v[..open])
+            }
+            b if b.is_ascii_digit() => {
+                let n = v.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+                (Some(&v[v.len() - n..]), &v[..v.len() - n])
+            }
+            _ => return None,
+        };
+        let before = before.trim_ascii_end().strip_suffix(b":")?.trim_ascii_end();
+        if before.last() != Some(&b'"') {
+            return None;
+        }
+        let open = string_start(before, before.len() - 1)?;
+        let name = &before[open + 1..before.len() - 1];
+        let rest = before[..open].trim_ascii_end();
+        if name == b"id" {
+            return std::str::from_utf8(value?).ok()?.parse().ok();
+        }
+        match rest.last()? {
+            b',' => end = rest.len() - 1,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Where the JSON string whose closing quote is at `close` opens: the
+/// quote before it that no backslash escapes.
+fn string_start(s: &[u8], close: usize) -> Option<usize> {
+    let mut i = close;
+    while i > 0 {
+        i -= 1;
+        if s[i] == b'"' {
+            let slashes = s[..i].iter().rev().take_while(|&&b| b == b'\\').count();
+            if slashes % 2 == 0 {
+                return Some(i);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_of_an_oversized_answer_is_read_where_it_stands_plainly() {
+        // At the start, as most writers put it (the rest cut off).
+        let head = br#"{"jsonrpc":"2.0","id":42,"result":{"content":[{"type":"text","text":"xxxx"#;
+        assert_eq!(top_level_id(head), (Some(42), false));
+        let head = br#"{ "id" : 7 , "result": "#;
+        assert_eq!(top_level_id(head), (Some(7), false));
+        // Cut inside the number: not an id.
+        assert_eq!(top_level_id(br#"{"id":12"#), (None, false));
+        // Nested ids, ids inside strings, escaped keys: not the message's.
+        let head = br#"{"result":{"rows":[{"id":9}],"text":"\"id\":3, {\"id\":4"},"jsonrpc":"#;
+        assert_eq!(top_level_id(head), (None, false));
+        let head = br#"{"result":{"id":9},"x":"a\\","id":5}"#;
+        assert_eq!(top_level_id(head), (Some(5), false));
+        // A request from the backend.
+        let head = br#"{"jsonrpc":"2.0","method":"sampling/createMessage","id":3,"params":"#;
+        assert_eq!(top_level_id(head), (Some(3), true));
+        // A string id is not one of the broker's.
+        assert_eq!(top_level_id(br#"{"id":"7","result":"#), (None, false));
+
+        // At the end, as the TypeScript SDK writes it.
+        assert_eq!(
+            last_member_id(br#"xxxx"}]},"jsonrpc":"2.0","id":42}"#),
+            Some(42)
+        );
+        assert_eq!(
+            last_member_id(br#"xx"}]},"id":42,"jsonrpc":"2.0"}  "#),
+            Some(42)
+        );
+        assert_eq!(last_member_id(br#"text \"quoted\\" ,"id": 8 }"#), Some(8));
+        // The last member nested, or the id inside a string: not found.
+        assert_eq!(last_member_id(br#"xx"rows":[{"id":9}]}}"#), None);
+        assert_eq!(last_member_id(br#"xx","note":"\",\"id\":9"}"#), None);
+        assert_eq!(last_member_id(br#"xx","id":"9"}"#), None);
+        assert_eq!(last_member_id(br#"xx","id":9"#), None);
+        assert_eq!(last_member_id(b""), None);
     }
 }
