@@ -668,12 +668,9 @@ impl StdioConn {
                     Err(Oversize::NotAnAnswer) => continue,
                     Err(Oversize::Unknown) => {
                         // A message over the cap that cannot be told apart:
-                        // fail the calls waiting and stop the backend.
-                        if let Ok(mut p) = reader_pending.lock() {
-                            for (_, tx) in p.drain() {
-                                let _ = tx.send(Err(CallError::TooLarge));
-                            }
-                        }
+                        // the stream can no longer be trusted. The calls
+                        // waiting fail as the backend stops (one of them
+                        // may have been answered by it: none can tell).
                         break;
                     }
                 }
@@ -764,7 +761,10 @@ const MAX_DISCARD: usize = 64 * MAX_RESPONSE;
 /// dropped, and told by its id where it names one plainly: at the top
 /// level of its start (as most JSON-RPC writers put it) or among the
 /// scalar members that end it (as the official TypeScript SDK does).
-async fn read_line(r: &mut BufReader<ChildStdout>, buf: &mut Vec<u8>) -> Result<bool, Oversize> {
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<bool, Oversize> {
     loop {
         let chunk = match r.fill_buf().await {
             Ok(c) => c,
@@ -786,9 +786,11 @@ async fn read_line(r: &mut BufReader<ChildStdout>, buf: &mut Vec<u8>) -> Result<
             return Ok(true);
         }
     }
-    let (head_id, method) = top_level_id(buf);
-    // The rest of the line, dropped, its last bytes kept.
+    let head = top_level(buf);
+    // The rest of the line, dropped, its last bytes kept (from what was
+    // read already too: the line may end just past the cap).
     let mut tail: Vec<u8> = Vec::with_capacity(2 * TAIL);
+    tail.extend_from_slice(&buf[buf.len().saturating_sub(TAIL)..]);
     let mut dropped = buf.len();
     let ended = loop {
         let chunk = match r.fill_buf().await {
@@ -815,29 +817,38 @@ async fn read_line(r: &mut BufReader<ChildStdout>, buf: &mut Vec<u8>) -> Result<
     if !ended {
         return Err(Oversize::Unknown);
     }
-    if method {
+    if head.method {
         return Err(Oversize::NotAnAnswer);
     }
-    match head_id.or_else(|| last_member_id(&tail)) {
-        Some(id) => Err(Oversize::Answer(id)),
-        None => Err(Oversize::Unknown),
+    match head.id.or_else(|| last_member_id(&tail)) {
+        Some(id) if head.answer => Err(Oversize::Answer(id)),
+        _ => Err(Oversize::Unknown),
     }
 }
 
 /// The end of an oversized line kept to find its id.
 const TAIL: usize = 256;
 
-/// The top-level `"id"` (an unsigned integer) of the JSON object `head`
-/// begins, where `head` holds it whole, and whether a top-level `"method"`
-/// key came first. Strings are skipped whole and nested values passed
-/// over, so nothing inside a value (a row of the tool's output) is taken
-/// for a key.
-fn top_level_id(head: &[u8]) -> (Option<u64>, bool) {
+/// What the start of an oversized line says of the JSON object it begins.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Head {
+    /// Its top-level `"id"`, an unsigned integer, where `head` holds it whole.
+    id: Option<u64>,
+    /// A top-level `"result"` or `"error"` key: an answer.
+    answer: bool,
+    /// A top-level `"method"` key: a request or notification.
+    method: bool,
+}
+
+/// Reads the top-level keys of the JSON object `head` begins. Strings are
+/// skipped whole and nested values passed over, so nothing inside a value
+/// (a row of the tool's output) is taken for a key.
+fn top_level(head: &[u8]) -> Head {
     let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
     // At depth 1, whether the next string is a key, where the key being
     // read started, and the last key read (awaiting its `:`).
     let (mut expect_key, mut key_start, mut key) = (false, None, None::<&[u8]>);
-    let mut method = false;
+    let mut out = Head::default();
     for (i, &b) in head.iter().enumerate() {
         if in_str {
             if escaped {
@@ -867,14 +878,15 @@ fn top_level_id(head: &[u8]) -> (Option<u64>, bool) {
             b'}' | b']' => depth = depth.saturating_sub(1),
             b',' if depth == 1 => expect_key = true,
             b':' if depth == 1 => match key.take() {
-                Some(b"method") => method = true,
-                Some(b"id") => return (integer_at(&head[i + 1..]), method),
+                Some(b"method") => out.method = true,
+                Some(b"result" | b"error") => out.answer = true,
+                Some(b"id") => out.id = integer_at(&head[i + 1..]),
                 _ => {}
             },
             _ => {}
         }
     }
-    (None, method)
+    out
 }
 
 /// The unsigned integer `s` starts with (after blanks), if it ends within
@@ -951,22 +963,29 @@ mod tests {
     #[test]
     fn the_id_of_an_oversized_answer_is_read_where_it_stands_plainly() {
         // At the start, as most writers put it (the rest cut off).
-        let head = br#"{"jsonrpc":"2.0","id":42,"result":{"content":[{"type":"text","text":"xxxx"#;
-        assert_eq!(top_level_id(head), (Some(42), false));
-        let head = br#"{ "id" : 7 , "result": "#;
-        assert_eq!(top_level_id(head), (Some(7), false));
+        let head = |id, answer, method| Head { id, answer, method };
+        let line = br#"{"jsonrpc":"2.0","id":42,"result":{"content":[{"type":"text","text":"xxxx"#;
+        assert_eq!(top_level(line), head(Some(42), true, false));
+        let line = br#"{ "id" : 7 , "error": "#;
+        assert_eq!(top_level(line), head(Some(7), true, false));
         // Cut inside the number: not an id.
-        assert_eq!(top_level_id(br#"{"id":12"#), (None, false));
+        assert_eq!(
+            top_level(br#"{"result":1,"id":12"#),
+            head(None, true, false)
+        );
         // Nested ids, ids inside strings, escaped keys: not the message's.
-        let head = br#"{"result":{"rows":[{"id":9}],"text":"\"id\":3, {\"id\":4"},"jsonrpc":"#;
-        assert_eq!(top_level_id(head), (None, false));
-        let head = br#"{"result":{"id":9},"x":"a\\","id":5}"#;
-        assert_eq!(top_level_id(head), (Some(5), false));
-        // A request from the backend.
-        let head = br#"{"jsonrpc":"2.0","method":"sampling/createMessage","id":3,"params":"#;
-        assert_eq!(top_level_id(head), (Some(3), true));
+        let line = br#"{"result":{"rows":[{"id":9}],"text":"\"id\":3, {\"id\":4"},"jsonrpc":"#;
+        assert_eq!(top_level(line), head(None, true, false));
+        let line = br#"{"result":{"id":9},"x":"a\\","id":5}"#;
+        assert_eq!(top_level(line), head(Some(5), true, false));
+        // A request from the backend, its id first.
+        let line = br#"{"jsonrpc":"2.0","id":3,"method":"sampling/createMessage","params":"#;
+        assert_eq!(top_level(line), head(Some(3), false, true));
         // A string id is not one of the broker's.
-        assert_eq!(top_level_id(br#"{"id":"7","result":"#), (None, false));
+        assert_eq!(
+            top_level(br#"{"id":"7","result":"#),
+            head(None, true, false)
+        );
 
         // At the end, as the TypeScript SDK writes it.
         assert_eq!(
@@ -984,5 +1003,61 @@ mod tests {
         assert_eq!(last_member_id(br#"xx","id":"9"}"#), None);
         assert_eq!(last_member_id(br#"xx","id":9"#), None);
         assert_eq!(last_member_id(b""), None);
+    }
+
+    /// `read_line` over `data`, read in chunks of `chunk` bytes: what each
+    /// call gave, up to the end.
+    fn lines_of(data: &[u8], chunk: usize) -> Vec<Result<Vec<u8>, Oversize>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut r = tokio::io::BufReader::with_capacity(chunk, data);
+            let mut out = Vec::new();
+            loop {
+                let mut buf = Vec::new();
+                match read_line(&mut r, &mut buf).await {
+                    Ok(true) => out.push(Ok(buf)),
+                    Ok(false) => return out,
+                    Err(e) => out.push(Err(e)),
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn an_oversized_line_is_read_to_its_end_and_told_by_its_id() {
+        // A line `over` bytes longer than the cap, ending with `end`.
+        let big = |over: usize, end: &str| {
+            let mut l = br#"{"result":{"text":""#.to_vec();
+            l.resize(MAX_RESPONSE + over - end.len(), b'x');
+            l.extend_from_slice(end.as_bytes());
+            l.push(b'\n');
+            l
+        };
+        // The id last, the line ending a few bytes past the cap: read in
+        // chunks that divide the cap, the chunk that goes over it holds
+        // only those bytes.
+        for over in [1, 5, 12, 300, 9000] {
+            let mut data = big(over, r#""}},"jsonrpc":"2.0","id":42}"#);
+            data.extend_from_slice(b"{\"id\":1}\n");
+            let got = lines_of(&data, 8192);
+            assert_eq!(got[0], Err(Oversize::Answer(42)), "{over} over");
+            // The next line is read whole, from its start.
+            assert_eq!(got[1], Ok(b"{\"id\":1}".to_vec()));
+            assert_eq!(got.len(), 2);
+        }
+        // No id anywhere, or a nested one only: not told.
+        let data = big(10, r#""},"rows":[{"id":3}]}"#);
+        assert_eq!(lines_of(&data, 8192), [Err(Oversize::Unknown)]);
+        // A request of the backend's, its id first.
+        let mut data = br#"{"jsonrpc":"2.0","id":3,"method":"x","params":{"p":""#.to_vec();
+        data.resize(MAX_RESPONSE + 100, b'y');
+        data.extend_from_slice(b"\"}}\n");
+        assert_eq!(lines_of(&data, 65536), [Err(Oversize::NotAnAnswer)]);
+        // A line that never ends: given up on, once, at the end of the
+        // stream.
+        let data = vec![b'z'; MAX_RESPONSE + 10];
+        assert_eq!(lines_of(&data, 65536), [Err(Oversize::Unknown)]);
     }
 }
