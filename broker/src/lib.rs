@@ -63,9 +63,11 @@ fn make_room(m: &mut HashMap<String, Arc<CachedToken>>, peer: &str, max: usize) 
 /// Whether a token the cache does not hold counts against the caller's
 /// allowance of new tokens (`limits::Fresh`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Allowance {
+pub(crate) enum Allowance {
     Take,
-    /// Verified earlier in the same request, which counted it then.
+    /// Verified earlier in the same request ([`Broker::verify_token`]),
+    /// which counted it then: should the cache have been emptied since, it
+    /// is verified again without counting a second time.
     Taken,
 }
 
@@ -414,22 +416,10 @@ impl Broker {
         self.authorize(token, peer, tool, op, args, Allowance::Take)
     }
 
-    /// [`Broker::authorize_token`] for a token this request already had
-    /// verified ([`Broker::verify_token`], which took it from the caller's
-    /// allowance of new tokens): should the cache have been emptied since,
-    /// it is verified again without counting a second time.
-    pub fn authorize_verified(
-        &self,
-        token: &str,
-        peer: &str,
-        tool: &str,
-        op: &str,
-        args: &std::collections::BTreeMap<String, String>,
-    ) -> Result<Arc<Verified>, Denial> {
-        self.authorize(token, peer, tool, op, args, Allowance::Taken)
-    }
-
-    fn authorize(
+    /// [`Broker::authorize_token`], saying whether a token the cache does
+    /// not hold counts against the caller's allowance of new tokens
+    /// (`Allowance::Taken` for one this request already had verified).
+    pub(crate) fn authorize(
         &self,
         token: &str,
         peer: &str,

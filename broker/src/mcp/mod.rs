@@ -26,6 +26,7 @@ use lever_policy::token::{Denial, MAX_ARG_LEN, Verified};
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 
+use crate::Allowance;
 use crate::audit::Record;
 use crate::error::ApiError;
 use crate::server::{Body, full};
@@ -446,7 +447,14 @@ fn list(
         if !facts_only
             && ctx
                 .broker
-                .authorize_verified(token, peer, &g.tool, &g.op, &g.constraints)
+                .authorize(
+                    token,
+                    peer,
+                    &g.tool,
+                    &g.op,
+                    &g.constraints,
+                    Allowance::Taken,
+                )
                 .is_err()
         {
             continue;
@@ -693,7 +701,8 @@ async fn call(
     // here on is seen by the call, however far it got.
     let mut revocations = broker.revocations.subscribe();
     // The token was verified for this request in `handle`.
-    let authorized = judged.and_then(|j| broker.authorize_verified(token, peer, tool, op, &j));
+    let authorized =
+        judged.and_then(|j| broker.authorize(token, peer, tool, op, &j, Allowance::Taken));
     if let (Some(o), Some(start)) = (otel, t) {
         t = o.step(
             &ctx.trace_ids(o),
