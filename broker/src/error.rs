@@ -96,7 +96,6 @@ impl ApiError {
                 | Denial::Expired
                 | Denial::Revoked
                 | Denial::StaleEpoch => StatusCode::UNAUTHORIZED,
-                Denial::Throttled => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::FORBIDDEN,
             },
             ApiError::IdentityRevoked(_)

@@ -446,14 +446,16 @@ async fn delegate(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body
     let parent = match broker.verify_token(&token, me.identity.as_str()) {
         Ok(v) => v,
         Err(d) => {
+            let e = ApiError::from(d);
             ctx.audit_deny(
                 Record::new("delegate")
-                    .deny(d.code())
+                    .deny(e.code())
                     .identity(me.identity.as_str())
-                    .request(ctx),
+                    .request(ctx)
+                    .lane_of(&e),
             )
             .await;
-            return Err(ApiError::from(d));
+            return Err(e);
         }
     };
     let body: DelegateBody = read_json(ctx, req, SMALL_BODY).await?;

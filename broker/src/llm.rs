@@ -364,18 +364,18 @@ pub async fn proxy(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bod
     let verified = match authorized {
         Ok(v) => v,
         Err(d) => {
-            let mut rec = Record::new("llm")
-                .deny(d.code())
-                .identity(&peer)
-                .right(LLM_TOOL, LLM_OP)
-                .request(ctx)
-                .detail("path", path);
-            if d == lever_policy::token::Denial::Throttled {
-                // Not the `llm` lane's limit: too many new tokens.
-                rec = rec.detail("lane", "verify");
-            }
-            ctx.audit_deny(rec).await;
-            return Err(ApiError::from(d));
+            let e = ApiError::from(d);
+            ctx.audit_deny(
+                Record::new("llm")
+                    .deny(e.code())
+                    .identity(&peer)
+                    .right(LLM_TOOL, LLM_OP)
+                    .request(ctx)
+                    .detail("path", path)
+                    .lane_of(&e),
+            )
+            .await;
+            return Err(e);
         }
     };
     // Limits: after the caller is known, before any body is read.

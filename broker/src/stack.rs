@@ -48,6 +48,15 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The caller's CN: the authenticated peer, else the identity of the
+    /// certificate the connection presented, if it verified.
+    pub fn cn(&self) -> Option<&str> {
+        match (&self.peer, &self.conn.peer) {
+            (Some(cn), _) | (None, Some(Ok(cn))) => Some(cn),
+            _ => None,
+        }
+    }
+
     /// The request's trace and span ids.
     pub fn trace_ids(&self, o: &crate::otel::Otel) -> crate::otel::Ids {
         *self.trace.get_or_init(|| o.ids(&self.request_id))
@@ -227,11 +236,8 @@ async fn rescue(ctx: &Ctx<'_>, route: &str, e: ApiError) -> Response<Body> {
         .detail("route", route.to_owned())
         .detail("status", status.as_u16())
         .detail("message", message.clone());
-    if let Some(p) = ctx.peer.clone().or_else(|| match &ctx.conn.peer {
-        Some(Ok(cn)) => Some(cn.clone()),
-        _ => None,
-    }) {
-        rec = rec.identity(p);
+    if let Some(cn) = ctx.cn() {
+        rec = rec.identity(cn);
     }
     if !ctx.audited.load(Ordering::Relaxed) {
         ctx.broker.audit.log(rec).await;

@@ -842,6 +842,17 @@ fn new_tokens_verified_per_agent_are_limited_and_tokens_already_verified_still_w
     let g1 = b.enrol("g1");
     let (t1, _) = b.token(&g1, db("users"));
     assert_eq!(once(&g1, &t1), 403);
+    // The refusals' records name the limit that refused them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !inst.audit_records().iter().any(|r| {
+        r["event"] == "llm" && r["reason"] == "rate_limited" && r["detail"]["lane"] == "verify"
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no llm record of a refusal in the verify lane"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let metrics = b.admin(Method::GET, "/metrics", None);
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(

@@ -111,8 +111,8 @@ pub struct Record {
     /// writer derives them otherwise).
     pub trace: Option<crate::otel::Ids>,
     /// Who sent the request the record is about (set with
-    /// [`Record::request`]): whose allowance a refusal counts against
-    /// (`repeats`). Not written.
+    /// [`Record::request`]; `None` when it is the record's `identity`):
+    /// whose allowance a refusal counts against (`repeats`). Not written.
     pub requester: Option<Requester>,
     /// Event-specific fields, written as the `detail` object in key order
     /// (a key set twice keeps its last value).
@@ -144,13 +144,16 @@ impl Record {
     pub fn request(mut self, ctx: &crate::stack::Ctx<'_>) -> Self {
         self.request_id = Some(ctx.request_id.clone());
         self.trace = ctx.known_trace_ids();
-        self.requester = Some(match ctx.conn.listener {
-            crate::server::Listener::Admin => Requester::Operator,
-            crate::server::Listener::Jail => match (&ctx.peer, &ctx.conn.peer) {
-                (Some(cn), _) | (None, Some(Ok(cn))) => Requester::Agent(cn.clone()),
-                _ => Requester::Anonymous,
+        self.requester = match ctx.conn.listener {
+            crate::server::Listener::Admin => Some(Requester::Operator),
+            crate::server::Listener::Jail => match ctx.cn() {
+                // The usual case: the record names its sender, which
+                // `repeats` falls back to (nothing to copy).
+                Some(cn) if self.identity.as_deref() == Some(cn) => None,
+                Some(cn) => Some(Requester::Agent(cn.to_owned())),
+                None => Some(Requester::Anonymous),
             },
-        });
+        };
         self
     }
     pub fn right(
@@ -177,6 +180,16 @@ impl Record {
             None => self.detail.push((key, v)),
         }
         self
+    }
+
+    /// The rate limit that refused the request, as `detail.lane`, when one
+    /// did (`verify`: too many new tokens, on routes with a lane of their
+    /// own).
+    pub fn lane_of(self, e: &crate::error::ApiError) -> Self {
+        match e.rate_limited_lane() {
+            Some(lane) => self.detail("lane", lane),
+            None => self,
+        }
     }
 
     /// A detail field's value.

@@ -665,7 +665,13 @@ impl StdioConn {
                         }
                         continue;
                     }
-                    Err(Oversize::NotAnAnswer) => continue,
+                    Err(Oversize::NotAnAnswer(id)) => {
+                        // A request of the backend's, as for one in bounds.
+                        if let Some(id) = id {
+                            let _ = replies.try_send(line_of(&not_supported(id)));
+                        }
+                        continue;
+                    }
                     Err(Oversize::Unknown) => {
                         // A message over the cap that cannot be told apart:
                         // the stream can no longer be trusted. The calls
@@ -680,10 +686,7 @@ impl StdioConn {
                 if let (Some(_), Some(id)) = (msg.get("method"), msg.get("id")) {
                     // A request from the backend (sampling, roots...): the
                     // broker offers none of these.
-                    let _ = replies.try_send(line_of(&json!({
-                        "jsonrpc": "2.0", "id": id,
-                        "error": {"code": -32601, "message": "not supported through the Lever broker"},
-                    })));
+                    let _ = replies.try_send(line_of(&not_supported(id.clone())));
                     continue;
                 }
                 // Only a response (a result or an error, no method) answers
@@ -733,6 +736,15 @@ impl StdioConn {
     }
 }
 
+/// The answer to a request of the backend's (sampling, roots...): the
+/// broker offers none of these.
+fn not_supported(id: impl Into<Value>) -> Value {
+    json!({
+        "jsonrpc": "2.0", "id": id.into(),
+        "error": {"code": -32601, "message": "not supported through the Lever broker"},
+    })
+}
+
 /// `msg` as one line of the stdio transport.
 fn line_of(msg: &Value) -> Vec<u8> {
     let mut line = msg.to_string().into_bytes();
@@ -745,8 +757,8 @@ fn line_of(msg: &Value) -> Vec<u8> {
 enum Oversize {
     /// The response to call `id`.
     Answer(u64),
-    /// A message that is no response (it has a `method`).
-    NotAnAnswer,
+    /// A message that is no response (it has a `method`), with its id.
+    NotAnAnswer(Option<u64>),
     /// Its id could not be told (or it ran on past [`MAX_DISCARD`]): the
     /// stream can no longer be trusted.
     Unknown,
@@ -818,7 +830,7 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
         return Err(Oversize::Unknown);
     }
     if head.method {
-        return Err(Oversize::NotAnAnswer);
+        return Err(Oversize::NotAnAnswer(head.id));
     }
     match head.id.or_else(|| last_member_id(&tail)) {
         Some(id) if head.answer => Err(Oversize::Answer(id)),
@@ -1054,7 +1066,10 @@ mod tests {
         let mut data = br#"{"jsonrpc":"2.0","id":3,"method":"x","params":{"p":""#.to_vec();
         data.resize(MAX_RESPONSE + 100, b'y');
         data.extend_from_slice(b"\"}}\n");
-        assert_eq!(lines_of(&data, 65536), [Err(Oversize::NotAnAnswer)]);
+        assert_eq!(
+            lines_of(&data, 65536),
+            [Err(Oversize::NotAnAnswer(Some(3)))]
+        );
         // A line that never ends: given up on, once, at the end of the
         // stream.
         let data = vec![b'z'; MAX_RESPONSE + 10];
