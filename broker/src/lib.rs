@@ -60,15 +60,25 @@ fn make_room(m: &mut HashMap<String, Arc<CachedToken>>, peer: &str, max: usize) 
     }
 }
 
-/// Whether a token the cache does not hold counts against the caller's
-/// allowance of new tokens (`limits::Fresh`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Allowance {
-    Take,
-    /// Verified earlier in the same request ([`Broker::verify_token`]),
-    /// which counted it then: should the cache have been emptied since, it
-    /// is verified again without counting a second time.
-    Taken,
+/// A token verified for a request ([`Broker::hold_token`]), held so that
+/// the request's later steps authorize from it
+/// ([`Broker::authorize_held`]) without looking it up, or verifying it,
+/// again.
+#[derive(Clone)]
+pub struct HeldToken(Arc<CachedToken>);
+
+impl std::fmt::Debug for HeldToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldToken")
+            .field("token_id", &self.0.verified.token_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeldToken {
+    pub fn verified(&self) -> &Arc<Verified> {
+        &self.0.verified
+    }
 }
 
 /// A running broker's shared state.
@@ -297,16 +307,16 @@ impl Broker {
     /// standing for `peer` now: revocation (of every block, every ancestor
     /// and the holder), epoch and expiry are checked on every call.
     pub fn verify_token(&self, token: &str, peer: &str) -> Result<Arc<Verified>, Denial> {
-        self.standing(token, peer, Allowance::Take)
-            .map(|c| c.verified.clone())
+        self.standing(token, peer).map(|c| c.verified.clone())
     }
 
-    fn standing(
-        &self,
-        token: &str,
-        peer: &str,
-        fresh: Allowance,
-    ) -> Result<Arc<CachedToken>, Denial> {
+    /// [`Broker::verify_token`], the verified token held for the rest of
+    /// the request.
+    pub fn hold_token(&self, token: &str, peer: &str) -> Result<HeldToken, Denial> {
+        self.standing(token, peer).map(HeldToken)
+    }
+
+    fn standing(&self, token: &str, peer: &str) -> Result<Arc<CachedToken>, Denial> {
         let cached = self.tokens.lock().ok().and_then(|m| m.get(token).cloned());
         let entry = match cached {
             Some(v) => {
@@ -319,7 +329,7 @@ impl Broker {
                     .fetch_add(1, Ordering::Relaxed);
                 // A token not seen yet: verified only within the agent's
                 // allowance of new tokens (`limits::Fresh`).
-                if fresh == Allowance::Take && !self.limits.fresh.admit(peer) {
+                if !self.limits.fresh.admit(peer) {
                     return Err(Denial::Throttled);
                 }
                 let v = Arc::new(CachedToken {
@@ -413,22 +423,35 @@ impl Broker {
         op: &str,
         args: &std::collections::BTreeMap<String, String>,
     ) -> Result<Arc<Verified>, Denial> {
-        self.authorize(token, peer, tool, op, args, Allowance::Take)
+        let entry = self.standing(token, peer)?;
+        self.decide(&entry, peer, tool, op, args)
     }
 
-    /// [`Broker::authorize_token`], saying whether a token the cache does
-    /// not hold counts against the caller's allowance of new tokens
-    /// (`Allowance::Taken` for one this request already had verified).
-    pub(crate) fn authorize(
+    /// [`Broker::authorize_token`] for a token the request holds: its
+    /// standing is judged again now (a revocation may have landed since it
+    /// was verified), its decision taken from the same entry.
+    pub fn authorize_held(
         &self,
-        token: &str,
+        held: &HeldToken,
         peer: &str,
         tool: &str,
         op: &str,
         args: &std::collections::BTreeMap<String, String>,
-        fresh: Allowance,
     ) -> Result<Arc<Verified>, Denial> {
-        let entry = self.standing(token, peer, fresh)?;
+        self.still_stands(&held.0.verified, peer)?;
+        self.decide(&held.0, peer, tool, op, args)
+    }
+
+    /// The decision on `(tool, op, args)` for a token whose standing was
+    /// just judged, cached where sound.
+    fn decide(
+        &self,
+        entry: &CachedToken,
+        peer: &str,
+        tool: &str,
+        op: &str,
+        args: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Arc<Verified>, Denial> {
         // Facts only: the decision depends on the request alone (expiry,
         // the one thing that changes with time, is standing, checked above).
         let cacheable = !entry.verified.carries_checks;

@@ -26,7 +26,7 @@ use lever_policy::token::{Denial, MAX_ARG_LEN, Verified};
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 
-use crate::Allowance;
+use crate::HeldToken;
 use crate::audit::Record;
 use crate::error::ApiError;
 use crate::server::{Body, full};
@@ -224,10 +224,11 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
     let token = crate::jail::bearer_of(req.headers())?
         .map(str::to_owned)
         .ok_or(ApiError::NoToken)?;
-    let verified = ctx
+    let held = ctx
         .broker
-        .verify_token(&token, &peer)
+        .hold_token(&token, &peer)
         .map_err(ApiError::from)?;
+    let verified = held.verified().clone();
     match *req.method() {
         Method::POST => {}
         Method::DELETE => {
@@ -380,11 +381,11 @@ pub async fn handle(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Bo
     };
     match method.as_str() {
         "ping" => Ok(rpc_result(&id, json!({}))),
-        "tools/list" => Ok(match list(ctx, &peer, &token, &verified) {
+        "tools/list" => Ok(match list(ctx, &peer, &held) {
             Ok(tools) => rpc_result(&id, json!({ "tools": tools })),
             Err(e) => rate_limited(&id, &e),
         }),
-        "tools/call" => Ok(call(ctx, &peer, &token, &verified, &sid, &id, &params).await),
+        "tools/call" => Ok(call(ctx, &peer, &held, &sid, &id, &params).await),
         other => Ok(rpc_body(
             StatusCode::OK,
             &rpc_error(
@@ -426,12 +427,8 @@ fn rate_limited(id: &Value, e: &ApiError) -> Response<Body> {
 /// checks: an attenuated token never advertises what it cannot call. Such
 /// a list runs a Datalog evaluation per grant, so it counts against the
 /// caller's tool-call rate like a call.
-fn list(
-    ctx: &Ctx<'_>,
-    peer: &str,
-    token: &str,
-    verified: &Verified,
-) -> Result<Vec<Value>, ApiError> {
+fn list(ctx: &Ctx<'_>, peer: &str, held: &HeldToken) -> Result<Vec<Value>, ApiError> {
+    let verified = held.verified();
     let facts_only = !verified.carries_checks;
     let _admitted = if facts_only {
         None
@@ -447,14 +444,7 @@ fn list(
         if !facts_only
             && ctx
                 .broker
-                .authorize(
-                    token,
-                    peer,
-                    &g.tool,
-                    &g.op,
-                    &g.constraints,
-                    Allowance::Taken,
-                )
+                .authorize_held(held, peer, &g.tool, &g.op, &g.constraints)
                 .is_err()
         {
             continue;
@@ -574,13 +564,13 @@ fn digest(v: &Value) -> String {
 async fn call(
     ctx: &Ctx<'_>,
     peer: &str,
-    token: &str,
-    verified: &Verified,
+    held: &HeldToken,
     sid: &str,
     id: &Value,
     params: &Value,
 ) -> Response<Body> {
     let broker = ctx.broker;
+    let verified: &Verified = held.verified();
     let reply = |e: Value| rpc_body(StatusCode::OK, &e);
     // The clock is read for the span alone.
     let wall = broker
@@ -700,9 +690,8 @@ async fn call(
     // Subscribed before the token is judged: a revocation that lands from
     // here on is seen by the call, however far it got.
     let mut revocations = broker.revocations.subscribe();
-    // The token was verified for this request in `handle`.
-    let authorized =
-        judged.and_then(|j| broker.authorize(token, peer, tool, op, &j, Allowance::Taken));
+    // From the token `handle` verified for this request.
+    let authorized = judged.and_then(|j| broker.authorize_held(held, peer, tool, op, &j));
     if let (Some(o), Some(start)) = (otel, t) {
         t = o.step(
             &ctx.trace_ids(o),
