@@ -460,8 +460,7 @@ fn writer(
                     // after a write, with nothing else to wake this thread)
                     // or a count of refusals held back is due.
                     let sync_due = dirty.then(|| last_sync + FSYNC_EVERY);
-                    let count_due = repeats.next_due();
-                    match sync_due.into_iter().chain(count_due).min() {
+                    match sync_due.into_iter().chain(repeats.next_due()).min() {
                         None => rx.blocking_recv(),
                         Some(due) => {
                             let due = tokio::time::Instant::from_std(due);
@@ -470,7 +469,9 @@ fn writer(
                             {
                                 Ok(m) => m,
                                 Err(_) => {
-                                    if sync_due.is_some_and(|s| count_due.is_none_or(|c| s <= c)) {
+                                    // Whichever was due: the counts are
+                                    // taken at the top of the loop.
+                                    if dirty && last_sync.elapsed() >= FSYNC_EVERY {
                                         sync(&file, &written);
                                         dirty = false;
                                         last_sync = Instant::now();
